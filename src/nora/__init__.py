@@ -1,0 +1,27 @@
+"""nora: nested low-rank adaptation (NoRA), SVFit and SVD-based adapters for any PyTorch model."""
+
+from .calibrate import calibrate
+from .config import AdapterConfig
+from .errors import AdapterError
+from .layer import BASE, AdapterLayer
+from .methods import DoraConfig, LoraConfig, LoraXSConfig, NoraConfig, PissaConfig, SVFitConfig
+from .model import AdaptedModel, get_peft_model
+from .svd import BASIS_CACHE, SVDSettings
+
+__all__ = [
+    "BASE",
+    "BASIS_CACHE",
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterLayer",
+    "DoraConfig",
+    "LoraConfig",
+    "LoraXSConfig",
+    "NoraConfig",
+    "PissaConfig",
+    "SVDSettings",
+    "SVFitConfig",
+    "calibrate",
+    "get_peft_model",
+]

@@ -1,0 +1,70 @@
+"""Activation-aware SVD (AwSVD): per-input-channel scales a_j = mean_tokens |x_j| ^ p from calibration batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+from .inject import find_targets
+from .layer import AdapterLayer
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    target_modules: str | list[str] = "all-linear",
+    power: float = 1.0,
+    eps: float = 1e-6,
+    max_batches: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run `batches` (dicts of model kwargs, or input tensors) through `model`; return each target layer's
+    input-channel scales. `target_modules` is a config-style selector or an explicit list of module names."""
+    names = (
+        target_modules
+        if isinstance(target_modules, list) and all(n in dict(model.named_modules()) for n in target_modules)
+        else find_targets(model, target_modules)
+    )
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    hooks = []
+
+    def hook(name: str):
+        def fn(module, args, kwargs=None):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).abs().to(torch.float64)
+            sums[name] = sums.get(name, 0) + flat.sum(0)
+            counts[name] += flat.shape[0]
+
+        return fn
+
+    for name in names:
+        module = model.get_submodule(name)
+        target = module.base_layer if isinstance(module, AdapterLayer) else module
+        hooks.append(target.register_forward_pre_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            if isinstance(batch, Mapping):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise AdapterError(
+            f"calibration data never reached {missing[:5]}; pass batches the model consumes "
+            "(dicts of model inputs or input tensors)."
+        )
+    return {n: (sums[n] / counts[n]).pow(power).clamp_min(eps).float() for n in names}

@@ -1,0 +1,121 @@
+"""The factored-adapter core: every method's update is a sum of scaled matrix chains.
+
+    ΔW = Σ_t  c_t · M_t1 · M_t2 · … · M_tn        (each M a matrix, or a 1-D tensor meaning a diagonal)
+
+From that one description the layer gets the forward on activations (evaluated in the cheapest association
+order for the number of rows, found by the classic matrix-chain dynamic programme), the dense update for
+merging, and an exact low-rank (B, A) split for exporting a standard LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+Chain = list[torch.Tensor]
+Term = tuple[float, Chain]
+
+
+def _dims(chain: Chain) -> tuple[int, ...]:
+    """(p0, p1, …, pn): M_i has shape p_{i-1} × p_i; a diagonal of length p is p × p."""
+    dims = [chain[0].shape[0]]
+    for m in chain:
+        dims.append(m.shape[-1])
+    return tuple(dims)
+
+
+@lru_cache(maxsize=4096)
+def _order(dims: tuple[int, ...], diag: tuple[bool, ...], rows: int) -> tuple:
+    """Cheapest parenthesisation of M_1 … M_n X with X (p_n × rows); returns a nested tuple of indices."""
+    n = len(diag) + 1  # the activations are element n-1
+    shape = [(dims[i], dims[i + 1]) for i in range(n - 1)] + [(dims[-1], rows)]
+    is_diag = list(diag) + [False]
+    cost = [[0.0] * n for _ in range(n)]
+    split = [[0] * n for _ in range(n)]
+    for length in range(2, n + 1):
+        for i in range(n - length + 1):
+            j = i + length - 1
+            cost[i][j] = float("inf")
+            for s in range(i, j):
+                left_diag = s == i and is_diag[i]
+                right_diag = s + 1 == j and is_diag[j]
+                m, q = shape[i][0], shape[j][1]
+                step = m * q if (left_diag or right_diag) else m * shape[s][1] * q
+                c = cost[i][s] + cost[s + 1][j] + step
+                if c < cost[i][j]:
+                    cost[i][j], split[i][j] = c, s
+
+    def build(i: int, j: int) -> tuple | int:
+        return i if i == j else (build(i, split[i][j]), build(split[i][j] + 1, j))
+
+    return build(0, n - 1)
+
+
+def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Product of two chain elements, either possibly a 1-D diagonal."""
+    if a.dim() == 1 and b.dim() == 1:
+        return a * b
+    if a.dim() == 1:
+        return a.unsqueeze(-1) * b
+    if b.dim() == 1:
+        return a * b
+    return a @ b
+
+
+def _eval(tree: tuple | int, elems: list[torch.Tensor]) -> torch.Tensor:
+    if isinstance(tree, int):
+        return elems[tree]
+    return _mul(_eval(tree[0], elems), _eval(tree[1], elems))
+
+
+def chain_apply(chain: Chain, x: torch.Tensor) -> torch.Tensor:
+    """(M_1 … M_n) x for activations x of shape (..., p_n), returning (..., p_0)."""
+    lead = x.shape[:-1]
+    xt = x.reshape(-1, x.shape[-1]).T
+    elems = [m.to(x.dtype) for m in chain]
+    tree = _order(_dims(chain), tuple(m.dim() == 1 for m in chain), xt.shape[1])
+    y = _eval(tree, [*elems, xt])
+    return y.T.reshape(*lead, y.shape[0])
+
+
+def terms_apply(terms: list[Term], x: torch.Tensor) -> torch.Tensor:
+    out = None
+    for coef, chain in terms:
+        y = chain_apply(chain, x)
+        y = y * coef if coef != 1.0 else y
+        out = y if out is None else out + y
+    assert out is not None
+    return out
+
+
+def chain_product(chain: Chain) -> torch.Tensor:
+    out = chain[0] if chain[0].dim() == 2 else torch.diag(chain[0])
+    for m in chain[1:]:
+        out = _mul(out, m)
+    return out
+
+
+def terms_product(terms: list[Term]) -> torch.Tensor:
+    return sum(coef * chain_product(chain) for coef, chain in terms)  # type: ignore[return-value]
+
+
+def _densify(prod: torch.Tensor) -> torch.Tensor:
+    return torch.diag(prod) if prod.dim() == 1 else prod
+
+
+def terms_lora_pair(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact (B, A) with B @ A = ΔW, split each chain at its narrowest inner dimension; terms stack."""
+    Bs, As = [], []
+    for coef, chain in terms:
+        dims = _dims(chain)
+        cut = min(range(1, len(chain)), key=lambda i: dims[i]) if len(chain) > 1 else 1
+        left = _densify(chain_product(chain[:cut]))
+        right = _densify(chain_product(chain[cut:])) if cut < len(chain) else None
+        if right is None:  # a one-element chain: ΔW itself
+            left, right = coef * left, torch.eye(left.shape[1], dtype=left.dtype, device=left.device)
+        else:
+            left = coef * left
+        Bs.append(left)
+        As.append(right)
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)

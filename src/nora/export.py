@@ -1,0 +1,104 @@
+"""Export any nora adapter as a standard PEFT LoRA adapter (what PEFT and vLLM load unchanged).
+
+Each layer's ΔW is a sum of chains (chain.py), split at its narrowest inner dimension into an exact pair
+B·A = ΔW with the scale folded into B, so lora_alpha = r (scaling 1) and no approximation is made. Layers whose
+rank differs from the most common one go into PEFT's rank_pattern/alpha_pattern. DoRA exports with
+use_dora=True and its magnitude vector.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+
+from .atomic import atomic_replace_dir, atomic_save_safetensors
+from .chain import terms_lora_pair
+from .inject import trainable_copies
+from .layer import AdapterLayer, is_adaptable
+
+if TYPE_CHECKING:
+    from .model import AdaptedModel
+
+_PREFIX = "base_model.model."
+
+
+def _task_type(model) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def _target_names(names: list[str], all_names: list[str]) -> list[str]:
+    """Short suffixes (q_proj, …) when they select exactly these modules, else the full paths."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = [n for n in all_names if n.rsplit(".", 1)[-1] in suffixes]
+    return suffixes if sorted(selected) == sorted(names) else sorted(names)
+
+
+@torch.no_grad()
+def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.PathLike) -> None:
+    model._check_loaded(adapter_name)
+    config = model.peft_config[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    transposed = False
+    layers = model.layers()
+    for lname, layer in layers.items():
+        if adapter_name not in layer.adapters:
+            continue
+        core = layer.adapters[adapter_name]
+        terms = core.method.terms(core, layer.basis_of(core))
+        B, A = terms_lora_pair([(c, [m.detach().double() for m in ch]) for c, ch in terms])
+        dtype = layer.base_weight().dtype if layer.base_weight().dtype != torch.float64 else torch.float32
+        tensors[f"{_PREFIX}{lname}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{_PREFIX}{lname}.lora_B.weight"] = B.to(dtype).contiguous()
+        if "magnitude" in core.params:
+            tensors[f"{_PREFIX}{lname}.lora_magnitude_vector"] = core["magnitude"].detach().to(dtype)
+        ranks[lname] = A.shape[0]
+        transposed |= layer.transposed
+    saved = []
+    for mname, tc in trainable_copies(model.model).items():
+        if adapter_name in tc.copies:
+            saved.append(mname)
+            for pname, p in tc.copies[adapter_name].state_dict().items():
+                tensors[f"{_PREFIX}{mname}.{pname}"] = p.detach()
+    candidates = [
+        n
+        for n, m in model.model.named_modules()
+        if isinstance(m, AdapterLayer) or (is_adaptable(m) and not n.endswith(".base_layer"))
+    ]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    peft_config = PeftLoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=_target_names(list(ranks), candidates),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        fan_in_fan_out=transposed,
+        use_dora=config.method == "dora",
+        modules_to_save=saved or None,
+        base_model_name_or_path=config.base_model_name_or_path
+        or getattr(getattr(model.model, "config", None), "_name_or_path", None),
+        task_type=_task_type(model.model),
+        inference_mode=True,
+    )
+
+    def build(tmp: Path) -> None:
+        peft_config.save_pretrained(str(tmp))
+        atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    atomic_replace_dir(build, directory)

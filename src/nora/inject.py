@@ -1,0 +1,142 @@
+"""Choosing target modules by name, regex or "all-linear", and swapping them for AdapterLayers."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from torch import nn
+
+from .errors import AdapterError
+from .layer import AdapterLayer, is_adaptable
+
+
+def _matches(name: str, spec: str | list[str] | None) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return set()
+    return {n for n, m in model.named_modules() if m is head or getattr(m, "base_layer", None) is head}
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | list[str],
+    exclude_modules: str | list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+) -> list[str]:
+    """Names of the adaptable modules a config selects; `"all-linear"` never takes the output head."""
+    heads = output_head_names(model)
+    names = []
+    for name, module in model.named_modules():
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        if not is_adaptable(base) or name.endswith(".base_layer") or _inside_copy(model, name):
+            continue
+        if target_modules == "all-linear":
+            chosen = name not in heads and not _matches(name, modules_to_save or [])
+        else:
+            chosen = _matches(name, target_modules)
+        if chosen and not _matches(name, exclude_modules):
+            names.append(name)
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)})
+        raise AdapterError(
+            f"target_modules={target_modules!r} matches no nn.Linear/Conv1D module of this model. "
+            f"Its linear modules end in: {linear[:30]}. Use some of those names, a regex that fully matches "
+            "module paths, or 'all-linear'."
+        )
+    return names
+
+
+def _inside_copy(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), TrainableCopy) for i in range(1, len(parts)))
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def wrap_layers(model: nn.Module, names: list[str]) -> dict[str, AdapterLayer]:
+    layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, AdapterLayer):
+            parent, child = _parent(model, name)
+            module = AdapterLayer(module, name)
+            setattr(parent, child, module)
+        layers[name] = module
+    return layers
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def unwrap_layers(model: nn.Module) -> None:
+    for name, layer in list(adapter_layers(model).items()):
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer.base_layer)
+    for name, tc in list(trainable_copies(model).items()):
+        parent, child = _parent(model, name)
+        setattr(parent, child, tc.original)
+
+
+class TrainableCopy(nn.Module):
+    """A module trained and saved whole (a classification head): one copy per adapter, the original kept."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+
+    def add(self, adapter: str) -> None:
+        if adapter not in self.copies:
+            self.copies[adapter] = copy.deepcopy(self.original)
+            for p in self.copies[adapter].parameters():
+                p.requires_grad_(True)
+
+    def current(self) -> nn.Module:
+        return self.copies[self.active] if self.active in self.copies else self.original  # noqa: SIM401
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)
+
+
+def trainable_copies(model: nn.Module) -> dict[str, TrainableCopy]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TrainableCopy)}
+
+
+def wrap_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str) -> dict[str, TrainableCopy]:
+    out: dict[str, TrainableCopy] = {}
+    if not names:
+        return out
+    for name, module in list(model.named_modules()):
+        if not _matches(name, names) or _inside_copy(model, name):
+            continue
+        if not isinstance(module, TrainableCopy):
+            parent, child = _parent(model, name)
+            tc = TrainableCopy(module)
+            setattr(parent, child, tc)
+            module = tc
+        module.add(adapter)
+        out[name] = module
+    if not out:
+        raise AdapterError(f"modules_to_save={names} matches no module of this model.")
+    return out

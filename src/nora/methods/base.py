@@ -1,0 +1,81 @@
+"""What a method is: how it initialises from W0, what its core is, which tensors train.
+
+A method never touches injection, merging plumbing, saving or devices: the layer does that for all of them from
+the method's `terms` (see chain.py). Only DoRA, whose output is not linear in its parameters, overrides the
+forward and the merge.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..chain import Term, terms_apply, terms_product
+from ..config import AdapterConfig
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
+
+
+class AdapterCore(nn.Module):
+    """One named adapter inside one layer: its trainable tensors and the key of the outer basis it uses."""
+
+    def __init__(
+        self, method: Method, config: AdapterConfig, params: dict[str, torch.Tensor], r: int, basis_key: str | None
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.config = config
+        self.r = r
+        self.scale = method.scale(config, r)
+        self.basis_key = basis_key
+        self.params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.params[key]
+
+
+class Method:
+    name: ClassVar[str]
+    config_cls: ClassVar[type[AdapterConfig]]
+    uses_basis: ClassVar[bool] = True  # False: no frozen outer factors (LoRA, DoRA)
+
+    def rank(self, config: AdapterConfig, W: torch.Tensor) -> int:
+        return config.resolve_rank(*W.shape)
+
+    def placement(self, config: AdapterConfig) -> str:
+        return config.placement
+
+    def scale(self, config: AdapterConfig, r: int) -> float:
+        return config.scale(r)
+
+    def init_params(
+        self, config: AdapterConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def terms(self, core: AdapterCore, basis: OuterBasis | None) -> list[Term]:
+        """ΔW as a sum of scaled chains (scale included)."""
+        raise NotImplementedError
+
+    def delta(
+        self, core: AdapterCore, basis: OuterBasis | None, x: torch.Tensor, base_out: torch.Tensor, layer
+    ) -> torch.Tensor:
+        """What the adapter adds to the base layer's output for input x."""
+        return terms_apply(self.terms(core, basis), core.dropout(x))
+
+    def merge(self, core: AdapterCore, basis: OuterBasis | None, W: torch.Tensor):
+        """Return (merged weight, what unmerge needs)."""
+        return W + terms_product(self.terms(core, basis)).to(W.dtype), None
+
+    def unmerge(self, core: AdapterCore, basis: OuterBasis | None, W: torch.Tensor, cache) -> torch.Tensor:
+        return W - terms_product(self.terms(core, basis)).to(W.dtype)
+
+
+def kaiming_(t: torch.Tensor) -> torch.Tensor:
+    """The Linear-layer default (and PEFT's LoRA A init): Kaiming-uniform with a = sqrt(5)."""
+    nn.init.kaiming_uniform_(t, a=5**0.5)
+    return t
