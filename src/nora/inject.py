@@ -19,12 +19,19 @@ def _matches(name: str, spec: str | list[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+# Task heads of transformers models: "all-linear" leaves modules under these names alone.
+HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    if head is None:
-        return set()
-    return {n for n, m in model.named_modules() if m is head or getattr(m, "base_layer", None) is head}
+    return {
+        n
+        for n, m in model.named_modules()
+        if (head is not None and (m is head or getattr(m, "base_layer", None) is head))
+        or HEAD_NAMES & set(n.split("."))
+    }
 
 
 def find_targets(

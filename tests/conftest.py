@@ -1,0 +1,101 @@
+"""Shared test fixtures: tiny models built from configs (no downloads) and the location of ../shared."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test (saying why) only where that folder is absent."""
+    path = SHARED.joinpath(*parts)
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (it holds the read-only benchmark data and models)")
+    return path
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=num_labels,
+        max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_vit(seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=3,
+    )
+    return ViTForImageClassification(cfg).eval()
+
+
+def model_input(kind: str, batch: int = 3, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(0, 64, (batch, 9), generator=g)}
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "vit": tiny_vit}
+
+
+def model_output(model, inputs) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+@pytest.fixture(autouse=True)
+def _fresh_basis_cache():
+    from nora import BASIS_CACHE
+
+    BASIS_CACHE.clear()
+    yield
