@@ -3,10 +3,17 @@ of the same method, rank and SVD settings on that layer."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .svd import BASIS_CACHE, SVDSettings, check_finite, fingerprint, place, tensor_digest, truncated_svd
+
+_PROGRESS_MIN = 16  # layers: show a progress bar from this many SVDs on
+_BATCH_BYTES = int(os.environ.get("NORA_SVD_BATCH_MB", "1024")) << 20
 
 
 class OuterBasis(nn.Module):
@@ -40,33 +47,72 @@ def basis_fingerprint(
     )
 
 
-def build_basis(
-    W: torch.Tensor,
-    r: int,
-    placement: str,
-    settings: SVDSettings,
-    key: str,
-    digest: str,
-    scales: torch.Tensor | None = None,
-    cache_dir: str | None = None,
-    where: str = "layer",
-) -> OuterBasis:
-    """SVD of W0 (or of W0·diag(a) for AwSVD, with diag(a)⁻¹ folded back into A_o), through the cache."""
-    svd_key = fingerprint(
+def svd_key(r: int, settings: SVDSettings, shape, digest: str, scales: torch.Tensor | None) -> str:
+    """Key of the SVD itself (before placement), shared by every method that needs the same factors."""
+    return fingerprint(
         kind="svd",
         r=r,
         svd=settings,
-        shape=list(W.shape),
+        shape=list(shape),
         digest=digest,
         scales=None if scales is None else tensor_digest(scales),
     )
-    factors = BASIS_CACHE.get(svd_key, cache_dir)
-    if factors is None:
-        check_finite(W, where)
-        target = W if scales is None else W.to(settings.torch_dtype) * scales.to(W.device, settings.torch_dtype)
-        U, S, Vh = truncated_svd(target, r, settings)
-        factors = {"U": U, "S": S, "Vh": Vh}
-        BASIS_CACHE.put(svd_key, factors, cache_dir)
+
+
+@dataclass
+class SVDRequest:
+    key: str
+    W: torch.Tensor  # the weight, d × k
+    r: int
+    scales: torch.Tensor | None
+    where: str
+
+
+def compute_factors(
+    requests: list[SVDRequest], settings: SVDSettings, cache_dir: str | None = None, desc: str = "SVD bases"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Factors for every request: from the cache where present, else computed, stacking equal shapes into one
+    batched solve (chunked to bound memory). A stacked matrix gets the same factors as a lone one."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    todo: dict[tuple, list[SVDRequest]] = {}
+    for req in requests:
+        if req.key in out:
+            continue
+        cached = BASIS_CACHE.get(req.key, cache_dir)
+        if cached is not None:
+            out[req.key] = cached
+        else:
+            group = (tuple(req.W.shape), req.r, req.W.device, req.W.dtype)
+            todo.setdefault(group, []).append(req)
+            out[req.key] = {}  # placeholder so duplicates are solved once
+    total = sum(len(g) for g in todo.values())
+    with tqdm(total=total, desc=desc, disable=total < _PROGRESS_MIN or None, leave=False) as bar:
+        for (shape, r, _, _), reqs in todo.items():
+            per_matrix = shape[0] * shape[1] * settings.torch_dtype.itemsize * 3
+            chunk = max(1, _BATCH_BYTES // per_matrix)
+            for i in range(0, len(reqs), chunk):
+                part = reqs[i : i + chunk]
+                for req in part:
+                    check_finite(req.W, req.where)
+                stacked = torch.stack([_target(req, settings) for req in part])
+                U, S, Vh = truncated_svd(stacked, r, settings)
+                for j, req in enumerate(part):
+                    factors = {"U": U[j], "S": S[j], "Vh": Vh[j]}
+                    BASIS_CACHE.put(req.key, factors, cache_dir)
+                    out[req.key] = factors
+                bar.update(len(part))
+    return out
+
+
+def _target(req: SVDRequest, settings: SVDSettings) -> torch.Tensor:
+    W = req.W.detach().to(settings.torch_dtype)
+    return W if req.scales is None else W * req.scales.to(W.device, W.dtype)
+
+
+def make_basis(
+    W: torch.Tensor, factors: dict[str, torch.Tensor], placement: str, key: str, scales: torch.Tensor | None
+) -> OuterBasis:
+    """Place the singular values; for AwSVD (factors of W0·diag(a)) fold diag(a)⁻¹ back into A_o."""
     U, S, Vh = (factors[k].to(W.device) for k in ("U", "S", "Vh"))
     B, A = place(U, S, Vh, placement)
     if scales is not None:

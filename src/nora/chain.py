@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from torch import nn
 
 Chain = list[torch.Tensor]
 Term = tuple[float, Chain]
@@ -71,6 +72,15 @@ def _eval(tree: tuple | int, elems: list[torch.Tensor]) -> torch.Tensor:
 
 def chain_apply(chain: Chain, x: torch.Tensor) -> torch.Tensor:
     """(M_1 … M_n) x for activations x of shape (..., p_n), returning (..., p_0)."""
+    if len(chain) > 1 and not isinstance(chain[-1], nn.Parameter):
+        # A frozen input factor (a basis buffer) always projects x first: in training, backward then keeps only
+        # that narrow projection (a trainable product folded onto x would make autograd keep x itself), and
+        # the order, hence every float, is the same whether or not the adapter is trainable.
+        return _ordered_apply(chain[:-1], x @ chain[-1].to(x.dtype).T)
+    return _ordered_apply(chain, x)
+
+
+def _ordered_apply(chain: Chain, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     xt = x.reshape(-1, x.shape[-1]).T
     elems = [m.to(x.dtype) for m in chain]
@@ -87,6 +97,21 @@ def terms_apply(terms: list[Term], x: torch.Tensor) -> torch.Tensor:
         out = y if out is None else out + y
     assert out is not None
     return out
+
+
+def terms_add(out: torch.Tensor, terms: list[Term], x: torch.Tensor) -> torch.Tensor:
+    """out + ΔW x, with each chain's last product fused into one addmm that also applies its scale: no
+    (rows × d) temporary besides the result, and autograd saves only the narrow intermediates (a frozen
+    outer projection keeps nothing of the input's size for backward)."""
+    lead, d = out.shape[:-1], out.shape[-1]
+    acc = out.reshape(-1, d)
+    for coef, chain in terms:
+        if len(chain) < 2 or chain[0].dim() != 2:
+            acc = acc + coef * chain_apply(chain, x).reshape(-1, d).to(acc.dtype)
+            continue
+        h = chain_apply(chain[1:], x).reshape(-1, chain[0].shape[1]).to(acc.dtype)
+        acc = torch.addmm(acc, h, chain[0].to(acc.dtype).T, alpha=coef)
+    return acc.reshape(*lead, d)
 
 
 def chain_product(chain: Chain) -> torch.Tensor:

@@ -6,16 +6,27 @@ same method and rank share one basis. The base weight is never rewritten except 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .basis import OuterBasis, basis_fingerprint, build_basis
+from .basis import OuterBasis, SVDRequest, basis_fingerprint, compute_factors, make_basis, svd_key
 from .config import AdapterConfig
 from .errors import AdapterError
 from .methods import AdapterCore, Method
 from .svd import fingerprint, weight_digest
 
 BASE = "__base__"
+
+
+@dataclass
+class AdapterPlan:
+    r: int
+    key: str  # the fingerprint written to the adapter file
+    basis_key: str | None = None  # key in AdapterLayer.bases
+    request: SVDRequest | None = None  # the SVD still to compute
+    scales: torch.Tensor | None = None
 
 
 def conv1d_type() -> type | None:
@@ -80,15 +91,11 @@ class AdapterLayer(nn.Module):
         return d, k
 
     # ---- adapters --------------------------------------------------------------------------------------------
-    def add_adapter(
-        self,
-        name: str,
-        config: AdapterConfig,
-        method: Method,
-        scales: torch.Tensor | None = None,
-        r: int | None = None,
-    ) -> AdapterCore:
-        """Add an adapter; `r` overrides the config's rank rule (used on load, where the file knows it)."""
+    def plan(
+        self, config: AdapterConfig, method: Method, scales: torch.Tensor | None = None, r: int | None = None
+    ) -> AdapterPlan:
+        """Resolve the rank and fingerprint of a new adapter, and the SVD it needs (None if none is missing).
+        `r` overrides the config's rank rule (on load, where the file knows it)."""
         if self.merged_adapters:
             raise AdapterError(
                 f"{self.module_name}: adapters {self.merged_adapters} are merged into the weight; unmerge() "
@@ -102,30 +109,37 @@ class AdapterLayer(nn.Module):
                 f"{self.module_name}: rank r={r} is larger than min(d, k)={min(d, k)} for this {d}×{k} weight. "
                 "Use a smaller r, a fraction such as r=0.5, or leave this module out of target_modules."
             )
-        placement = method.placement(config)
+        if not method.uses_basis:
+            return AdapterPlan(r, fingerprint(method=method.name, r=r, shape=[d, k], digest=self.weight_digest))
         settings = config.svd_settings
-        if method.uses_basis:
-            key = basis_fingerprint(method.name, r, placement, settings, (d, k), self.weight_digest, scales)
-            bkey = "b" + key
-            if bkey not in self.bases:
-                self.bases[bkey] = build_basis(
-                    W,
-                    r,
-                    placement,
-                    settings,
-                    key,
-                    self.weight_digest,
-                    scales,
-                    config.basis_cache_dir,
-                    where=self.module_name,
-                )
-            basis: OuterBasis | None = self.bases[bkey]
-        else:
-            key = fingerprint(method=method.name, r=r, shape=[d, k], digest=self.weight_digest)
-            bkey, basis = None, None
-        params = method.init_params(config, W, basis, r, _param_dtype(W.dtype))
-        core = AdapterCore(method, config, params, r, bkey)
-        core.fingerprint = key
+        key = basis_fingerprint(method.name, r, method.placement(config), settings, (d, k), self.weight_digest, scales)
+        request = None
+        if "b" + key not in self.bases:
+            request = SVDRequest(
+                svd_key(r, settings, (d, k), self.weight_digest, scales), W, r, scales, self.module_name
+            )
+        return AdapterPlan(r, key, "b" + key, request, scales)
+
+    def add_adapter(
+        self,
+        name: str,
+        config: AdapterConfig,
+        method: Method,
+        plan: AdapterPlan | None = None,
+        factors: dict[str, torch.Tensor] | None = None,
+    ) -> AdapterCore:
+        """Add an adapter following `plan` (made here if not given); `factors` are its precomputed SVD."""
+        plan = plan or self.plan(config, method)
+        W = self.base_weight().detach()
+        if plan.basis_key is not None and plan.basis_key not in self.bases:
+            if factors is None:
+                assert plan.request is not None
+                factors = compute_factors([plan.request], config.svd_settings, config.basis_cache_dir)[plan.request.key]
+            self.bases[plan.basis_key] = make_basis(W, factors, method.placement(config), plan.key, plan.scales)
+        basis = self.bases[plan.basis_key] if plan.basis_key else None
+        params = method.init_params(config, W, basis, plan.r, _param_dtype(W.dtype))
+        core = AdapterCore(method, config, params, plan.r, plan.basis_key)
+        core.fingerprint = plan.key
         self.adapters[name] = core
         return core
 
@@ -161,7 +175,8 @@ class AdapterLayer(nn.Module):
             return self._mixed_forward(x, out, self.row_adapters)
         for name in self.active_adapters:
             if name in self.adapters and name not in self.merged_adapters:
-                out = out + self.delta(name, x, out).to(out.dtype)
+                core = self.adapters[name]
+                out = core.method.add_to(out, core, self.basis_of(core), x, self)
         return out
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, rows: list[str]) -> torch.Tensor:

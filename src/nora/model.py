@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .basis import compute_factors
 from .config import AdapterConfig
 from .errors import AdapterError
 from .inject import (
@@ -24,8 +24,6 @@ from .inject import (
 )
 from .layer import BASE, AdapterLayer
 from .methods import get_method
-
-_PROGRESS_MIN_LAYERS = 16
 
 
 class AdaptedModel(nn.Module):
@@ -118,18 +116,16 @@ class AdaptedModel(nn.Module):
 
                 scales = calibrate(self.model, calibration_data, names, config.awsvd_power, config.awsvd_eps)
         layers = wrap_layers(self.model, names)
-        show = method.uses_basis and len(layers) >= _PROGRESS_MIN_LAYERS
         try:
-            for name, layer in tqdm(
-                layers.items(), desc=f"{method.name}: SVD bases", disable=not show or None, leave=False
-            ):
-                layer.add_adapter(
-                    adapter_name,
-                    config,
-                    method,
-                    None if scales is None else scales.get(name),
-                    None if ranks is None else ranks.get(name),
-                )
+            plans = {
+                n: layer.plan(config, method, None if scales is None else scales.get(n), (ranks or {}).get(n))
+                for n, layer in layers.items()
+            }
+            requests = [p.request for p in plans.values() if p.request is not None]
+            factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
+            for n, layer in layers.items():
+                request = plans[n].request
+                layer.add_adapter(adapter_name, config, method, plans[n], factors.get(request.key) if request else None)
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         except BaseException:
             for layer in layers.values():

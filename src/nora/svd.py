@@ -87,10 +87,12 @@ def canonicalise_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor,
 
 def _randomized(W: torch.Tensor, r: int, s: SVDSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halko–Martinsson–Tropp range finder with power iterations, batched over leading dims."""
-    *batch, m, n = W.shape
+    m, n = W.shape[-2:]
     q = min(r + s.oversample, m, n)
+    # One sketch per (n, q, seed), drawn on the CPU and shared by a batch: a matrix gets the same basis whether
+    # it is factored alone or stacked with others, on any device.
     gen = torch.Generator(device="cpu").manual_seed(s.seed)
-    sketch = torch.randn(*batch, n, q, generator=gen, dtype=W.dtype).to(W.device)
+    sketch = torch.randn(n, q, generator=gen, dtype=torch.float64).to(W.device, W.dtype)
     Q, _ = torch.linalg.qr(W @ sketch)
     Wt = W.transpose(-1, -2)
     for _ in range(s.niter):
@@ -165,6 +167,9 @@ class BasisCache:
         return None
 
     def put(self, key: str, factors: dict[str, torch.Tensor], directory: str | os.PathLike | None) -> None:
+        nbytes = sum(v.numel() * v.element_size() for v in factors.values())
+        if nbytes > self.max_bytes and directory is None:
+            return  # larger than the whole budget: do not pay for a device→host copy only to evict it
         cpu = {k: v.detach().cpu().contiguous() for k, v in factors.items()}
         self._remember(key, cpu)
         if directory is not None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..chain import Term, terms_apply, terms_product
+from ..chain import Term, terms_add, terms_apply, terms_product
 from ..config import AdapterConfig
 
 if TYPE_CHECKING:
@@ -66,6 +66,12 @@ class Method:
     ) -> torch.Tensor:
         """What the adapter adds to the base layer's output for input x."""
         return terms_apply(self.terms(core, basis), core.dropout(x))
+
+    def add_to(
+        self, out: torch.Tensor, core: AdapterCore, basis: OuterBasis | None, x: torch.Tensor, layer
+    ) -> torch.Tensor:
+        """The layer's output with this adapter's update added (the training and single-adapter path)."""
+        return terms_add(out, self.terms(core, basis), core.dropout(x))
 
     def merge(self, core: AdapterCore, basis: OuterBasis | None, W: torch.Tensor):
         """Return (merged weight, what unmerge needs)."""

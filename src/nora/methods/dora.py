@@ -41,6 +41,9 @@ class DoRA(LoRA):
         lora = terms_apply(self.terms(core, None), core.dropout(x))
         return (factor - 1) * base_nobias + factor * lora
 
+    def add_to(self, out, core, basis, x, layer):
+        return out + self.delta(core, basis, x, out, layer).to(out.dtype)
+
     def merge(self, core, basis, W):
         factor = self._factor(core, W)
         merged = factor.unsqueeze(1) * (W.to(factor.dtype) + terms_product(self.terms(core, None)))
