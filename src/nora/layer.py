@@ -15,6 +15,7 @@ from .basis import OuterBasis, SVDRequest, basis_fingerprint, compute_factors, m
 from .config import AdapterConfig
 from .errors import AdapterError
 from .methods import AdapterCore, Method
+from .store import CoreStack
 from .svd import fingerprint, weight_digest
 
 BASE = "__base__"
@@ -70,6 +71,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._merge_cache: dict[str, object] = {}
         self.row_adapters: list[str] | None = None
+        self.stacks: dict[tuple, CoreStack] = {}  # the resident store, per (basis, method, core shapes)
         self.disabled = False
         self.weight_digest = weight_digest(self.base_weight())
 
@@ -148,6 +150,8 @@ class AdapterLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it.")
         core = self.adapters[name]
         del self.adapters[name]
+        for stack in self.stacks.values():
+            stack.remove(name)
         if core.basis_key and all(c.basis_key != core.basis_key for c in self.adapters.values()):
             del self.bases[core.basis_key]
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -182,18 +186,42 @@ class AdapterLayer(nn.Module):
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, rows: list[str]) -> torch.Tensor:
         if self.merged_adapters:
             raise AdapterError("adapter_names= needs unmerged adapters; call unmerge() first.")
-        if len(rows) != x.shape[0]:
+        if x.shape[0] % len(rows):
             raise AdapterError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows.")
+        expand = x.shape[0] // len(rows)  # generate() with beams / several sequences repeats each row
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(rows):
-            groups.setdefault(name, []).append(i)
+            if name != BASE and name in self.adapters:
+                groups.setdefault(name, []).extend(range(i * expand, (i + 1) * expand))
+        shared: dict[tuple, list[str]] = {}
         for name, idx in groups.items():
-            if name == BASE or name not in self.adapters:
-                continue
-            index = torch.tensor(idx, device=x.device)
-            delta = self.delta(name, x.index_select(0, index), out.index_select(0, index))
-            out = out.index_add(0, index, delta.to(out.dtype))
+            core = self.adapters[name]
+            parts = None if torch.is_grad_enabled() else core.method.stack_parts(core, self.basis_of(core))
+            if parts is None:
+                index = torch.tensor(idx, device=x.device)
+                delta = self.delta(name, x.index_select(0, index), out.index_select(0, index))
+                out = out.index_add(0, index, delta.to(out.dtype))
+            else:
+                key = (core.basis_key, core.method.name, tuple(tuple(p.shape) for p in parts))
+                shared.setdefault(key, []).append(name)
+        for key, names in shared.items():
+            out = self._shared_basis_rows(key, names, groups, x, out)
         return out
+
+    def _shared_basis_rows(self, key: tuple, names: list[str], groups, x, out) -> torch.Tensor:
+        """Rows of several adapters on one basis: A_o once, each row's core gathered from the store, B_o once."""
+        basis = self.bases[key[0]]
+        method = self.adapters[names[0]].method
+        stack = self.stacks.setdefault(key, CoreStack())
+        stack.sync(names, self.adapters, lambda core: [p.to(basis.A.dtype) for p in method.stack_parts(core, basis)])
+        row_idx = [i for n in names for i in groups[n]]
+        slots = [stack.slots[n] for n in names for _ in groups[n]]
+        index = torch.tensor(row_idx, device=x.device)
+        xs = x.index_select(0, index)
+        h = xs.reshape(xs.shape[0], -1, xs.shape[-1]) @ basis.A.to(x.dtype).T
+        h = method.apply_stacked(stack.gather(torch.tensor(slots, device=x.device)), h)
+        delta = (h @ basis.B.to(h.dtype).T).reshape(*xs.shape[:-1], -1)
+        return out.index_add(0, index, delta.to(out.dtype))
 
     # ---- merging ---------------------------------------------------------------------------------------------
     @torch.no_grad()

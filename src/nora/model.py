@@ -193,6 +193,16 @@ class AdaptedModel(nn.Module):
         t, n = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / max(n, 1):.4f}")
 
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by adapters: their own tensors, the shared bases, and the resident mixed-batch stacks."""
+        layers = self.layers().values()
+        return {
+            "adapter_tensors": sum(p.numel() * p.element_size() for m in layers for p in m.adapters.parameters()),
+            "bases": sum(b.numel() * b.element_size() for m in layers for b in m.bases.buffers()),
+            "stacks": sum(st.nbytes for m in layers for st in m.stacks.values()),
+            "adapters": len(self.peft_config),
+        }
+
     # ---- merging ---------------------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None) -> None:
         names = adapter_names or self.active_adapters

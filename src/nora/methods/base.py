@@ -73,6 +73,15 @@ class Method:
         """The layer's output with this adapter's update added (the training and single-adapter path)."""
         return terms_add(out, self.terms(core, basis), core.dropout(x))
 
+    # ---- mixed batches over a shared basis (methods whose core sits between the frozen B_o and A_o) ----
+    def stack_parts(self, core: AdapterCore, basis: OuterBasis | None) -> list[torch.Tensor] | None:
+        """The per-adapter tensors of the core (scale folded in) to stack across adapters; None: not stackable."""
+        return None
+
+    def apply_stacked(self, parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """Each row's core on h (rows × tokens × r), given `parts` gathered per row."""
+        raise NotImplementedError
+
     def merge(self, core: AdapterCore, basis: OuterBasis | None, W: torch.Tensor):
         """Return (merged weight, what unmerge needs)."""
         return W + terms_product(self.terms(core, basis)).to(W.dtype), None

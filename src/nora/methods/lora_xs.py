@@ -35,3 +35,9 @@ class LoRAXS(Method):
 
     def terms(self, core: AdapterCore, basis):
         return [(core.scale, [basis.B, core["core"], basis.A])]
+
+    def stack_parts(self, core, basis):
+        return [core["core"] * core.scale]
+
+    def apply_stacked(self, parts, h):
+        return torch.bmm(h, parts[0].to(h.dtype).transpose(1, 2))

@@ -70,3 +70,12 @@ class NoRA(Method):
         if core.config.inner == "serial":
             return [(core.scale, [basis.B, B_i, A_i, basis.A])]
         return [(core.scale, [B_i, A_i, basis.B, basis.A])]
+
+    def stack_parts(self, core, basis):
+        if core.config.inner != "serial":
+            return None
+        return [core["inner_A"], core["inner_B"] * core.scale]
+
+    def apply_stacked(self, parts, h):
+        A, B = (p.to(h.dtype) for p in parts)
+        return torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))

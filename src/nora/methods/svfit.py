@@ -48,3 +48,9 @@ class SVFit(Method):
 
     def terms(self, core: AdapterCore, basis):
         return [(1.0, [basis.B, core["sigma"] - basis.S.to(core["sigma"].dtype), basis.A])]
+
+    def stack_parts(self, core, basis):
+        return [core["sigma"] - basis.S.to(core["sigma"].dtype)]
+
+    def apply_stacked(self, parts, h):
+        return h * parts[0].to(h.dtype).unsqueeze(1)
