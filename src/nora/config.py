@@ -24,8 +24,8 @@ class AdapterConfig:
     target_modules: str | list[str] = "all-linear"
     exclude_modules: str | list[str] | None = None
     modules_to_save: list[str] | None = None
-    svd: str = "exact"
-    niter: int = 4
+    svd: str = "randomized"
+    niter: int = 8
     oversample: int = 16
     seed: int = 0
     svd_dtype: str = "float32"

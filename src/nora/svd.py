@@ -27,8 +27,8 @@ _DIGEST_SAMPLES = 16384
 
 @dataclass(frozen=True)
 class SVDSettings:
-    solver: str = "exact"  # "exact" | "randomized"
-    niter: int = 4  # power iterations of the randomized solver
+    solver: str = "randomized"  # "randomized" (seeded; exact when r + oversample covers the matrix) | "exact"
+    niter: int = 8  # power iterations of the randomized solver
     oversample: int = 16
     seed: int = 0
     dtype: str = "float32"  # compute dtype: "float32" | "float64"
