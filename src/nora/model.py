@@ -15,6 +15,7 @@ from .basis import compute_factors
 from .config import AdapterConfig
 from .errors import AdapterError
 from .inject import (
+    TrainableCopy,
     adapter_layers,
     find_targets,
     trainable_copies,
@@ -88,7 +89,18 @@ class AdaptedModel(nn.Module):
 
     # ---- adapters --------------------------------------------------------------------------------------------
     def layers(self) -> dict[str, AdapterLayer]:
-        return adapter_layers(self.model)
+        """The wrapped layers by module name (cached: walking a model with many adapters is not free)."""
+        if self.__dict__.get("_layer_cache") is None:
+            self.__dict__["_layer_cache"] = adapter_layers(self.model)
+        return self.__dict__["_layer_cache"]
+
+    def _copies(self) -> dict[str, TrainableCopy]:
+        if self.__dict__.get("_copy_cache") is None:
+            self.__dict__["_copy_cache"] = trainable_copies(self.model)
+        return self.__dict__["_copy_cache"]
+
+    def _invalidate(self) -> None:
+        self.__dict__["_layer_cache"] = self.__dict__["_copy_cache"] = None
 
     def add_adapter(
         self,
@@ -116,6 +128,7 @@ class AdaptedModel(nn.Module):
 
                 scales = calibrate(self.model, calibration_data, names, config.awsvd_power, config.awsvd_eps)
         layers = wrap_layers(self.model, names)
+        self._invalidate()
         try:
             plans = {
                 n: layer.plan(config, method, None if scales is None else scales.get(n), (ranks or {}).get(n))
@@ -127,20 +140,21 @@ class AdaptedModel(nn.Module):
                 request = plans[n].request
                 layer.add_adapter(adapter_name, config, method, plans[n], factors.get(request.key) if request else None)
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+            self._invalidate()
         except BaseException:
             for layer in layers.values():
                 if adapter_name in layer.adapters:
                     layer.delete_adapter(adapter_name)
             raise
         self.peft_config[adapter_name] = config
-        self._set_trainable()
+        self._set_trainable(only=adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_loaded(adapter_name)
         for layer in self.layers().values():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
-        for tc in trainable_copies(self.model).values():
+        for tc in self._copies().values():
             tc.copies.pop(adapter_name, None)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
@@ -153,7 +167,7 @@ class AdaptedModel(nn.Module):
             self._check_loaded(n)
         for layer in self.layers().values():
             layer.active_adapters = [n for n in names if n in layer.adapters]
-        for tc in trainable_copies(self.model).values():
+        for tc in self._copies().values():
             tc.active = names[0]
         self.active_adapter = names[0]
         self._set_trainable()
@@ -167,17 +181,18 @@ class AdaptedModel(nn.Module):
         if name not in self.peft_config:
             raise AdapterError(f"no adapter named {name!r}; loaded: {sorted(self.peft_config)}.")
 
-    def _set_trainable(self, trainable: bool = True) -> None:
-        """Only the active adapters' tensors (and their modules_to_save copies) require grad."""
+    def _set_trainable(self, trainable: bool = True, only: str | None = None) -> None:
+        """Only the active adapters' tensors (and their modules_to_save copies) require grad; `only` limits the
+        update to one adapter (adding one must not walk thousands of others)."""
         active = set(self.active_adapters)
         for layer in self.layers().values():
-            for name, core in layer.adapters.items():
-                for p in core.parameters():
-                    p.requires_grad_(trainable and name in active)
-        for tc in trainable_copies(self.model).values():
+            names = list(layer.adapters) if only is None else [only] if only in layer.adapters else []
+            for name in names:
+                layer.adapters[name].requires_grad_(trainable and name in active)
+        for tc in self._copies().values():
             for name, mod in tc.copies.items():
-                for p in mod.parameters():
-                    p.requires_grad_(trainable and name in active)
+                if only is None or name == only:
+                    mod.requires_grad_(trainable and name in active)
 
     def eval_mode_frozen(self) -> None:
         """Freeze the adapters too (inference)."""
@@ -219,16 +234,18 @@ class AdaptedModel(nn.Module):
         """Fold the adapter into the base weights and return the plain model (heads as trained)."""
         self.merge(adapter_names)
         keep = (adapter_names or self.active_adapters)[0]
-        for tc in trainable_copies(self.model).values():
+        for tc in self._copies().values():
             if keep in tc.copies:
                 tc.original = tc.copies[keep]
         unwrap_layers(self.model)
+        self._invalidate()
         return self.model
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the original model, untouched."""
         self.unmerge()
         unwrap_layers(self.model)
+        self._invalidate()
         return self.model
 
     # ---- files -----------------------------------------------------------------------------------------------
@@ -271,11 +288,7 @@ class AdaptedModel(nn.Module):
 
         config, tensors, meta = read_adapter(adapter_dir)
         self._attach(adapter_name, config, tensors, meta, adapter_dir)
-        self._set_trainable()
-        if not is_trainable:
-            for layer in self.layers().values():
-                if adapter_name in layer.adapters:
-                    layer.adapters[adapter_name].requires_grad_(False)
+        self._set_trainable(is_trainable, only=adapter_name)
 
     def _attach(self, name, config, tensors, meta, where) -> None:
         from .io import apply_tensors, check_layers
