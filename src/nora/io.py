@@ -122,10 +122,12 @@ def check_layers(
 ) -> tuple[list[str], dict[str, int]]:
     """Match the file's layers to the model's, refusing another base before any SVD is computed."""
     method = get_method(config.method)
-    modules = dict(model.named_modules())
     names, ranks = [], {}
     for lname, info in meta["layers"].items():
-        module = modules.get(lname)
+        try:
+            module = model.get_submodule(lname)
+        except AttributeError:
+            module = None
         if module is None:
             raise AdapterError(
                 f"adapter {where} targets module {lname!r}, which this model does not have: it was made for "

@@ -128,7 +128,8 @@ class AdaptedModel(nn.Module):
 
                 scales = calibrate(self.model, calibration_data, names, config.awsvd_power, config.awsvd_eps)
         layers = wrap_layers(self.model, names)
-        self._invalidate()
+        if not set(layers) <= set(self.layers()):
+            self.__dict__["_layer_cache"] = None
         try:
             plans = {
                 n: layer.plan(config, method, None if scales is None else scales.get(n), (ranks or {}).get(n))
@@ -139,8 +140,9 @@ class AdaptedModel(nn.Module):
             for n, layer in layers.items():
                 request = plans[n].request
                 layer.add_adapter(adapter_name, config, method, plans[n], factors.get(request.key) if request else None)
-            wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
-            self._invalidate()
+            if config.modules_to_save:
+                wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+                self.__dict__["_copy_cache"] = None
         except BaseException:
             for layer in layers.values():
                 if adapter_name in layer.adapters:
