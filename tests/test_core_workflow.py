@@ -54,7 +54,7 @@ def test_init_counts_merge_unload(arch, method):
 
     # only the method's tensors train, in the counts of METHODS.md's table
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".adapters.default.params." in n for n in trainable)
+    assert trainable and all(".adapters.default." in n for n in trainable)
     total = 0
     for layer in model.layers().values():
         d, k = layer.shape
@@ -177,3 +177,16 @@ def test_modules_to_save_head_trains_and_unloads():
     _perturb(model)
     assert not torch.allclose(model_output(model, inputs), ref, atol=1e-4)
     torch.testing.assert_close(model_output(model.unload(), inputs), ref)
+
+
+def test_dropout_acts_in_training_only():
+    inputs = model_input("llama")
+    model = nora.get_peft_model(BUILDERS["llama"](), nora.NoraConfig(r=12, inner_r=3, dropout=0.5))
+    _perturb(model)
+    no_drop = nora.get_peft_model(BUILDERS["llama"](), nora.NoraConfig(r=12, inner_r=3))
+    _perturb(no_drop)
+    torch.testing.assert_close(model_output(model, inputs), model_output(no_drop, inputs))
+    model.train()
+    torch.manual_seed(0)
+    first = model_output(model, inputs)
+    assert not torch.allclose(first, model_output(model, inputs))

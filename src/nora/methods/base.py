@@ -31,11 +31,21 @@ class AdapterCore(nn.Module):
         self.r = r
         self.scale = method.scale(config, r)
         self.basis_key = basis_key
-        self.params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Parameters sit directly on this module (no ParameterDict or Dropout submodules): a model may hold
+        # thousands of adapters × every layer, and each module object costs memory and traversal time.
+        for k, v in params.items():
+            self.register_parameter(k, nn.Parameter(v))
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        return dict(self._parameters)  # type: ignore[arg-type]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.params[key]
+        return self._parameters[key]  # type: ignore[return-value]
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.dropout
+        return nn.functional.dropout(x, p, self.training) if p > 0 else x
 
 
 class Method:
