@@ -141,6 +141,7 @@ class AdapterLayer(nn.Module):
         basis = self.bases[plan.basis_key] if plan.basis_key else None
         params = method.init_params(config, W, basis, plan.r, _param_dtype(W.dtype))
         core = AdapterCore(method, config, params, plan.r, plan.basis_key)
+        core.train(self.training)  # follow the model's mode: a model in eval() must not start dropping out
         core.fingerprint = plan.key
         self.adapters[name] = core
         return core
