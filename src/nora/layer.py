@@ -62,6 +62,7 @@ class AdapterLayer(nn.Module):
         if not is_adaptable(base_layer):
             raise AdapterError(f"{name}: {type(base_layer).__name__} is not an nn.Linear or Conv1D.")
         self.base_layer = base_layer
+        self.train(base_layer.training)
         self.module_name = name
         conv = conv1d_type()
         self.transposed = conv is not None and isinstance(base_layer, conv)

@@ -31,6 +31,7 @@ class AdaptedModel(nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__()
         self.model = model
+        self.train(model.training)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter: str = adapter_name
         for p in model.parameters():
@@ -275,6 +276,7 @@ class AdaptedModel(nn.Module):
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
         obj.model = model
+        obj.train(model.training)
         obj.peft_config = {}
         obj.active_adapter = adapter_name
         for p in model.parameters():
