@@ -1,0 +1,118 @@
+"""`nora eval`: a base model, a merged model or an adapter on the commonsense suite (log-likelihood and generation
+protocols) or on GLUE classification tasks; a table on the terminal and, with --output, JSON. See
+docs/evaluation.md."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from ..errors import AdapterError
+from . import app
+
+
+def _split(values: list[str] | None, default: list[str]) -> list[str]:
+    return [part.strip() for value in values or default for part in value.split(",") if part.strip()] or default
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[
+        str, typer.Argument(help="Base or merged model (directory or Hugging Face id), or an adapter directory.")
+    ],
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tasks", "-t", help="Tasks (boolq, arc-e, sst2, ...), suites (commonsense, glue) or .json/.tsv files."
+        ),
+    ] = None,
+    protocol: Annotated[
+        list[str] | None, typer.Option("--protocol", "-p", help="loglik, loglik-label and/or generate.")
+    ] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A nora or PEFT adapter directory to put on MODEL.")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model of an adapter given as MODEL (default: recorded).")
+    ] = None,
+    data_dir: Annotated[
+        Path,
+        typer.Option(envvar="NORA_DATA_DIR", help="Folder with commonsense/<task>/test.json, glue/<task>/dev.tsv."),
+    ] = Path("data"),
+    limit: Annotated[int | None, typer.Option(help="Examples per task, drawn with --seed (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit draw.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation protocol: longest response.")] = 32,
+    num_beams: Annotated[int, typer.Option(help="Generation protocol: 1 greedy; LLM-Adapters uses 4.")] = 1,
+    max_length: Annotated[int | None, typer.Option(help="Longest input in tokens (default: the model's).")] = None,
+    merge: Annotated[bool, typer.Option(help="Fold the adapter into the weights before evaluating.")] = True,
+    gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from the base (dequantised).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")] = (
+        "auto"
+    ),
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
+    log_samples: Annotated[bool, typer.Option(help="Keep each example's prediction in the JSON.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate MODEL on --tasks and print accuracy per task and on average."""
+    from ..evaluation import evaluate_tasks, resolve_tasks
+    from ..evaluation.loading import load_for_eval, resolve_target
+    from ..evaluation.report import print_results, write_results
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    protocols = _split(protocol, ["loglik"])
+    try:
+        specs = resolve_tasks(_split(tasks, ["commonsense"]), data_dir)
+        kinds = {spec.kind for spec in specs}
+        if len(kinds) > 1:
+            raise AdapterError("commonsense tasks need a causal LM and GLUE tasks a classifier: evaluate them apart.")
+        target = resolve_target(model, adapter, base)
+        num_labels = max((spec.layout.num_labels for spec in specs if spec.layout), default=None)
+        task_kind = "seq-cls" if kinds == {"classification"} else "causal"
+        start = time.perf_counter()
+        loaded, tokenizer = load_for_eval(target, task_kind, num_labels, dtype, device, merge, gguf_file)
+        load_seconds = time.perf_counter() - start
+        results = evaluate_tasks(
+            loaded,
+            tokenizer,
+            specs,
+            protocols,
+            limit=limit,
+            seed=seed,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            max_length=max_length,
+            progress=progress,
+            log_samples=log_samples,
+        )
+    except (AdapterError, OSError) as e:
+        raise typer.BadParameter(str(e)) from e
+    print_results(results, title=str(target.adapter or target.base))
+    if output is not None:
+        payload = {
+            "model": model,
+            "base": target.base,
+            "adapter": str(target.adapter) if target.adapter else None,
+            "settings": {
+                "protocols": protocols,
+                "limit": limit,
+                "seed": seed,
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "num_beams": num_beams,
+                "merged": merge,
+                "dtype": str(next(loaded.parameters()).dtype),
+                "device": str(next(loaded.parameters()).device),
+            },
+            "load_seconds": round(load_seconds, 2),
+            "eval_seconds": round(time.perf_counter() - start - load_seconds, 2),
+            "results": results,
+        }
+        write_results(payload, output)
+        typer.echo(f"results written to {output}")

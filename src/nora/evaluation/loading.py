@@ -1,0 +1,110 @@
+"""What `nora eval` evaluates: a base or merged model, or a base model with a nora or PEFT adapter on it.
+
+`MODEL` may be a model directory (or Hugging Face id), or an adapter directory: then the base is `--base`, else the
+`base_model_name_or_path` the adapter recorded. `--adapter DIR` puts an adapter on `MODEL`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from ..model import AdaptedModel
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    base: str
+    adapter: Path | None
+    adapter_kind: Literal["nora", "peft"] | None
+
+
+def resolve_target(model: str, adapter: str | Path | None = None, base: str | None = None) -> EvalTarget:
+    """Decide which base model to load and which adapter (if any) to put on it."""
+    if (Path(model) / ADAPTER_CONFIG).is_file():
+        if adapter is not None:
+            raise AdapterError(f"{model} is an adapter directory; pass the base model as --base, not MODEL.")
+        adapter = Path(model)
+        recorded = _adapter_config(adapter).get("base_model_name_or_path")
+        base = base or recorded
+        if not base:
+            raise AdapterError(f"{adapter} records no base model; pass it with --base.")
+    elif base is not None:
+        raise AdapterError("--base is only for an adapter directory given as MODEL; use --adapter to add one.")
+    else:
+        base = model
+    if adapter is None:
+        return EvalTarget(base, None, None)
+    adapter = Path(adapter)
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
+    kind: Literal["nora", "peft"] = "peft" if "peft_type" in _adapter_config(adapter) else "nora"
+    return EvalTarget(base, adapter, kind)
+
+
+def load_for_eval(
+    target: EvalTarget,
+    task_kind: Literal["causal", "seq-cls"] = "causal",
+    num_labels: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    merge: bool = True,
+    gguf_file: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """The model on `device` in eval mode (its adapter merged unless `merge=False`) and its tokenizer (the
+    adapter directory's when it holds one, else the base's)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise AdapterError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
+    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if task_kind == "seq-cls":
+        model = AutoModelForSequenceClassification.from_pretrained(target.base, num_labels=num_labels, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(target.base, **kwargs)
+    if gguf_file:  # dequantised to float: no longer quantized, whatever the loader recorded
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+    model = _with_adapter(model.to(resolved), target, merge)
+    tokenizer_source = (
+        target.adapter if target.adapter and (target.adapter / "tokenizer_config.json").is_file() else None
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_source or target.base, **({"gguf_file": gguf_file} if gguf_file and not tokenizer_source else {})
+    )
+    return model.eval(), tokenizer
+
+
+def _with_adapter(model: nn.Module, target: EvalTarget, merge: bool) -> nn.Module:
+    if target.adapter is None:
+        return model
+    if target.adapter_kind == "peft":
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(target.adapter))
+        return peft_model.merge_and_unload() if merge else peft_model
+    adapted = AdaptedModel.from_pretrained(model, target.adapter)
+    return adapted.merge_and_unload() if merge else adapted
+
+
+def _adapter_config(adapter: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{adapter / ADAPTER_CONFIG} cannot be read ({e}); save the adapter again.") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{adapter / ADAPTER_CONFIG} is not a JSON object; save the adapter again.")
+    return config
