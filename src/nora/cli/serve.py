@@ -1,0 +1,91 @@
+"""`nora serve`: an OpenAI-compatible HTTP server for one base model and any number of nora adapters, batching
+concurrent requests for different adapters together. See docs/serving.md."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import AdapterError
+from ..layer import BASE
+from . import app
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@app.command("serve")
+def serve(
+    base: Annotated[str, typer.Option(help="Base model: a local directory or a Hugging Face id.")],
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", "-a", help="NAME=PATH of an adapter to load at start; repeat.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="NORA_API_KEY", help="Require `Authorization: Bearer KEY` on /v1.")
+    ] = None,
+    adapter_root: Annotated[
+        Path | None, typer.Option(help="Allow POST /v1/adapters to load adapters saved below this directory.")
+    ] = None,
+    base_name: Annotated[str, typer.Option(help="The `model` name clients use for the base model.")] = BASE,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer directory or id (default: --base).")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="A Jinja chat template file to use.")] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from --base (dequantised).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(help="An idle server waits this long to batch a burst.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Requests held at once; beyond it: 503.")] = 1024,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
+    max_new_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
+    shutdown_timeout: Annotated[float, typer.Option(help="Seconds running requests get to finish on exit.")] = 30.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the base model and its adapters over HTTP (OpenAI API: /v1/completions, /v1/chat/completions)."""
+    try:
+        import uvicorn
+
+        from ..serving import Engine, EngineConfig, ServerSettings, create_app
+        from ..serving.loading import attach_adapters, load_base, parse_adapter_specs
+    except ModuleNotFoundError as e:
+        raise typer.BadParameter(
+            f"nora serve needs {e.name}: install the serve extra, pip install 'nora-peft[serve]'."
+        ) from e
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise typer.BadParameter(f"{adapter_root} is not a directory.", param_hint="--adapter-root")
+    try:
+        specs = parse_adapter_specs(adapter or [])
+        model, tok = load_base(base, tokenizer, gguf_file, dtype, device, chat_template)
+        model = attach_adapters(model, specs)
+    except (AdapterError, OSError) as e:
+        raise typer.BadParameter(str(e)) from e
+    if api_key is None and not _is_loopback(host):
+        typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it may use it.", err=True)
+    engine = Engine(model, tok, EngineConfig(max_batch_size, batch_window_ms / 1000, max_queue))
+    settings = ServerSettings(
+        api_key=api_key,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        max_request_bytes=max_request_bytes,
+        adapter_root=adapter_root,
+        base_name=base_name,
+        shutdown_timeout_s=shutdown_timeout,
+    )
+    typer.echo(f"nora serve: {base} with adapters {sorted(specs) or 'none'} on http://{host}:{port}/v1")
+    config = uvicorn.Config(
+        create_app(engine, settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=max(int(shutdown_timeout), 1),
+    )
+    uvicorn.Server(config).run()
