@@ -28,5 +28,5 @@ def _register(module: str) -> None:
             raise
 
 
-for _module in ("serve", "eval"):
+for _module in ("train", "demo", "plot", "convert", "eval", "serve"):
     _register(_module)
