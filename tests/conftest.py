@@ -99,3 +99,16 @@ def _fresh_basis_cache():
 
     BASIS_CACHE.clear()
     yield
+
+
+@pytest.fixture(scope="session")
+def stories260k_dir(tmp_path_factory) -> Path:
+    """The llama2.c stories260K TinyStories model (and its 512-token tokenizer) converted once per session to a
+    transformers LlamaForCausalLM directory; skips only where ../shared/models/stories260K is absent."""
+    source = shared_path("models", "stories260K")
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent (the llama2.c stories260K model and tokenizer)")
+    from nora.convert import convert_llama2c
+
+    out = tmp_path_factory.mktemp("stories260K") / "model"
+    return convert_llama2c(source / "stories260K.bin", source / "tok512.bin", out)
