@@ -1,0 +1,213 @@
+"""Training data: records loaded with `datasets` (local files offline, hub names online), tokenised into examples.
+
+Causal LM records are instruction data (`instruction`, `input`, `output`: the Alpaca / LLM-Adapters format, loss on
+the response only), prompt/completion pairs, or plain `text`. Classification records are `text` (+ an optional
+second sentence) and `label`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterError
+from ..prompts import format_prompt
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+_SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
+_TEXT_COLUMNS = ("text", "sentence", "sentence1", "question")
+_PAIR_COLUMNS = ("text_pair", "sentence2")
+
+
+def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local file or directory (JSON list, JSONL, CSV/TSV, text) or of a hub dataset, as dicts."""
+    from datasets import load_dataset
+
+    path = Path(source).expanduser()
+    looks_local = path.suffix in _SUFFIX_BUILDERS or "/" in source or source.startswith(".")
+    if path.is_file():
+        builder = _SUFFIX_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise AdapterError(f"data file {path}: unknown type {path.suffix!r}; use .json .jsonl .csv .tsv or .txt.")
+        kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        args: tuple[Any, ...] = (builder,)
+        kwargs["data_files"] = {split: str(path)}
+    elif path.is_dir():
+        args, kwargs = (str(path),), {}
+    elif looks_local:
+        raise AdapterError(f"data file {source} does not exist; check the path (or give a hub dataset name).")
+    else:
+        args, kwargs = (source,), {}
+    try:
+        dataset = load_dataset(*args, split=split, **kwargs)
+    except Exception as e:  # datasets raises many kinds; all mean "this source cannot be read"
+        raise AdapterError(f"could not read training data {source}: {type(e).__name__}: {e}") from e
+    rows = dataset.to_list()
+    if not rows:
+        raise AdapterError(f"data {source} holds no examples; give a non-empty file.")
+    return rows
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples and what was lost on the way."""
+
+    examples: list[dict[str, list[int]]]
+    truncated: int = 0
+    dropped: int = 0
+    labels: list[str] = field(default_factory=list)
+
+
+def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise AdapterError(
+            f"data {source} lacks column(s) {missing}; it has {sorted(rows[0])}. Rename them, or choose the columns "
+            "with --text-column / --label-column."
+        )
+
+
+def causal_kind(rows: list[dict[str, Any]], source: str, text_column: str | None = None) -> str:
+    columns = set(rows[0])
+    if text_column:
+        _require(rows, (text_column,), source)
+        return "text"
+    if {"instruction", "output"} <= columns:
+        return "instruction"
+    if {"prompt", "completion"} <= columns:
+        return "completion"
+    if "text" in columns:
+        return "text"
+    raise AdapterError(
+        f"data {source} has columns {sorted(columns)}; causal-LM training needs `instruction` + `output` "
+        "(Alpaca format, optional `input`), `prompt` + `completion`, or `text`."
+    )
+
+
+def encode_causal(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    max_length: int,
+    mask_prompt: bool = True,
+    source: str = "data",
+    text_column: str | None = None,
+) -> Encoded:
+    """input_ids/labels per row; prompt tokens get label -100 when `mask_prompt`. Prompt and response are tokenised
+    apart so the mask covers exactly the prompt's tokens."""
+    kind = causal_kind(rows, source, text_column)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if kind == "text":
+        column = text_column or "text"
+        prompts = [""] * len(rows)
+        responses = [_str(r, column, source) for r in rows]
+    elif kind == "completion":
+        prompts = [_str(r, "prompt", source) for r in rows]
+        responses = [_str(r, "completion", source) for r in rows]
+    else:
+        prompts = [format_prompt(_str(r, "instruction", source), str(r.get("input") or "")) for r in rows]
+        responses = [_str(r, "output", source) for r in rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    out = Encoded([])
+    for p, r in zip(prompt_ids, response_ids, strict=True):
+        p = bos + p
+        ids = p + r + eos
+        labels = ([IGNORE] * len(p) if mask_prompt and kind != "text" else list(p)) + r + eos
+        if kind == "text" and bos:
+            labels[0] = IGNORE  # nothing predicts BOS
+        if len(ids) > max_length:
+            out.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            out.dropped += 1  # the prompt alone fills max_length: nothing left to learn from
+            continue
+        out.examples.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def encode_classification(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    max_length: int,
+    labels: list[str] | None,
+    source: str = "data",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+) -> Encoded:
+    """input_ids/label per row. `labels` fixes the label set (and ids, in order); None infers it from the rows."""
+    text_column = text_column or next((c for c in _TEXT_COLUMNS if c in rows[0]), "text")
+    if text_pair_column is None and text_column in ("sentence1", "question"):
+        text_pair_column = next((c for c in _PAIR_COLUMNS + ("sentence",) if c in rows[0]), None)
+    _require(rows, (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()), source)
+    raw = [str(r[label_column]) for r in rows]
+    label_set = list(labels) if labels is not None else sorted(set(raw), key=_label_order)
+    ids = {label: i for i, label in enumerate(label_set)}
+    unknown = sorted(set(raw) - set(ids))
+    if unknown:
+        raise AdapterError(
+            f"data {source} has label(s) {unknown[:5]} outside the label set {label_set}; fix the data or pass the "
+            "full set with --labels."
+        )
+    texts = [_str(r, text_column, source) for r in rows]
+    pairs = [_str(r, text_pair_column, source) for r in rows] if text_pair_column else None
+    full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    out = Encoded([], labels=label_set)
+    out.truncated = sum(len(f) > max_length for f in full)
+    out.examples = [{"input_ids": e, "label": ids[label]} for e, label in zip(enc, raw, strict=True)]
+    return out
+
+
+def _label_order(label: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+def _str(row: dict[str, Any], column: str, source: str) -> str:
+    value = row.get(column)
+    if value is None:
+        raise AdapterError(f"data {source}: a row has no value in column {column!r}: {str(row)[:200]}")
+    return str(value)
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, and labels (-100 on padding) or label ids."""
+    width = max(len(e["input_ids"]) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if "labels" in examples[0]:
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    return batch
+
+
+def split_eval(examples: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out `fraction` of the examples (a seeded random choice) for evaluation."""
+    if fraction <= 0:
+        return examples, []
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    n_eval = max(1, int(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise AdapterError(f"eval_fraction={fraction} leaves no training examples out of {len(examples)}.")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]

@@ -1,0 +1,464 @@
+"""The training run: Accelerate for devices, mixed precision and DDP/FSDP; a deterministic data order so that a
+resumed run (and a run on more processes with the same global batch) takes exactly the same steps.
+
+Every step's loss is the sum over the whole global batch (all micro-batches, all processes) divided by its number
+of targets, so gradients do not depend on how the batch is split across processes or accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from torch import nn
+
+from ..atomic import atomic_write_json
+from ..errors import AdapterError
+from ..io import apply_tensors, read_adapter
+from ..model import AdaptedModel, get_peft_model
+from .checkpoint import checkpoints, load_optimizer, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import IGNORE, collate, encode_causal, encode_classification, load_records, split_eval
+from .progress import ProgressBar
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(AdapterError):
+    """Training cannot go on (diverged, no data, unusable output directory)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    summary: dict[str, Any]
+    model: AdaptedModel
+
+
+def load_model_and_tokenizer(config: TrainConfig, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """The base model (hub id or local directory, optionally a GGUF file in it) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if config.model is None:
+        raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
+    kwargs: dict[str, Any] = {}
+    if config.gguf_file:
+        kwargs["gguf_file"] = config.gguf_file
+    if config.precision != "fp32" and torch.cuda.is_available():
+        kwargs["dtype"] = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    try:
+        extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(config.model, **extra)
+        if config.task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+    except OSError as e:
+        raise TrainingError(f"cannot load model {config.model!r}: {e}") from e
+    if config.gguf_file:  # dequantised to float: trainable and savable like any model
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer, model: nn.Module) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def encode(config: TrainConfig, tokenizer, source: str, labels: list[str] | None = None):
+    rows = load_records(source)
+    if config.max_examples is not None:
+        rows = rows[: config.max_examples]
+    if config.task == "seq-cls":
+        return encode_classification(
+            rows, tokenizer, config.max_length, labels, source,
+            config.text_column, config.text_pair_column, config.label_column,
+        )  # fmt: skip
+    return encode_causal(rows, tokenizer, config.max_length, config.mask_prompt, source, config.text_column)
+
+
+def _prepare_run_dir(config: TrainConfig, is_main: bool) -> Path:
+    run_dir = Path(config.output_dir).expanduser()
+    if is_main:
+        if run_dir.exists() and any(run_dir.iterdir()) and not config.resume:
+            if not config.overwrite:
+                raise TrainingError(
+                    f"output dir {run_dir} already holds files; pass --resume to continue that run, --overwrite to "
+                    "start over in it, or choose another --output-dir."
+                )
+            shutil.rmtree(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise TrainingError(f"cannot write to output dir {run_dir} ({e}); choose a writable --output-dir.") from e
+    return run_dir
+
+
+def _scheduler(config: TrainConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Run:
+    """One training run in progress; `train()` builds it and calls `run()`."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+        # cpu=True where there is no GPU: Accelerate then forms a gloo group under torchrun / accelerate launch
+        self.acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        self.world = self.acc.num_processes
+        self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        set_seed(config.seed)
+        if config.data is None:
+            raise TrainingError("no training data given: pass --data (a .json/.jsonl/.csv/.tsv/.txt file or hub name).")
+        if config.model is None and model is None:
+            raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
+        if tokenizer is None:  # first: seq-cls needs the label count before the model loads
+            from transformers import AutoTokenizer
+
+            extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(config.model, **extra)
+        self.train_set = encode(config, tokenizer, config.data, config.labels)
+        labels = self.train_set.labels or None
+        self.eval_set = encode(config, tokenizer, config.eval_data, labels) if config.eval_data else None
+        for name, encoded in (("training", self.train_set), ("evaluation", self.eval_set)):
+            if encoded is not None and (encoded.truncated or encoded.dropped):
+                warnings.warn(
+                    f"{encoded.truncated} {name} example(s) were longer than max_length={config.max_length} tokens and "
+                    f"were truncated ({encoded.dropped} dropped: their prompt alone filled it); raise --max-length "
+                    "to keep them whole.",
+                    stacklevel=2,
+                )
+        examples, held = split_eval(self.train_set.examples, config.eval_fraction, config.seed)
+        self.train_examples = examples
+        self.eval_examples = self.eval_set.examples if self.eval_set else held
+        if not self.train_examples:
+            raise TrainingError(f"no usable training examples in {config.data} (all were empty or over max_length).")
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config, num_labels=len(labels) if labels else None)
+        if config.task == "seq-cls" and labels:
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {label: i for i, label in enumerate(labels)}
+        prepare_tokenizer(tokenizer, model)
+        self.tokenizer = tokenizer
+        adapter_config = config.adapter_config()
+        if adapter_config.base_model_name_or_path is None and config.model is not None:
+            local = Path(config.model).expanduser()
+            adapter_config.base_model_name_or_path = str(local.resolve()) if local.exists() else config.model
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model.to(self.acc.device)
+        self.adapted = get_peft_model(model, adapter_config)
+        for p in self.adapted.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
+        self.adapted.train()
+        params = [p for p in self.adapted.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.global_batch = config.batch_size * config.grad_accum * self.world
+        self.steps_per_epoch = len(self.train_examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"{len(self.train_examples)} training examples do not fill one global batch of {self.global_batch} "
+                "(batch size × gradient accumulation × processes); lower --batch-size or --grad-accum."
+            )
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.scheduler = _scheduler(config, self.optimizer, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(self.adapted, self.optimizer)
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ---- data order: a pure function of (seed, step), so resuming needs only the step ---------------------------
+    def _global_batch(self, step: int) -> list[dict[str, Any]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_examples), generator=g)
+        chosen = order[index * self.global_batch : (index + 1) * self.global_batch].tolist()
+        return [self.train_examples[i] for i in chosen]
+
+    def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        share = self.config.batch_size * self.config.grad_accum
+        mine = self._global_batch(step)[self.acc.process_index * share : (self.acc.process_index + 1) * share]
+        bs = self.config.batch_size
+        pad = self.tokenizer.pad_token_id
+        return [collate(mine[i : i + bs], pad) for i in range(0, len(mine), bs)]
+
+    def _targets(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.config.task == "seq-cls":
+            return batch["labels"].numel()
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def _loss_sum_over(self, batch: dict[str, torch.Tensor], total: int) -> torch.Tensor:
+        """This micro-batch's summed loss divided by the global batch's target count."""
+        if self.config.task == "seq-cls":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / total
+        return self.model(**batch, num_items_in_batch=total).loss
+
+    # ---- one optimizer step -------------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        batches = [{k: v.to(self.acc.device) for k, v in b.items()} for b in self._micro_batches(self.step)]
+        local = torch.tensor([sum(self._targets(b) for b in batches)], device=self.acc.device)
+        total = int(self.acc.gather(local).sum())
+        loss_sum = torch.zeros((), device=self.acc.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            ctx = self.acc.no_sync(self.model) if not last else nullcontext()
+            with ctx, self.acc.autocast():
+                loss = self._loss_sum_over(batch, total)
+                self.acc.backward(loss * self.world)  # DDP averages over processes; undo that
+            loss_sum += loss.detach().float()
+        step_loss = float(self.acc.gather(loss_sum.reshape(1)).sum())
+        if not math.isfinite(step_loss):
+            saved = checkpoints(self.run_dir)
+            keep = (
+                f"the last good checkpoint is {saved[-1]} (resume it with --resume)" if saved else "no checkpoint yet"
+            )
+            lr = self.scheduler.get_last_lr()[0]
+            raise TrainingError(
+                f"the loss became {step_loss} at step {self.step + 1} (learning rate {lr:.3g}); training stopped and "
+                f"nothing was overwritten: {keep}. Lower --learning-rate or the adapter's alpha, or add warmup."
+            )
+        if self.config.max_grad_norm:
+            self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = torch.tensor([sum(int(b["attention_mask"].sum()) for b in batches)], device=self.acc.device)
+        self.tokens_seen += int(self.acc.gather(tokens).sum())
+        self.step += 1
+        return step_loss
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        mine = self.eval_examples[self.acc.process_index :: self.world]
+        loss_sum = torch.zeros((), device=self.acc.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.acc.device, dtype=torch.float64)
+        gold: list[int] = []
+        pred: list[int] = []
+        for i in range(0, len(mine), self.config.batch_size):
+            chunk = collate(mine[i : i + self.config.batch_size], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.acc.device) for k, v in chunk.items()}
+            n = self._targets(batch)
+            with self.acc.autocast():
+                if self.config.task == "seq-cls":
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").double()
+                    gold += batch["labels"].tolist()
+                    pred += logits.argmax(-1).tolist()
+                else:
+                    loss_sum += self.model(**batch, num_items_in_batch=max(n, 1)).loss.double() * n
+            count += n
+        self.model.train(was_training)
+        totals = self.acc.gather(torch.stack([loss_sum, count]).reshape(1, 2)).sum(0)
+        metrics = {"eval_loss": float(totals[0] / totals[1].clamp(min=1))}
+        if self.config.task == "seq-cls":
+            from ..evaluation import classification_metrics
+
+            scores = classification_metrics(gather_object(gold), gather_object(pred))
+            metrics.update({f"eval_{k}": float(v) for k, v in scores.items() if k not in ("n", "correct")})
+        return metrics
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        rng = rng_state()
+        gathered = gather_object([(self.acc.process_index, rng)])
+        path = None
+        if self.acc.is_main_process:
+            adapted = self.acc.unwrap_model(self.model)
+            path = save_checkpoint(
+                self.run_dir, self.step, adapted.save_pretrained, self.optimizer.optimizer
+                if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
+                {"step": self.step, "tokens_seen": self.tokens_seen}, self.config.save_total_limit, dict(gathered),
+            )  # fmt: skip
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume_from(self, path: Path) -> None:
+        ckpt = read_checkpoint(path, self.acc.process_index)
+        adapted = self.acc.unwrap_model(self.model)
+        _, tensors, _ = read_adapter(ckpt["adapter"])
+        apply_tensors(adapted, adapted.active_adapter, tensors, ckpt["adapter"])
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        load_optimizer(opt, ckpt["optimizer"], ckpt["state"]["optimizer"])
+        self.scheduler.load_state_dict(ckpt["state"]["scheduler"])
+        set_rng_state(*ckpt["rng"])
+        self.step = ckpt["state"]["progress"]["step"]
+        self.tokens_seen = ckpt["state"]["progress"]["tokens_seen"]
+        if self.acc.is_main_process:
+            _truncate_log(self.run_dir / "log.jsonl", self.step)
+
+    def _resume_point(self) -> Path | None:
+        resume = self.config.resume
+        if not resume:
+            return None
+        if isinstance(resume, str) and resume not in ("true", "latest", "auto"):
+            return Path(resume)
+        found = checkpoints(self.run_dir)
+        if not found:
+            self.acc.print(f"no checkpoint in {self.run_dir}/checkpoints: starting from the beginning.")
+            return None
+        return found[-1]
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.acc.is_main_process:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        config = self.config
+        point = self._resume_point()
+        if point is not None:
+            self.resume_from(point)
+        if self.acc.is_main_process:
+            atomic_write_json(config.to_dict(), self.run_dir / "train_config.json")
+        trainable, total = self.acc.unwrap_model(self.model).get_nb_trainable_parameters()
+        start = time.perf_counter()
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, self.tokens_seen, start
+        first_loss = last_loss = None
+        eval_metrics: dict[str, float] = {}
+        initial = self.evaluate() if self.step == 0 else {}
+        if initial:
+            self._log({"step": 0, **initial})
+        bar = ProgressBar(self.total_steps, self.step, enabled=config.progress and self.acc.is_main_process)
+        with bar:
+            while self.step < self.total_steps:
+                loss = self.train_step()
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                window_loss += loss
+                window_steps += 1
+                lr = self.scheduler.get_last_lr()[0]
+                if self.step % config.logging_steps == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
+                    self._log({
+                        "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                        "loss": window_loss / window_steps, "lr": lr, "tokens_per_s": rate,
+                    })  # fmt: skip
+                    bar.update(self.step, loss=window_loss / window_steps, lr=lr, tokens_per_s=rate)
+                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, self.tokens_seen, now
+                else:
+                    bar.update(self.step)
+                if config.eval_steps and self.step % config.eval_steps == 0 and self.step < self.total_steps:
+                    eval_metrics = self.evaluate()
+                    self._log({"step": self.step, **eval_metrics})
+                if config.save_steps and self.step % config.save_steps == 0 and self.step < self.total_steps:
+                    self.save()
+        wall = time.perf_counter() - start
+        eval_metrics = self.evaluate()
+        if eval_metrics:
+            self._log({"step": self.step, **eval_metrics})
+        initial = {f"initial_{k}": v for k, v in initial.items()}
+        return self._finish(trainable, total, wall, first_loss, last_loss, {**initial, **eval_metrics})
+
+    def _finish(self, trainable, total, wall, first_loss, last_loss, eval_metrics) -> TrainResult:
+        adapted = self.acc.unwrap_model(self.model)
+        adapter_dir = self.run_dir / "adapter"
+        summary: dict[str, Any] = {}
+        if self.acc.is_main_process:
+            adapted.save_pretrained(adapter_dir)
+            self.tokenizer.save_pretrained(adapter_dir)
+            files = list(adapter_dir.glob("*.safetensors"))
+            summary = {
+                "method": self.config.method,
+                "steps": self.step,
+                "examples": len(self.train_examples),
+                "eval_examples": len(self.eval_examples),
+                "global_batch": self.global_batch,
+                "processes": self.world,
+                "trainable_params": trainable,
+                "total_params": total,
+                "trainable_percent": 100 * trainable / max(total, 1),
+                "wall_time_s": wall,
+                "tokens_seen": self.tokens_seen,
+                "tokens_per_s": self.tokens_seen / max(wall, 1e-9),
+                "peak_memory_bytes": _peak_memory_bytes(self.acc.device),
+                "adapter_bytes": sum(f.stat().st_size for f in files),
+                "first_loss": first_loss,
+                "final_loss": last_loss,
+                "truncated": self.train_set.truncated + (self.eval_set.truncated if self.eval_set else 0),
+                "dropped": self.train_set.dropped + (self.eval_set.dropped if self.eval_set else 0),
+                **eval_metrics,
+            }
+            if self.config.eval_tasks:
+                summary["eval_tasks"] = self._eval_tasks(adapted)
+            atomic_write_json(summary, self.run_dir / "summary.json")
+            if self.config.plot:
+                from ..plots import plot_curves
+
+                plot_curves(self.run_dir)
+        self.acc.wait_for_everyone()
+        return TrainResult(self.run_dir, adapter_dir, summary, adapted)
+
+    def _eval_tasks(self, adapted: AdaptedModel) -> dict[str, Any]:
+        from ..evaluation import evaluate_tasks
+
+        adapted.eval()
+        try:
+            return evaluate_tasks(
+                adapted, self.tokenizer, self.config.eval_tasks, data_dir=self.config.eval_data_dir,
+                limit=self.config.eval_limit, batch_size=self.config.batch_size, progress=self.config.progress,
+            )  # fmt: skip
+        finally:
+            adapted.train()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by the interruption
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
+    """Train an adapter as `config` says; `model`/`tokenizer` may be given already loaded."""
+    return Run(config, model, tokenizer).run()

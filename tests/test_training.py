@@ -1,0 +1,263 @@
+"""Training: every method learns, prompt masking, resume after kill -9, 2-process DDP, YAML = CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_llama
+from safetensors.torch import load_file
+
+from nora.errors import AdapterError
+from nora.prompts import format_prompt
+from nora.training import TrainConfig, TrainingError, train
+from nora.training.data import IGNORE, encode_causal
+
+RECORDS = [
+    {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a in range(6) for b in range(6)
+] + [{"instruction": "Name the colour.", "input": f"sky {i}", "output": "blue"} for i in range(12)]
+
+
+def char_tokenizer(directory: Path):
+    """A real (tiny) BPE tokenizer trained on the records, so tests need no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [format_prompt(r["instruction"], r["input"]) + r["output"] for r in RECORDS]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture
+def llm_dir(tmp_path: Path) -> Path:
+    """A tiny Llama and its tokenizer saved as a model directory, like a hub checkout."""
+    directory = tmp_path / "base"
+    tokenizer = char_tokenizer(directory)
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def config(llm_dir: Path, data_file: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(llm_dir), data=str(data_file), eval_data=str(data_file), output_dir=str(out), batch_size=8,
+        max_steps=30, logging_steps=5, progress=False, plot=False, adapter={"r": 8, "inner_r": 4},
+        method="nora",
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+ADAPTERS = {
+    "nora": {"r": 8, "inner_r": 4},
+    "svfit": {"r": 8},
+    "lora": {"r": 4},
+    "pissa": {"r": 4},
+    "lora-xs": {"r": 8},
+    "dora": {"r": 4},
+}
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
+def test_every_method_lowers_the_loss_on_real_weights(stories260k_dir, data_file, tmp_path, method):
+    """The 260K TinyStories Llama (real pretrained weights) learns the instruction data with each method's
+    default learning rate."""
+    cfg = config(stories260k_dir, data_file, tmp_path / method, method=method, adapter=ADAPTERS[method], max_steps=40)
+    result = train(cfg)
+    s = result.summary
+    assert s["eval_loss"] < 0.8 * s["initial_eval_loss"], (s["initial_eval_loss"], s["eval_loss"])
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert s["trainable_params"] > 0 and s["adapter_bytes"] > 0 and s["steps"] == 40
+    lines = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+def test_prompt_masking_masks_exactly_the_prompt(llm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    rows = [RECORDS[7], RECORDS[-1]]
+    encoded = encode_causal(rows, tok, max_length=512).examples
+    for row, ex in zip(rows, encoded, strict=True):
+        prompt = [tok.bos_token_id] + tok(format_prompt(row["instruction"], row["input"]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        response = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ex["input_ids"] == prompt + response
+        assert ex["labels"] == [IGNORE] * len(prompt) + response
+    unmasked = encode_causal(rows, tok, max_length=512, mask_prompt=False).examples
+    assert unmasked[0]["labels"] == unmasked[0]["input_ids"]
+
+
+def test_truncation_is_counted_and_overlong_prompts_dropped(llm_dir, data_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    prompt_len = len(tok(format_prompt(RECORDS[0]["instruction"]), add_special_tokens=False)["input_ids"]) + 1
+    enc = encode_causal(RECORDS[:3], tok, max_length=prompt_len + 1)
+    assert enc.truncated == 3 and enc.dropped == 0
+    assert all(len(e["input_ids"]) == prompt_len + 1 for e in enc.examples)
+    assert encode_causal(RECORDS[:3], tok, max_length=prompt_len).dropped == 3
+    result = train(config(llm_dir, data_file, tmp_path / "t", max_length=40, max_steps=2))
+    assert result.summary["truncated"] > 0
+
+
+def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a: Path, b: Path, atol: float = 1e-6) -> None:
+    ta, tb = _adapter_tensors(a), _adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def _write_yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_path):
+    common = dict(
+        model=str(llm_dir), data=str(data_file), output_dir=str(tmp_path / "killed"), batch_size=4, max_steps=150,
+        save_steps=10, logging_steps=10, progress=False, plot=False, method="nora", adapter={"r": 8, "inner_r": 4},
+        lr_scheduler="cosine", warmup_steps=5,
+    )  # fmt: skip
+    common["adapter"]["dropout"] = 0.1  # exercises the RNG state too
+    yaml_file = _write_yaml(tmp_path / "run.yaml", common)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nora", "train", "--config", str(yaml_file)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    ckpt_root = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_root.is_dir() and any(p.name == "checkpoint-00000020" for p in ckpt_root.iterdir()):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = train(TrainConfig(**{**common, "resume": "latest"}))
+    assert resumed.summary["steps"] == 150
+    fresh = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "fresh")}))
+    _assert_same_adapter(resumed.run_dir, fresh.run_dir)
+    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 150  # no duplicated steps from before the kill
+
+
+def test_two_process_ddp_matches_single_process(llm_dir, data_file, tmp_path):
+    common = dict(
+        model=str(llm_dir), data=str(data_file), max_steps=6, logging_steps=1, progress=False, plot=False,
+        method="nora", adapter={"r": 8, "inner_r": 4}, grad_accum=2,
+    )  # fmt: skip
+    yaml_file = _write_yaml(tmp_path / "ddp.yaml", {**common, "batch_size": 2, "output_dir": str(tmp_path / "ddp")})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    run = subprocess.run(
+        [*cmd, "-m", "nora", "train", "--config", str(yaml_file)], cwd=ROOT, env=env, capture_output=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    single = train(TrainConfig(**common, batch_size=4, output_dir=str(tmp_path / "single")))
+    _assert_same_adapter(tmp_path / "ddp", single.run_dir, atol=1e-5)
+    ddp_summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp_summary["processes"] == 2 and ddp_summary["global_batch"] == single.summary["global_batch"] == 8
+    assert ddp_summary["final_loss"] == pytest.approx(single.summary["final_loss"], rel=1e-5)
+
+
+def test_yaml_and_cli_options_agree(tmp_path):
+    from nora.cli.train import build_config
+
+    yaml_file = _write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "model": "m", "data": "d.json", "method": "nora", "rank": 64, "inner-rank": 4, "alpha": 32,
+            "learning-rate": 1e-3, "batch_size": 2, "grad_accum": 4, "target_modules": ["q_proj", "v_proj"],
+            "adapter": {"inner": "out"}, "eval_tasks": "boolq,piqa", "precision": "bf16",
+        },
+    )  # fmt: skip
+    from_yaml = build_config(yaml_file, {})
+    from_cli = build_config(
+        None,
+        dict(
+            model="m", data="d.json", method="nora", rank=64, inner_rank=4, alpha=32.0, learning_rate=1e-3,
+            batch_size=2, grad_accum=4, target_modules=["q_proj", "v_proj"], adapter_option=["inner=out"],
+            eval_tasks="boolq,piqa", precision="bf16",
+        ),
+    )  # fmt: skip
+    assert from_yaml == from_cli
+    assert from_cli.adapter_config().inner == "out" and from_cli.adapter_config().r == 64
+    override = build_config(yaml_file, {"learning_rate": 5e-4, "rank": 32})
+    assert override.lr == 5e-4 and override.adapter["r"] == 32 and override.adapter["inner_r"] == 4
+
+
+def test_cli_help_documents_the_options():
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    for option in ("--learning-rate", "--grad-accum", "--save-steps", "--resume", "--mask-prompt", "--precision"):
+        assert option in out
+
+
+def test_bad_input_gives_clear_errors(llm_dir, data_file, tmp_path):
+    with pytest.raises(AdapterError, match="does not exist"):
+        train(config(llm_dir, tmp_path / "missing.json", tmp_path / "a"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "x", "output": ')
+    with pytest.raises(AdapterError, match="could not read training data"):
+        train(config(llm_dir, bad, tmp_path / "b"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(AdapterError, match="no examples|could not read"):
+        train(config(llm_dir, empty, tmp_path / "c"))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(AdapterError, match="instruction"):
+        train(config(llm_dir, wrong, tmp_path / "d", eval_data=None))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(TrainingError, match="cannot write to output dir"):
+        train(config(llm_dir, data_file, blocker / "run"))
+    with pytest.raises(AdapterError, match="not fields of NoraConfig"):
+        config(llm_dir, data_file, tmp_path / "e", adapter={"rank": 4})
+    done = train(config(llm_dir, data_file, tmp_path / "f", max_steps=1))
+    with pytest.raises(TrainingError, match="already holds files"):
+        train(config(llm_dir, data_file, done.run_dir))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llm_dir, data_file, tmp_path):
+    cfg = config(
+        llm_dir, data_file, tmp_path / "nan", method="lora", adapter={"r": 4}, learning_rate=1e8, max_grad_norm=None,
+        save_steps=1, max_steps=50, eval_data=None, save_total_limit=1,
+    )  # fmt: skip
+    with pytest.raises(TrainingError, match=r"the loss became (nan|inf).*last good checkpoint is .*checkpoint-"):
+        train(cfg)
+    kept = list((tmp_path / "nan" / "checkpoints").glob("checkpoint-*"))
+    assert len(kept) == 1 and (kept[0] / "state.json").is_file()
+    assert not (tmp_path / "nan" / "adapter").exists()
