@@ -225,6 +225,15 @@ def test_cli_help_documents_the_options():
         assert option in out
 
 
+def test_several_data_files_make_one_mixture(tmp_path):
+    from nora.training.data import load_records
+
+    a, b = tmp_path / "a.json", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(RECORDS[:3]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[3:5]))
+    assert load_records(f"{a},{b}") == RECORDS[:5]
+
+
 def test_bad_input_gives_clear_errors(llm_dir, data_file, tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
         train(config(llm_dir, tmp_path / "missing.json", tmp_path / "a"))

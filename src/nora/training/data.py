@@ -26,7 +26,10 @@ _PAIR_COLUMNS = ("text_pair", "sentence2")
 
 
 def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local file or directory (JSON list, JSONL, CSV/TSV, text) or of a hub dataset, as dicts."""
+    """Rows of a local file or directory (JSON list, JSONL, CSV/TSV, text) or of a hub dataset, as dicts; several
+    sources separated by commas are concatenated (e.g. the commonsense train sets as one mixture)."""
+    if "," in source:
+        return [row for part in source.split(",") if part.strip() for row in load_records(part.strip(), split)]
     from datasets import load_dataset
 
     path = Path(source).expanduser()
