@@ -241,5 +241,11 @@ def test_engine_serves_a_bare_model_until_an_adapter_is_loaded(adapters, ref_mod
         assert engine.load_adapter("c", str(adapters["c"]), timeout=60) < 10_000
         jobs = [(ids, "c", GREEDY), (ids, nora.BASE, GREEDY)]
         with_c, base_again = (r.token_ids for r in _all_at_once(engine, jobs))
+        assert engine.load_adapter("a", str(adapters["a"]), timeout=60) < 10_000
+        assert engine.model.resident_bank("a") is not None  # an inference-only slot, no module per layer
+        assert not any(m.training for m in engine.model.modules())
+        assert not any(p.requires_grad for p in engine.model.parameters())
+        with_a = engine.generate(ids, "a", GREEDY).token_ids
     assert base == base_again == reference(ref_model, ids, nora.BASE, GREEDY.max_tokens)
     assert with_c == reference(ref_model, ids, "c", GREEDY.max_tokens)
+    assert with_a == reference(ref_model, ids, "a", GREEDY.max_tokens)

@@ -3,33 +3,40 @@
 The file holds only what cannot be recomputed (trainable tensors, AwSVD scales, modules_to_save) and, per
 layer, the rank, shape and basis fingerprint. Outer bases and residuals are recomputed from the base weights
 (or read from the basis cache); an adapter is refused by a base whose fingerprint differs.
+
+Inference-only adapters go to a resident AdapterBank (store.py). The first file of a layout is checked in full
+and fixes where each layer's tensors lie in such a file; a later file whose safetensors header is byte-for-byte
+the same (same names, shapes, dtypes and offsets) is copied into its slot straight from its bytes, one copy per
+layer. Any other file takes the checked path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from torch import nn
 
 from .atomic import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .basis import basis_fingerprint
 from .config import AdapterConfig
 from .errors import AdapterError
-from .inject import trainable_copies
 from .layer import AdapterLayer, oriented_weight
 from .methods import get_method
 from .svd import fingerprint, weight_digest
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
+    from .store import AdapterBank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,6 +52,9 @@ def _nora_version() -> str:
 
 
 def adapter_state(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    bank = model.resident_bank(name)
+    if bank is not None:
+        return _resident_state(model, bank, name)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for lname, layer in model.layers().items():
@@ -57,10 +67,29 @@ def adapter_state(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tenso
         if basis is not None and basis.scales is not None:
             tensors[f"{lname}.awsvd_scale"] = basis.scales
         layers[lname] = {"r": core.r, "shape": list(layer.shape), "fingerprint": core.fingerprint}
-    for mname, tc in trainable_copies(model.model).items():
+    for mname, tc in model._copies().items():
         if name in tc.copies:
             for pname, p in tc.copies[name].state_dict().items():
                 tensors[f"{_SAVE_PREFIX}{mname}.{pname}"] = p.detach()
+    meta = {"format_version": FORMAT_VERSION, "version": _nora_version(), "layers": layers}
+    return tensors, meta
+
+
+def _resident_state(model: AdaptedModel, bank: AdapterBank, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """adapter_state of a resident adapter, read from its slot (copies: a slot is reused once freed)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    slot = bank.slots[name]
+    for lname, layer in model.layers().items():
+        stack = bank.stacks.get(lname)
+        if stack is None:
+            continue
+        for pname, t in stack.tensors_at(slot).items():
+            tensors[f"{lname}.{pname}"] = t.clone()
+        scales = layer.bases[stack.basis_key].scales
+        if scales is not None:
+            tensors[f"{lname}.awsvd_scale"] = scales
+        layers[lname] = {"r": stack.r, "shape": list(layer.shape), "fingerprint": stack.fingerprint}
     meta = {"format_version": FORMAT_VERSION, "version": _nora_version(), "layers": layers}
     return tensors, meta
 
@@ -86,6 +115,69 @@ def save_adapter(model: AdaptedModel, name: str, directory: str | os.PathLike) -
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    config, meta, w_path = _read_config(directory)
+    try:
+        tensors = load_file(w_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(w_path, e) from e
+    return config, tensors, meta
+
+
+def _corrupt(w_path: Path, e: Exception) -> AdapterError:
+    return AdapterError(
+        f"{w_path} is corrupt or truncated ({e}). Copy or save the adapter again; nora only reads "
+        "safetensors and never unpickles."
+    )
+
+
+@dataclass
+class AdapterFile:
+    """An adapter directory read into memory: its config and metadata parsed, its weights file as bytes
+    (tensors parsed only when asked for)."""
+
+    directory: Path
+    config: AdapterConfig
+    meta: dict[str, Any]
+    weights_path: Path
+    raw: bytearray
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            try:
+                self._tensors = load(bytes(self.raw))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise _corrupt(self.weights_path, e) from e
+        return self._tensors
+
+    def header_bytes(self) -> bytes | None:
+        """The safetensors header as written (None if the file is too short to hold one)."""
+        if len(self.raw) < 8:
+            return None
+        (n,) = struct.unpack("<Q", self.raw[:8])
+        return bytes(self.raw[8 : 8 + n]) if 8 + n <= len(self.raw) else None
+
+    def header(self) -> dict[str, Any] | None:
+        head = self.header_bytes()
+        try:
+            parsed = json.loads(head) if head is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return parsed if isinstance(parsed, dict) else None
+
+
+def open_adapter(directory: str | os.PathLike) -> AdapterFile:
+    config, meta, w_path = _read_config(directory)
+    try:
+        with open(w_path, "rb") as fh:
+            raw = bytearray(os.fstat(fh.fileno()).st_size)
+            fh.readinto(raw)
+    except OSError as e:
+        raise _corrupt(w_path, e) from e
+    return AdapterFile(Path(directory), config, meta, w_path, raw)
+
+
+def _read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any], Path]:
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not cfg_path.is_file():
@@ -107,14 +199,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     config = AdapterConfig.from_dict(payload)
     if not w_path.is_file():
         raise AdapterError(f"{directory} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
-    try:
-        tensors = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(
-            f"{w_path} is corrupt or truncated ({e}). Copy or save the adapter again; nora only reads "
-            "safetensors and never unpickles."
-        ) from e
-    return config, tensors, meta
+    return config, meta, w_path
 
 
 def check_layers(
@@ -162,8 +247,7 @@ def check_layers(
     return names, ranks
 
 
-def apply_tensors(model: AdaptedModel, name: str, tensors: dict[str, torch.Tensor], where) -> None:
-    expected, _ = adapter_state(model, name)
+def check_keys(expected, tensors: dict[str, torch.Tensor], where) -> None:
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise AdapterError(
@@ -172,22 +256,99 @@ def apply_tensors(model: AdaptedModel, name: str, tensors: dict[str, torch.Tenso
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise AdapterError(f"adapter {where} holds tensors this model has no place for: {extra[:5]}.")
+
+
+def apply_tensors(model: AdaptedModel, name: str, tensors: dict[str, torch.Tensor], where) -> None:
+    expected, _ = adapter_state(model, name)
+    check_keys(expected, tensors, where)
     with torch.no_grad():
         for lname, layer in model.layers().items():
             if name not in layer.adapters:
                 continue
             for pname, p in layer.adapters[name].params.items():
                 _copy(p, tensors[f"{lname}.{pname}"], f"{lname}.{pname}", where)
-        for mname, tc in trainable_copies(model.model).items():
+        for mname, tc in model._copies().items():
             if name in tc.copies:
                 for pname, p in tc.copies[name].state_dict().items():
                     _copy(p, tensors[f"{_SAVE_PREFIX}{mname}.{pname}"], f"{mname}.{pname}", where)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, key: str, where) -> None:
-    if dst.shape != src.shape:
+    check_shape(tuple(dst.shape), src, key, where)
+    dst.copy_(src)
+
+
+def check_shape(shape: tuple[int, ...], src: torch.Tensor, key: str, where) -> None:
+    if tuple(src.shape) != shape:
         raise AdapterError(
             f"adapter {where}: tensor {key} is {list(src.shape)} in the file but "
-            f"{list(dst.shape)} here; the file does not belong to this configuration."
+            f"{list(shape)} here; the file does not belong to this configuration."
         )
-    dst.copy_(src)
+
+
+# ---- resident adapters ---------------------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def set_file_layout(bank: AdapterBank, file: AdapterFile) -> None:
+    """Record how to copy `bank`'s rows straight from a file laid out as `file` (the first of its layout): each
+    layer's tensors adjacent, in its stack's column order, in the stacks' dtype. All rows, scales included, are
+    then gathered from the file's bytes in one indexing op and written with one copy per layer."""
+    header, head = file.header(), file.header_bytes()
+    stacks = list(bank.stacks.items())
+    if header is None or head is None or not stacks:
+        return
+    dtype = stacks[0][1].data.dtype
+    size, start_of_data = dtype.itemsize, 8 + len(head)
+    if any(s.data.dtype != dtype for _, s in stacks) or start_of_data % size or (len(file.raw) - start_of_data) % size:
+        return
+    ranks = sorted({s.r for _, s in stacks})
+    pieces = []
+    for lname, stack in stacks:
+        entries = [header.get(f"{lname}.{pname}") for pname, _, _ in stack.layout]
+        if any(not isinstance(e, dict) or e.get("dtype") != _SAFETENSORS_DTYPES.get(dtype) for e in entries):
+            return
+        offsets = [e["data_offsets"] for e in entries]
+        if any(a[1] != b[0] for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[0][0] % size:
+            return
+        first, end = offsets[0][0] // size, offsets[-1][1] // size
+        if end - first != stack.data.shape[1] - 1:
+            return
+        # staged vector: the scales (one per rank), then the file's data region
+        pieces += [torch.tensor([ranks.index(stack.r)]), torch.arange(first, end) + len(ranks)]
+    bank.file_layout = {
+        "header": head,
+        "size": len(file.raw),
+        "ranks": ranks,
+        "index": torch.cat(pieces),
+        "widths": [stack.data.shape[1] for _, stack in stacks],
+    }
+
+
+@torch.no_grad()
+def fill_slot(bank: AdapterBank, slot: int, file: AdapterFile, where) -> None:
+    """Write the adapter in `file` to `slot` of every layer of `bank`, with its scale."""
+    config = file.config
+    scales = {r: bank.method.scale(config, r) for r in {s.r for s in bank.stacks.values()}}
+    known = bank.file_layout
+    if known is not None and len(file.raw) == known["size"] and file.header_bytes() == known["header"]:
+        dtype = next(iter(bank.stacks.values())).data.dtype
+        flat = torch.frombuffer(file.raw, dtype=dtype, offset=8 + len(known["header"]))
+        staged = torch.cat([torch.tensor([scales[r] for r in known["ranks"]], dtype=dtype), flat])
+        rows = staged.index_select(0, known["index"])
+        on_device: dict[torch.device, list[torch.Tensor]] = {}
+        for i, stack in enumerate(bank.stacks.values()):
+            device = stack.data.device
+            if device not in on_device:
+                on_device[device] = list(rows.to(device).split(known["widths"]))
+            stack.data[slot].copy_(on_device[device][i])
+        return
+    tensors = file.tensors()
+    check_keys(bank.expected_keys, tensors, where)
+    for lname, stack in bank.stacks.items():
+        row = stack.data[slot]
+        for pname, start, shape in stack.layout:
+            key = f"{lname}.{pname}"
+            check_shape(shape, tensors[key], key, where)
+            row[start : start + tensors[key].numel()].view(shape).copy_(tensors[key])
+        row[0] = scales[stack.r]

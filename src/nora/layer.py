@@ -1,7 +1,9 @@
 """AdapterLayer: wraps one nn.Linear (or transformers' Conv1D) and holds any number of named adapters.
 
 Outer bases are kept apart from adapters (`bases` keyed by fingerprint, `adapters` by name), so adapters of the
-same method and rank share one basis. The base weight is never rewritten except by an explicit merge.
+same method and rank share one basis. Inference-only adapters loaded from files live in `banks` instead: one row
+of a stacked buffer per adapter, no module each (see store.py). The base weight is never rewritten except by an
+explicit merge.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .basis import OuterBasis, SVDRequest, basis_fingerprint, compute_factors, m
 from .config import AdapterConfig
 from .errors import AdapterError
 from .methods import AdapterCore, Method
-from .store import CoreStack
+from .store import BankStack, CoreStack, RowPlan, StackedCore
 from .svd import fingerprint, weight_digest
 
 BASE = "__base__"
@@ -62,7 +64,6 @@ class AdapterLayer(nn.Module):
         if not is_adaptable(base_layer):
             raise AdapterError(f"{name}: {type(base_layer).__name__} is not an nn.Linear or Conv1D.")
         self.base_layer = base_layer
-        self.train(base_layer.training)
         self.module_name = name
         conv = conv1d_type()
         self.transposed = conv is not None and isinstance(base_layer, conv)
@@ -71,10 +72,12 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._merge_cache: dict[str, object] = {}
-        self.row_adapters: list[str] | None = None
-        self.stacks: dict[tuple, CoreStack] = {}  # the resident store, per (basis, method, core shapes)
+        self.row_plan: RowPlan | None = None  # set by AdaptedModel(..., adapter_names=) for one forward
+        self.stacks: dict[tuple, CoreStack] = {}  # module adapters' cores, stacked per (basis, method, shapes)
+        self.banks = nn.ModuleDict()  # resident inference-only adapters: one BankStack per AdapterBank
         self.disabled = False
         self.weight_digest = weight_digest(self.base_weight())
+        self.train(base_layer.training)
 
     # ---- the wrapped weight, always seen as d × k (out × in) -------------------------------------------------
     @property
@@ -134,11 +137,7 @@ class AdapterLayer(nn.Module):
         """Add an adapter following `plan` (made here if not given); `factors` are its precomputed SVD."""
         plan = plan or self.plan(config, method)
         W = self.base_weight().detach()
-        if plan.basis_key is not None and plan.basis_key not in self.bases:
-            if factors is None:
-                assert plan.request is not None
-                factors = compute_factors([plan.request], config.svd_settings, config.basis_cache_dir)[plan.request.key]
-            self.bases[plan.basis_key] = make_basis(W, factors, method.placement(config), plan.key, plan.scales)
+        self.ensure_basis(plan, config, method, factors)
         basis = self.bases[plan.basis_key] if plan.basis_key else None
         params = method.init_params(config, W, basis, plan.r, _param_dtype(W.dtype))
         core = AdapterCore(method, config, params, plan.r, plan.basis_key)
@@ -147,6 +146,24 @@ class AdapterLayer(nn.Module):
         self.adapters[name] = core
         return core
 
+    def ensure_basis(
+        self, plan: AdapterPlan, config: AdapterConfig, method: Method, factors: dict[str, torch.Tensor] | None = None
+    ) -> bool:
+        """Make the basis `plan` needs unless this layer holds it (from `factors`, else solving or reading the
+        basis cache); True when it was made here."""
+        if plan.basis_key is None or plan.basis_key in self.bases:
+            return False
+        if factors is None:
+            assert plan.request is not None
+            factors = compute_factors([plan.request], config.svd_settings, config.basis_cache_dir)[plan.request.key]
+        W = self.base_weight().detach()
+        self.bases[plan.basis_key] = make_basis(W, factors, method.placement(config), plan.key, plan.scales)
+        self.bases[plan.basis_key].train(self.training)
+        return True
+
+    def param_dtype(self) -> torch.dtype:
+        return _param_dtype(self.base_weight().dtype)
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it.")
@@ -154,22 +171,51 @@ class AdapterLayer(nn.Module):
         del self.adapters[name]
         for stack in self.stacks.values():
             stack.remove(name)
-        if core.basis_key and all(c.basis_key != core.basis_key for c in self.adapters.values()):
-            del self.bases[core.basis_key]
+        self.release_basis(core.basis_key)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def release_basis(self, key: str | None) -> None:
+        """Drop basis `key` once no adapter, module or resident, uses it."""
+        if key is None or key not in self.bases:
+            return
+        if any(c.basis_key == key for c in self.adapters.values()):
+            return
+        if any(b.basis_key == key for b in self.banks.values()):
+            return
+        del self.bases[key]
+
+    def add_bank(self, bank_id: int, stack: BankStack) -> None:
+        self.banks[f"bank{bank_id}"] = stack.train(self.training)
+
+    def drop_bank(self, bank_id: int) -> None:
+        stack = self.banks.pop(f"bank{bank_id}")
+        self.release_basis(stack.basis_key)
 
     def basis_of(self, core: AdapterCore) -> OuterBasis | None:
         return self.bases[core.basis_key] if core.basis_key else None
 
+    def core(self, name: str) -> AdapterCore:
+        """The adapter `name` on this layer: its module, or a detached copy of a resident adapter's slot."""
+        if name in self.adapters:
+            return self.adapters[name]
+        for stack in self.banks.values():
+            slot = stack.slot_of(name)
+            if slot is not None:
+                params = {k: v.clone() for k, v in stack.tensors_at(slot).items()}
+                core = AdapterCore(stack.method, stack.config_of(name), params, stack.r, stack.basis_key)
+                core.fingerprint = stack.fingerprint
+                return core.requires_grad_(False).train(False)
+        raise KeyError(name)
+
     def delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        core = self.adapters[name]
+        core = self.core(name)
         return core.method.delta(core, self.basis_of(core), x, base_out, self)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW (d × k) of one adapter, for a method whose update is linear (all but DoRA)."""
         from .chain import terms_product
 
-        core = self.adapters[name]
+        core = self.core(name)
         return terms_product(core.method.terms(core, self.basis_of(core)))
 
     # ---- forward ---------------------------------------------------------------------------------------------
@@ -177,20 +223,27 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, out, self.row_adapters)
+        if self.row_plan is not None:
+            return self._mixed_forward(x, out, self.row_plan)
         for name in self.active_adapters:
             if name in self.adapters and name not in self.merged_adapters:
                 core = self.adapters[name]
                 out = core.method.add_to(out, core, self.basis_of(core), x, self)
         return out
 
-    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, rows: list[str]) -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        rows = plan.names
         if self.merged_adapters:
             raise AdapterError("adapter_names= needs unmerged adapters; call unmerge() first.")
         if x.shape[0] % len(rows):
             raise AdapterError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows.")
         expand = x.shape[0] // len(rows)  # generate() with beams / several sequences repeats each row
+        for stack in self.banks.values():
+            selected = plan.select(stack.bank_id, x.device, expand)
+            if selected is not None:
+                out = self._bank_rows(stack, *selected, x, out)
+        if not plan.module_rows:
+            return out
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(rows):
             if name != BASE and name in self.adapters:
@@ -225,6 +278,18 @@ class AdapterLayer(nn.Module):
         delta = (h @ basis.B.to(h.dtype).T).reshape(*xs.shape[:-1], -1)
         return out.index_add(0, index, delta.to(out.dtype))
 
+    def _bank_rows(self, stack: BankStack, index: torch.Tensor | None, slots: torch.Tensor, x, out) -> torch.Tensor:
+        """Rows of resident adapters: A_o once, each row's core gathered from its slot and scaled, B_o once.
+        `index` None: every row of the batch, in order."""
+        basis = self.bases[stack.basis_key]
+        xs = x if index is None else x.index_select(0, index)
+        h = xs.reshape(xs.shape[0], -1, xs.shape[-1]) @ basis.A.to(x.dtype).T
+        params, scales = stack.rows(slots)
+        h = stack.method.apply_stacked(stack.method.stack_parts(StackedCore(params, stack.config), basis), h)
+        h = h * scales.to(h.dtype)[:, None, None]
+        delta = (h @ basis.B.to(h.dtype).T).reshape(*xs.shape[:-1], -1).to(out.dtype)
+        return out + delta if index is None else out.index_add(0, index, delta)
+
     # ---- merging ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
@@ -248,4 +313,5 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         d, k = self.shape
-        return f"d={d}, k={k}, adapters={list(self.adapters)}, active={self.active_adapters}"
+        resident = sum(len(s.bank_names()) for s in self.banks.values())
+        return f"d={d}, k={k}, adapters={list(self.adapters)}, resident={resident}, active={self.active_adapters}"

@@ -1,12 +1,21 @@
-"""AdaptedModel: the user-facing wrapper, shaped like Hugging Face PEFT's PeftModel."""
+"""AdaptedModel: the user-facing wrapper, shaped like Hugging Face PEFT's PeftModel.
+
+Adapters come in two forms. Those added or loaded for training are modules in every layer they adapt. Those
+loaded for inference (`load_adapter(..., is_trainable=False)`, the default) of a method whose core sits between
+a frozen outer basis (NoRA's serial core, LoRA-XS, SVFit) are *resident*: one slot of a per-model AdapterBank,
+i.e. one row of a stacked buffer per layer, and nothing else, so a model holds thousands of them and loading one
+costs the same whatever the number already loaded. A resident adapter serves mixed batches (`adapter_names=`)
+as it is; the APIs that need modules (set_adapter, merge, export_lora) turn it into one first.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,7 +33,22 @@ from .inject import (
     wrap_modules_to_save,
 )
 from .layer import BASE, AdapterLayer
-from .methods import get_method
+from .methods import AdapterCore, get_method
+from .store import AdapterBank, RowPlan, StackedCore
+
+if TYPE_CHECKING:
+    from .io import AdapterFile
+
+# Config fields that change only an adapter's scale or bookkeeping: adapters differing in them share a bank.
+_SCALE_ONLY = (
+    "alpha",
+    "use_rslora",
+    "dropout",
+    "target_modules",
+    "exclude_modules",
+    "base_model_name_or_path",
+    "basis_cache_dir",
+)
 
 
 class AdaptedModel(nn.Module):
@@ -67,14 +91,15 @@ class AdaptedModel(nn.Module):
                 f"adapter_names mentions {unknown}, which are not loaded; loaded: "
                 f"{sorted(self.peft_config)} (and {BASE!r} for the base model)."
             )
+        plan = RowPlan(list(adapter_names), self._resident, BASE)
         layers = self.layers().values()
         for layer in layers:
-            layer.row_adapters = list(adapter_names)
+            layer.row_plan = plan
         try:
             yield
         finally:
             for layer in layers:
-                layer.row_adapters = None
+                layer.row_plan = None
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -103,6 +128,26 @@ class AdaptedModel(nn.Module):
     def _invalidate(self) -> None:
         self.__dict__["_layer_cache"] = self.__dict__["_copy_cache"] = None
 
+    @property
+    def _banks(self) -> dict[str, AdapterBank]:
+        """Resident banks by layout key."""
+        return self.__dict__.setdefault("_adapter_banks", {})
+
+    @property
+    def _resident(self) -> dict[str, AdapterBank]:
+        """Resident adapters: name → the bank holding its slot."""
+        return self.__dict__.setdefault("_resident_adapters", {})
+
+    def resident_bank(self, adapter_name: str) -> AdapterBank | None:
+        """The bank of a resident (inference-only, slot-stored) adapter; None for a module adapter."""
+        return self._resident.get(adapter_name)
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"an adapter named {adapter_name!r} exists; delete_adapter() it or pick a new name.")
+        if "." in adapter_name or not adapter_name or adapter_name == BASE:
+            raise AdapterError(f"adapter name {adapter_name!r} must be non-empty, without '.', and not {BASE!r}.")
+
     def add_adapter(
         self,
         adapter_name: str,
@@ -113,10 +158,7 @@ class AdaptedModel(nn.Module):
         ranks: dict[str, int] | None = None,
     ) -> None:
         """Inject a new adapter. AwSVD scales come from `scales`, or are measured on `calibration_data`."""
-        if adapter_name in self.peft_config:
-            raise AdapterError(f"an adapter named {adapter_name!r} exists; delete_adapter() it or pick a new name.")
-        if "." in adapter_name or not adapter_name or adapter_name == BASE:
-            raise AdapterError(f"adapter name {adapter_name!r} must be non-empty, without '.', and not {BASE!r}.")
+        self._check_new_name(adapter_name)
         method = get_method(config.method)
         names = layer_names or find_targets(
             self.model, config.target_modules, config.exclude_modules, config.modules_to_save
@@ -154,6 +196,10 @@ class AdaptedModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_loaded(adapter_name)
+        if adapter_name in self._resident:
+            self._remove_resident(adapter_name)
+            del self.peft_config[adapter_name]
+            return
         for layer in self.layers().values():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
@@ -168,6 +214,8 @@ class AdaptedModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_loaded(n)
+        for n in names:
+            self._materialize(n)
         for layer in self.layers().values():
             layer.active_adapters = [n for n in names if n in layer.adapters]
         for tc in self._copies().values():
@@ -218,7 +266,10 @@ class AdaptedModel(nn.Module):
             "adapter_tensors": sum(p.numel() * p.element_size() for m in layers for p in m.adapters.parameters()),
             "bases": sum(b.numel() * b.element_size() for m in layers for b in m.bases.buffers()),
             "stacks": sum(st.nbytes for m in layers for st in m.stacks.values()),
+            "resident": sum(bank.nbytes for bank in self._banks.values()),  # allocated, spare slots included
+            "resident_in_use": sum(bank.slot_bytes * len(bank) for bank in self._banks.values()),
             "adapters": len(self.peft_config),
+            "resident_adapters": len(self._resident),
         }
 
     # ---- merging ---------------------------------------------------------------------------------------------
@@ -226,6 +277,8 @@ class AdaptedModel(nn.Module):
         names = adapter_names or self.active_adapters
         for n in names:
             self._check_loaded(n)
+        for n in names:
+            self._materialize(n)
         for layer in self.layers().values():
             layer.merge(names)
 
@@ -242,6 +295,7 @@ class AdaptedModel(nn.Module):
                 tc.original = tc.copies[keep]
         unwrap_layers(self.model)
         self._invalidate()
+        self._forget_banks()
         return self.model
 
     def unload(self) -> nn.Module:
@@ -249,7 +303,12 @@ class AdaptedModel(nn.Module):
         self.unmerge()
         unwrap_layers(self.model)
         self._invalidate()
+        self._forget_banks()
         return self.model
+
+    def _forget_banks(self) -> None:
+        self._banks.clear()
+        self._resident.clear()
 
     # ---- files -----------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
@@ -288,10 +347,14 @@ class AdaptedModel(nn.Module):
         return obj
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        from .io import read_adapter
+        """Load a saved adapter as `adapter_name`. Inference-only adapters of NoRA (serial core), LoRA-XS and
+        SVFit become resident slots (see the module docstring); the others, and trainable ones, modules."""
+        from .io import open_adapter
 
-        config, tensors, meta = read_adapter(adapter_dir)
-        self._attach(adapter_name, config, tensors, meta, adapter_dir)
+        file = open_adapter(adapter_dir)
+        if not is_trainable and self._load_resident(adapter_name, file, adapter_dir):
+            return
+        self._attach(adapter_name, file.config, file.tensors(), file.meta, adapter_dir)
         self._set_trainable(is_trainable, only=adapter_name)
 
     def _attach(self, name, config, tensors, meta, where) -> None:
@@ -310,7 +373,161 @@ class AdaptedModel(nn.Module):
         """Write a standard PEFT LoRA adapter reproducing this adapter's ΔW exactly."""
         from .export import export_lora
 
-        export_lora(self, adapter_name or self.active_adapter, save_directory)
+        name = adapter_name or self.active_adapter
+        self._materialize(name)
+        export_lora(self, name, save_directory)
+
+    # ---- resident adapters -----------------------------------------------------------------------------------
+    def _load_resident(self, name: str, file: AdapterFile, where) -> bool:
+        """Load `file` into a slot of the bank of its layout (made on first use); False where the adapter
+        cannot be resident (no outer basis, modules_to_save, a core that does not stack)."""
+        from .io import fill_slot
+
+        config = file.config
+        method = get_method(config.method)
+        if not method.uses_basis or config.modules_to_save:
+            return False
+        self._check_new_name(name)
+        key = _bank_key(config, file.meta)
+        bank = self._banks.get(key)
+        if bank is None:
+            bank = self._new_bank(key, method, file, where)
+            if bank is None:
+                return False
+        else:
+            layers = self.layers()
+            merged = sorted({a for n in bank.stacks for a in layers[n].merged_adapters})
+            if merged:
+                raise AdapterError(
+                    f"adapters {merged} are merged into the weights; unmerge() before adding another, so it "
+                    "applies to the original weights."
+                )
+        slot = bank.allocate(name, config)
+        try:
+            fill_slot(bank, slot, file, where)
+        except BaseException:
+            bank.remove(name)
+            if not bank:
+                self._drop_bank(bank)
+            raise
+        self.peft_config[name] = config
+        self._resident[name] = bank
+        return True
+
+    def _new_bank(self, key: str, method, file: AdapterFile, where) -> AdapterBank | None:
+        """The bank for `file`'s layout, its bases made (from the layers' own, the basis cache, or an SVD) and
+        every check of a module load passed; None if this method's core does not stack."""
+        from .io import check_keys, check_layers, check_shape, set_file_layout
+
+        config, meta, tensors = file.config, file.meta, file.tensors()
+        layer_names, ranks = check_layers(self.model, config, meta, tensors, where)
+        scales = {n: tensors[f"{n}.awsvd_scale"] for n in layer_names if f"{n}.awsvd_scale" in tensors}
+        layers = wrap_layers(self.model, layer_names)
+        if not set(layers) <= set(self.layers()):
+            self.__dict__["_layer_cache"] = None
+        bank = AdapterBank(key, method, config)
+        made: list[tuple[AdapterLayer, str]] = []
+        header = file.header() or {}
+        try:
+            plans = {n: layer.plan(config, method, scales.get(n), ranks[n]) for n, layer in layers.items()}
+            requests = [p.request for p in plans.values() if p.request is not None]
+            factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
+            expected = {f"{n}.awsvd_scale" for n in scales}
+            for n, layer in layers.items():
+                plan = plans[n]
+                request = plan.request
+                if layer.ensure_basis(plan, config, method, factors.get(request.key) if request else None):
+                    made.append((layer, plan.basis_key))
+                basis = layer.bases[plan.basis_key]
+                dtype = layer.param_dtype()
+                template = method.init_params(config, layer.base_weight().detach(), basis, plan.r, dtype)
+                own = {}
+                for pname, t in template.items():
+                    tname = f"{n}.{pname}"
+                    expected.add(tname)
+                    if tname in tensors:
+                        check_shape(tuple(t.shape), tensors[tname], tname, where)
+                        own[pname] = tensors[tname].to(dtype)
+                if len(own) == len(template) and not _stacks(method, config, basis, own):
+                    raise _NotStackable
+                order = sorted(template, key=lambda p: header.get(f"{n}.{p}", {}).get("data_offsets", [0])[0])
+                layout, column = [], 1
+                for pname in order:
+                    layout.append((pname, column, tuple(template[pname].shape)))
+                    column += template[pname].numel()
+                stack = bank.new_stack(plan.basis_key, plan.r, plan.key, layout, dtype, layer.base_weight().device)
+                bank.stacks[n] = stack
+            check_keys(expected, tensors, where)
+        except _NotStackable:
+            for layer, basis_key in made:
+                layer.release_basis(basis_key)
+            return None
+        except BaseException:
+            for layer, basis_key in made:
+                layer.release_basis(basis_key)
+            raise
+        bank.expected_keys = frozenset(expected)
+        bank.param_order = list(template)
+        set_file_layout(bank, file)
+        for n, stack in bank.stacks.items():
+            layers[n].add_bank(bank.id, stack)
+        self._banks[key] = bank
+        return bank
+
+    def _drop_bank(self, bank: AdapterBank) -> None:
+        layers = self.layers()
+        for n in bank.stacks:
+            if n in layers:
+                layers[n].drop_bank(bank.id)
+        self._banks.pop(bank.key, None)
+
+    def _remove_resident(self, name: str) -> None:
+        bank = self._resident.pop(name)
+        bank.remove(name)
+        if not bank:
+            self._drop_bank(bank)
+
+    @torch.no_grad()
+    def _materialize(self, name: str) -> None:
+        """Turn resident adapter `name` into modules (bit-identical tensors, frozen), freeing its slot."""
+        bank = self._resident.get(name)
+        if bank is None:
+            return
+        slot, config = bank.slots[name], bank.configs[name]
+        layers = self.layers()
+        for n, stack in bank.stacks.items():
+            tensors = stack.tensors_at(slot)
+            params = {p: tensors[p].clone() for p in bank.param_order}
+            core = AdapterCore(bank.method, config, params, stack.r, stack.basis_key)
+            core.fingerprint = stack.fingerprint
+            core.train(layers[n].training)
+            core.requires_grad_(False)
+            layers[n].adapters[name] = core
+        self._remove_resident(name)
+
+
+class _NotStackable(Exception):
+    pass
+
+
+def _bank_key(config: AdapterConfig, meta: dict) -> str:
+    """Adapters with equal keys share a bank: same method and core settings, same layers, ranks and bases."""
+    fields = config.to_dict()
+    for name in _SCALE_ONLY:
+        fields.pop(name, None)
+    return json.dumps([fields, meta["layers"]], sort_keys=True, default=str)
+
+
+def _stacks(method, config: AdapterConfig, basis, params: dict[str, torch.Tensor]) -> bool:
+    """Whether `method` stacks this core, and reads it element-wise so that stacking is exact: its stacked form
+    of a one-row batch equals that of the lone core."""
+    single = method.stack_parts(StackedCore(params, config), basis)
+    if single is None:
+        return False
+    batched = method.stack_parts(StackedCore({k: v.unsqueeze(0) for k, v in params.items()}, config), basis)
+    return len(batched) == len(single) and all(
+        b.shape == (1, *s.shape) and torch.equal(b[0], s) for b, s in zip(batched, single, strict=True)
+    )
 
 
 def get_peft_model(

@@ -335,13 +335,12 @@ class Engine:
         start = time.perf_counter()
         try:
             if isinstance(self.model, AdaptedModel):
+                # inference-only: frozen, in eval mode, and a resident slot where the method allows (O(1))
                 self.model.load_adapter(path, name)
             else:
-                self.model = AdaptedModel.from_pretrained(self.model, path, name)
+                self.model = AdaptedModel.from_pretrained(self.model, path, name).eval()
         except AdapterError as e:
             raise BadRequest(str(e), "path") from e
-        self.model.eval_mode_frozen()
-        self.model.eval()  # new adapter layers start in training mode (dropout)
         return (time.perf_counter() - start) * 1000
 
     @torch.no_grad()
