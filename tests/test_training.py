@@ -270,3 +270,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llm_dir, data_file, t
     kept = list((tmp_path / "nan" / "checkpoints").glob("checkpoint-*"))
     assert len(kept) == 1 and (kept[0] / "state.json").is_file()
     assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_cli_trains_and_prints_the_summary(llm_dir, data_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+
+    args = ["train", "--model", str(llm_dir), "--data", str(data_file), "--eval-fraction", "0.25"]
+    args += ["--max-steps", "3", "--batch-size", "4", "--rank", "8", "--inner-rank", "2"]
+    args += ["--no-progress", "--no-plot", "-o", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "training summary" in result.output and "trainable params" in result.output and "eval_loss" in result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["eval_examples"] == 12 and summary["examples"] == 36
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "already holds files" in again.output

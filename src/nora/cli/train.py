@@ -137,7 +137,10 @@ def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:
         ("adapter", f"{adapter_dir} ({summary['adapter_bytes'] / 2**10:,.1f} KiB)"),
         ("truncated / dropped", f"{summary['truncated']} / {summary['dropped']} examples"),
     ]
-    rows += [(k, f"{v:.4f}") for k, v in summary.items() if k.startswith("eval_") and isinstance(v, float)]
+    for key, value in summary.items():
+        if key.startswith("eval_") and isinstance(value, float):
+            before = summary.get(f"initial_{key}")
+            rows.append((key, f"{before:.4f} → {value:.4f}" if before is not None else f"{value:.4f}"))
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
