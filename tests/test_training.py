@@ -287,3 +287,27 @@ def test_cli_trains_and_prints_the_summary(llm_dir, data_file, tmp_path):
     assert summary["eval_examples"] == 12 and summary["examples"] == 36
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "already holds files" in again.output
+
+
+def test_classification_data_errors_and_pairs(llm_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nora.training.data import encode_classification, load_records
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,label\nAdd one and two.,pos\nName the sky.,neg\nAdd two and three.,pos\n")
+    enc = encode_classification(load_records(str(csv)), tok, 64, None, "train.csv")
+    assert enc.labels == ["neg", "pos"] and [e["label"] for e in enc.examples] == [1, 0, 1]
+    with pytest.raises(AdapterError, match=r"label\(s\) \['maybe'\] outside the label set \['neg', 'pos'\]"):
+        rows = [{"text": "x", "label": "maybe"}]
+        encode_classification(rows, tok, 64, enc.labels, "dev.csv")
+    with pytest.raises(AdapterError, match=r"lacks column\(s\) \['label'\]"):
+        encode_classification([{"text": "x", "y": 1}], tok, 64, None, "d")
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("sentence1\tsentence2\tlabel\nAdd one.\tAdd two.\t1\nName it.\tAdd two.\t0\n")
+    pairs = encode_classification(load_records(str(tsv)), tok, 64, None, "pairs.tsv")
+    single = tok("Add one.", "Add two.")["input_ids"]
+    assert pairs.examples[0]["input_ids"] == single and pairs.labels == ["0", "1"]
+    long = encode_classification([{"text": "Add one and two. " * 20, "label": 1}], tok, 8, None, "d")
+    assert long.truncated == 1 and len(long.examples[0]["input_ids"]) == 8
