@@ -174,6 +174,8 @@ def test_modules_to_save_head_trains_and_unloads():
     assert any("classifier.copies.default" in n for n in trainable)
     assert not any("classifier.original" in n for n in trainable)
     assert all("classifier" not in name for name in model.layers())  # the head is saved whole, not adapted
+    pooled = nora.get_peft_model(BUILDERS["bert"](), nora.NoraConfig(r=12, inner_r=3, modules_to_save=["pooler"]))
+    assert pooled.layers() and not any(".pooler." in name for name in pooled.layers())  # nor are modules inside one
     _perturb(model)
     assert not torch.allclose(model_output(model, inputs), ref, atol=1e-4)
     torch.testing.assert_close(model_output(model.unload(), inputs), ref)

@@ -52,6 +52,8 @@ class DemoRow:
     method: str
     accuracy_before: float
     accuracy_after: float
+    loss_before: float
+    loss_after: float
     trainable_params: int
     adapter_bytes: int
     wall_time_s: float
@@ -113,8 +115,8 @@ def run_demo(
         s: dict[str, Any] = train(config).summary
         rows.append(
             DemoRow(
-                method, s["initial_eval_acc"], s["eval_acc"], s["trainable_params"], s["adapter_bytes"],
-                s["wall_time_s"], output_dir / method,
+                method, s["initial_eval_acc"], s["eval_acc"], s["initial_eval_loss"], s["eval_loss"],
+                s["trainable_params"], s["adapter_bytes"], s["wall_time_s"], output_dir / method,
             )
         )  # fmt: skip
     return rows

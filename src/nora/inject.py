@@ -19,6 +19,12 @@ def _matches(name: str, spec: str | list[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def _within(name: str, spec: list[str] | None) -> bool:
+    """Whether `name` is, or lies inside, a module that `spec` names (a module trained in full needs no adapter)."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), spec) for i in range(1, len(parts) + 1))
+
+
 # Task heads of transformers models: "all-linear" leaves modules under these names alone.
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
 
@@ -48,7 +54,7 @@ def find_targets(
         if not is_adaptable(base) or name.endswith(".base_layer") or _inside_copy(model, name):
             continue
         if target_modules == "all-linear":
-            chosen = name not in heads and not _matches(name, modules_to_save or [])
+            chosen = name not in heads and not _within(name, modules_to_save)
         else:
             chosen = _matches(name, target_modules)
         if chosen and not _matches(name, exclude_modules):

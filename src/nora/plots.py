@@ -184,11 +184,15 @@ class LayerSpectrum:
     activation_aware: bool = False
 
 
-def load_base_model(base: str):
-    """The base model in the class its config names (the class the adapter's layer names refer to)."""
+def load_base_model(base: str, num_labels: int | None = None):
+    """The base model in the class its config names (the class the adapter's layer names refer to); a
+    sequence classifier with `num_labels` classes when the adapter was trained as one (`nora train --task seq-cls`)."""
     import transformers
 
     try:
+        if num_labels is not None:
+            cls = transformers.AutoModelForSequenceClassification
+            return cls.from_pretrained(base, num_labels=num_labels, dtype=torch.float32).eval()
         config = transformers.AutoConfig.from_pretrained(base)
         arch = next(iter(getattr(config, "architectures", None) or []), None)
         cls = getattr(transformers, arch, None) if arch else None
@@ -281,6 +285,16 @@ def draw_spectra(spectra: list[LayerSpectrum], out: Path, title: str) -> Path:
     return _save(fig, out)
 
 
+def _trained_labels(run_dir: Path) -> int | None:
+    """The class count of a `nora train --task seq-cls` run (its summary records the label set), else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    labels = summary.get("labels") if isinstance(summary, dict) else None
+    return len(labels) if labels else None
+
+
 def plot_spectrum(
     adapter_dir: str | os.PathLike,
     layers: list[str] | None = None,
@@ -303,7 +317,7 @@ def plot_spectrum(
     base = base_model or config.base_model_name_or_path
     if not base:
         raise AdapterError(f"{adapter_dir} records no base model; pass it with --base.")
-    adapted = AdaptedModel.from_pretrained(load_base_model(base), adapter_dir)
+    adapted = AdaptedModel.from_pretrained(load_base_model(base, _trained_labels(adapter_dir.parent)), adapter_dir)
     spectra = layer_spectra(adapted, layers)
     out = Path(out) if out is not None else adapter_dir.parent / SPECTRUM_NAME
     return draw_spectra(spectra, out, f"{config.method} adapter {adapter_dir}: singular values of W and W + ΔW")

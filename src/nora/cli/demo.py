@@ -20,12 +20,16 @@ def demo(
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "nora,lora",
 ) -> None:
     """Fine-tune all-MiniLM-L6-v2 (offline, CPU) with NoRA and LoRA on a generated topic task; print accuracy."""
+    import datasets
+    import transformers
     from rich.console import Console
     from rich.table import Table
 
     from ..atomic import atomic_write_json
     from ..demo import run_demo
 
+    transformers.logging.set_verbosity_error()  # the new head's "missing weights" report is expected here
+    datasets.disable_progress_bars()
     console = Console()
     console.print(
         "[bold]nora demo[/]: all-MiniLM-L6-v2 → 4-way topic classification; the test split uses topic words never "
@@ -36,11 +40,21 @@ def demo(
     except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
     table = Table(title="held-out accuracy (chance 25 %)")
-    for column in ("method", "before", "after", "trainable params", "adapter file", "train time", "run dir"):
+    for column in (
+        "method",
+        "before",
+        "after",
+        "test loss",
+        "trainable params",
+        "adapter file",
+        "train time",
+        "run dir",
+    ):
         table.add_column(column)
     for r in rows:
         table.add_row(
             r.method, f"{100 * r.accuracy_before:.1f} %", f"{100 * r.accuracy_after:.1f} %",
+            f"{r.loss_before:.3f} → {r.loss_after:.4f}",
             f"{r.trainable_params:,}", f"{r.adapter_bytes / 2**10:,.0f} KiB", f"{r.wall_time_s:.0f} s", str(r.run_dir),
         )  # fmt: skip
     console.print(table)

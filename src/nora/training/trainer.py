@@ -418,6 +418,7 @@ class Run:
                 "final_loss": last_loss,
                 "truncated": self.train_set.truncated + (self.eval_set.truncated if self.eval_set else 0),
                 "dropped": self.train_set.dropped + (self.eval_set.dropped if self.eval_set else 0),
+                "labels": self.train_set.labels or None,
                 **eval_metrics,
             }
             if self.config.eval_tasks:
