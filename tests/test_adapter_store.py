@@ -297,3 +297,15 @@ def test_bank_slots_grow_by_doubling_and_swap_remove():
     assert bank.slots == {"n0": 0, "n4": 1, "n2": 2, "n3": 3} and bank.names == ["n0", "n4", "n2", "n3"]
     bank.remove("n3")
     assert bank.names == ["n0", "n4", "n2"] and "n3" not in bank
+
+
+def test_the_export_function_takes_a_resident_adapter_too(tmp_path):
+    from nora.export import export_lora
+
+    paths = _save_distinct(tmp_path, NORA, 2)
+    model = nora.AdaptedModel.from_pretrained(tiny_llama(), paths[0], adapter_name="a0")
+    model.load_adapter(paths[1], "a1")
+    assert model.resident_bank("a1") is not None
+    export_lora(model, "a1", tmp_path / "peft")
+    exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert len(exported) == 2 * len(model.layers())  # lora_A and lora_B for every adapted layer

@@ -51,6 +51,7 @@ def _target_names(names: list[str], all_names: list[str]) -> list[str]:
 @torch.no_grad()
 def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.PathLike) -> None:
     model._check_loaded(adapter_name)
+    model._materialize(adapter_name)  # a resident (slot-stored) adapter becomes per-layer modules first
     config = model.peft_config[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
