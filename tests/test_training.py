@@ -311,3 +311,34 @@ def test_classification_data_errors_and_pairs(llm_dir, tmp_path):
     assert pairs.examples[0]["input_ids"] == single and pairs.labels == ["0", "1"]
     long = encode_classification([{"text": "Add one and two. " * 20, "label": 1}], tok, 8, None, "d")
     assert long.truncated == 1 and len(long.examples[0]["input_ids"]) == 8
+
+
+def _torchrun(yaml_file: Path, port: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*cmd, "-m", "nora", "train", "--config", str(yaml_file)], cwd=ROOT, env=env, capture_output=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+
+
+def test_two_process_fsdp_matches_single_process_and_resumes(llm_dir, data_file, tmp_path):
+    import shutil
+
+    common = dict(
+        model=str(llm_dir), data=str(data_file), max_steps=6, logging_steps=1, progress=False, plot=False,
+        method="nora", adapter={"r": 8, "inner_r": 4}, grad_accum=2, lr_scheduler="cosine",
+    )  # fmt: skip
+    fsdp = {**common, "batch_size": 2, "fsdp": True, "save_steps": 3}
+    _torchrun(_write_yaml(tmp_path / "a.yaml", {**fsdp, "output_dir": str(tmp_path / "fsdp")}), 29518)
+    single = train(TrainConfig(**common, batch_size=4, output_dir=str(tmp_path / "single")))
+    _assert_same_adapter(tmp_path / "fsdp", single.run_dir, atol=1e-5)
+    # resume the sharded run from its step-3 checkpoint (optimizer state gathered and re-sharded)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "fsdp" / "checkpoints" / "checkpoint-00000003",
+        tmp_path / "resumed" / "checkpoints" / "checkpoint-00000003",
+    )
+    resumed = {**fsdp, "output_dir": str(tmp_path / "resumed"), "resume": "latest"}
+    _torchrun(_write_yaml(tmp_path / "b.yaml", resumed), 29519)
+    _assert_same_adapter(tmp_path / "resumed", tmp_path / "fsdp", atol=1e-6)

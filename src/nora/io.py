@@ -95,15 +95,31 @@ def _resident_state(model: AdaptedModel, bank: AdapterBank, name: str) -> tuple[
 
 
 def save_adapter(model: AdaptedModel, name: str, directory: str | os.PathLike) -> None:
+    write_adapter(*adapter_payload(model, name), directory)
+
+
+def adapter_payload(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and adapter_config.json of adapter `name`. With FSDP-sharded parameters this gathers each
+    tensor in full: a collective, so every process calls it (and one writes)."""
     config = model.peft_config[name]
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None)
     tensors, meta = adapter_state(model, name)
+    tensors = {k: _full(v) for k, v in tensors.items()}
     payload = config.to_dict()
     payload["nora"] = meta
+    return tensors, payload
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard (FSDP) → the whole tensor
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], payload: dict[str, Any], directory: str | os.PathLike) -> None:
+    config_method = payload["method"]
 
     def build(tmp: Path) -> None:
-        atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "nora_method": config.method})
+        atomic_save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "nora_method": config_method})
         atomic_write_json(payload, tmp / CONFIG_NAME)
 
     directory = Path(directory)

@@ -90,6 +90,7 @@ def train_command(
     seed: Annotated[int | None, Opt(help="Seed for adapter init and data order.")] = None,
     precision: Annotated[str | None, Opt(help="fp32, bf16 or fp16 (mixed precision).")] = None,
     gradient_checkpointing: Annotated[bool | None, Opt(help="Recompute activations in backward.")] = None,
+    fsdp: Annotated[bool | None, Opt(help="Shard the model over the processes (FSDP2) instead of DDP.")] = None,
     logging_steps: Annotated[int | None, Opt(help="Log loss, LR and tokens/s every N steps.")] = None,
     eval_steps: Annotated[int | None, Opt(help="Evaluate every N steps (and always at the end).")] = None,
     save_steps: Annotated[int | None, Opt(help="Write a checkpoint every N steps.")] = None,

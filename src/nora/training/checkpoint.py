@@ -30,8 +30,8 @@ def checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A torch optimizer state dict (keys: parameter indices, or names under FSDP) as tensors + JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, entry in state["state"].items():
@@ -46,9 +46,18 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, name = key.rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The state dict written by `optimizer_tensors`, keyed by parameter name (the FSDP form)."""
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        fqn, name = key.rsplit(".", 1)
+        state.setdefault(fqn, {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -76,7 +85,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     write_adapter,
-    optimizer: torch.optim.Optimizer,
+    optim_state: dict[str, Any],
     scheduler,
     progress: dict[str, Any],
     keep: int,
@@ -87,7 +96,7 @@ def save_checkpoint(
 
     def build(tmp: Path) -> None:
         write_adapter(tmp / "adapter")
-        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        opt_tensors, opt_meta = optimizer_tensors(optim_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         for rank, (tensors, meta) in rank_rng.items():
             save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))

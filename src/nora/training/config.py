@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the model's blocks over the processes (torch FSDP2) instead of replicating (DDP)
     # bookkeeping
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -95,6 +96,13 @@ class TrainConfig:
             raise AdapterError(f"epochs={self.epochs} must be positive (or give max_steps).")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise AdapterError(f"eval_fraction={self.eval_fraction} must lie in [0, 1).")
+        if self.fsdp and self.precision == "fp16":
+            raise AdapterError("fsdp with fp16 is not supported (no sharded grad scaler); use precision bf16 or fp32.")
+        if self.fsdp and self.eval_tasks:
+            raise AdapterError(
+                "eval_tasks runs on one process and cannot use an FSDP-sharded model; evaluate the "
+                "saved adapter with `nora eval RUN_DIR/adapter` instead."
+            )
         self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
     @property

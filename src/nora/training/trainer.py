@@ -27,9 +27,17 @@ from torch import nn
 
 from ..atomic import atomic_write_json
 from ..errors import AdapterError
-from ..io import apply_tensors, read_adapter
+from ..io import adapter_payload, apply_tensors, read_adapter, write_adapter
 from ..model import AdaptedModel, get_peft_model
-from .checkpoint import checkpoints, load_optimizer, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    checkpoints,
+    load_optimizer,
+    optimizer_state,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .data import IGNORE, collate, encode_causal, encode_classification, load_records, split_eval
 from .progress import ProgressBar
@@ -186,6 +194,14 @@ class Run:
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
         self.adapted.train()
+        self.checkpoint = self._resume_point()
+        self.resumed: dict[str, Any] | None = None
+        if self.checkpoint is not None:  # the adapter's weights go in before any wrapping or sharding
+            self.resumed = read_checkpoint(self.checkpoint, self.acc.process_index)
+            _, tensors, _ = read_adapter(self.resumed["adapter"])
+            apply_tensors(self.adapted, self.adapted.active_adapter, tensors, self.resumed["adapter"])
+        if config.fsdp:
+            _shard(self.adapted, self.world)
         params = [p for p in self.adapted.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.global_batch = config.batch_size * config.grad_accum * self.world
@@ -197,7 +213,10 @@ class Run:
             )
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.scheduler = _scheduler(config, self.optimizer, self.total_steps)
-        self.model, self.optimizer = self.acc.prepare(self.adapted, self.optimizer)
+        if config.fsdp:
+            self.model = self.adapted  # sharded in place; the optimizer works on the local shards
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.adapted, self.optimizer)
         self.step = 0
         self.tokens_seen = 0
 
@@ -236,7 +255,11 @@ class Run:
         loss_sum = torch.zeros((), device=self.acc.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            ctx = self.acc.no_sync(self.model) if not last else nullcontext()
+            if self.config.fsdp:
+                self.model.set_requires_gradient_sync(last)
+                ctx = nullcontext()
+            else:
+                ctx = self.acc.no_sync(self.model) if not last else nullcontext()
             with ctx, self.acc.autocast():
                 loss = self._loss_sum_over(batch, total)
                 self.acc.backward(loss * self.world)  # DDP averages over processes; undo that
@@ -252,7 +275,10 @@ class Run:
                 f"the loss became {step_loss} at step {self.step + 1} (learning rate {lr:.3g}); training stopped and "
                 f"nothing was overwritten: {keep}. Lower --learning-rate or the adapter's alpha, or add warmup."
             )
-        if self.config.max_grad_norm:
+        if self.config.max_grad_norm and self.config.fsdp:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)  # DTensor-aware: the global norm
+        elif self.config.max_grad_norm:
             self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -298,27 +324,49 @@ class Run:
         return metrics
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
+    def _raw_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """Full optimizer state (under FSDP: gathered, keyed by parameter name; a collective)."""
+        if not self.config.fsdp:
+            return self._raw_optimizer().state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self._raw_optimizer(), options=options)
+
+    def _adapter_payload(self):
+        adapted = self.acc.unwrap_model(self.model)
+        return adapter_payload(adapted, adapted.active_adapter)  # every process: a collective under FSDP
+
     def save(self) -> Path | None:
-        rng = rng_state()
-        gathered = gather_object([(self.acc.process_index, rng)])
+        gathered = gather_object([(self.acc.process_index, rng_state())])
+        payload = self._adapter_payload()
+        optim_state = self._optimizer_state()
         path = None
         if self.acc.is_main_process:
-            adapted = self.acc.unwrap_model(self.model)
             path = save_checkpoint(
-                self.run_dir, self.step, adapted.save_pretrained, self.optimizer.optimizer
-                if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
+                self.run_dir, self.step, lambda d: write_adapter(*payload, d), optim_state, self.scheduler,
                 {"step": self.step, "tokens_seen": self.tokens_seen}, self.config.save_total_limit, dict(gathered),
             )  # fmt: skip
         self.acc.wait_for_everyone()
         return path
 
-    def resume_from(self, path: Path) -> None:
-        ckpt = read_checkpoint(path, self.acc.process_index)
-        adapted = self.acc.unwrap_model(self.model)
-        _, tensors, _ = read_adapter(ckpt["adapter"])
-        apply_tensors(adapted, adapted.active_adapter, tensors, ckpt["adapter"])
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        load_optimizer(opt, ckpt["optimizer"], ckpt["state"]["optimizer"])
+    def resume_state(self) -> None:
+        """Optimizer, scheduler, RNG and position from the checkpoint whose adapter __init__ loaded."""
+        ckpt = self.resumed
+        if ckpt is None:
+            return
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            state = optimizer_state(ckpt["optimizer"], ckpt["state"]["optimizer"])
+            set_optimizer_state_dict(
+                self.model, self._raw_optimizer(), state, options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            load_optimizer(self._raw_optimizer(), ckpt["optimizer"], ckpt["state"]["optimizer"])
         self.scheduler.load_state_dict(ckpt["state"]["scheduler"])
         set_rng_state(*ckpt["rng"])
         self.step = ckpt["state"]["progress"]["step"]
@@ -346,9 +394,7 @@ class Run:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         config = self.config
-        point = self._resume_point()
-        if point is not None:
-            self.resume_from(point)
+        self.resume_state()
         if self.acc.is_main_process:
             atomic_write_json(config.to_dict(), self.run_dir / "train_config.json")
         trainable, total = self.acc.unwrap_model(self.model).get_nb_trainable_parameters()
@@ -395,8 +441,9 @@ class Run:
         adapted = self.acc.unwrap_model(self.model)
         adapter_dir = self.run_dir / "adapter"
         summary: dict[str, Any] = {}
+        payload = self._adapter_payload()
         if self.acc.is_main_process:
-            adapted.save_pretrained(adapter_dir)
+            write_adapter(*payload, adapter_dir)
             self.tokenizer.save_pretrained(adapter_dir)
             files = list(adapter_dir.glob("*.safetensors"))
             summary = {
@@ -458,6 +505,20 @@ def _truncate_log(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _shard(model: AdaptedModel, world: int) -> None:
+    """FSDP2: shard each transformer block (the classes transformers keeps whole), then the rest, over the
+    processes; frozen base weights are sharded too, so each process holds 1/world of the model."""
+    if world < 2:
+        raise TrainingError("fsdp needs several processes: launch with torchrun or accelerate launch.")
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model.model, "_no_split_modules", None) or [])
+    for module in list(model.model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
