@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct on the commonsense test sets: zero-shot, then fine-tuned with NoRA and with LoRA.
 
-    python benchmarks/commonsense_smollm2.py --out /tmp/nora_bench   # ~40 min on 2 busy CPU cores, offline
+    python benchmarks/commonsense_smollm2.py --out /tmp/nora_bench   # 31 min on 2 shared CPU cores, offline
 
 Both adapters are trained by nora's own engine (`nora.training.train`, what `nora train` runs) on one mixture of
 the commonsense train sets present under --data-dir (boolq, ARC-Easy, ARC-Challenge, openbookqa; causal LM, the
