@@ -309,3 +309,29 @@ def test_the_export_function_takes_a_resident_adapter_too(tmp_path):
     export_lora(model, "a1", tmp_path / "peft")
     exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert len(exported) == 2 * len(model.layers())  # lora_A and lora_B for every adapted layer
+
+
+@torch.no_grad()
+def test_reserved_slots_mean_no_load_grows_or_moves_the_stores(tmp_path):
+    paths = _save_distinct(tmp_path, NORA, 24)
+    model = nora.AdaptedModel.from_pretrained(tiny_llama(), paths[0], adapter_name="a0")
+    with pytest.raises(ValueError, match="≥ 0"):
+        model.reserve_resident(-1)
+    model.reserve_resident(20)
+    model.load_adapter(paths[1], "a1")
+    (bank,) = model._banks.values()
+    assert bank.capacity == 20  # the bank was made with the reserved room, not the default 8
+    buffers = {n: s.data.data_ptr() for n, s in bank.stacks.items()}
+    for i in range(2, 21):
+        model.load_adapter(paths[i], f"a{i}")
+    assert len(bank) == 20 and bank.capacity == 20
+    assert {n: s.data.data_ptr() for n, s in bank.stacks.items()} == buffers  # never reallocated or copied
+    inputs = model_input("llama", batch=1)
+    before = {i: model(**inputs, adapter_names=[f"a{i}"]).logits for i in (1, 7, 20)}
+    model.reserve_resident(64)  # an existing bank grows once, keeping every resident adapter
+    assert bank.capacity == 64 and model.memory_report()["resident"] == 64 * bank.slot_bytes
+    model.load_adapter(paths[21], "a21")
+    for i, logits in before.items():
+        torch.testing.assert_close(model(**inputs, adapter_names=[f"a{i}"]).logits, logits, rtol=0, atol=0)
+    ref = _module_reference(paths[21])(**inputs).logits
+    torch.testing.assert_close(model(**inputs, adapter_names=["a21"]).logits, ref, rtol=1e-5, atol=1e-5)

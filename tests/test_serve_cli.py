@@ -82,6 +82,7 @@ def test_nora_serve_answers_and_drains_on_sigterm(tmp_path):
         (["--adapter", "nonsense"], "NAME=PATH"),
         (["--adapter", "a=/no/such/dir"], "not a directory"),
         (["--adapter-root", "/no/such/dir"], "not a directory"),
+        (["--reserve-adapters", "-5"], "--reserve-adapters"),
     ],
 )
 def test_nora_serve_refuses_bad_arguments_before_loading_anything(args, message):

@@ -236,13 +236,14 @@ def test_engine_serves_a_bare_model_until_an_adapter_is_loaded(adapters, ref_mod
     from conftest import tiny_llama
 
     ids = tok(PROMPTS[4]).input_ids
-    with Engine(tiny_llama(), tok, EngineConfig(max_batch_size=4)) as engine:
+    with Engine(tiny_llama(), tok, EngineConfig(max_batch_size=4, reserve_adapters=100)) as engine:
         base = engine.generate(ids, nora.BASE, GREEDY).token_ids
         assert engine.load_adapter("c", str(adapters["c"]), timeout=60) < 10_000
         jobs = [(ids, "c", GREEDY), (ids, nora.BASE, GREEDY)]
         with_c, base_again = (r.token_ids for r in _all_at_once(engine, jobs))
         assert engine.load_adapter("a", str(adapters["a"]), timeout=60) < 10_000
-        assert engine.model.resident_bank("a") is not None  # an inference-only slot, no module per layer
+        bank = engine.model.resident_bank("a")  # an inference-only slot, no module per layer
+        assert bank is not None and bank.capacity == 100  # reserved when the bare model became an AdaptedModel
         assert not any(m.training for m in engine.model.modules())
         assert not any(p.requires_grad for p in engine.model.parameters())
         with_a = engine.generate(ids, "a", GREEDY).token_ids

@@ -142,6 +142,16 @@ class AdaptedModel(nn.Module):
         """The bank of a resident (inference-only, slot-stored) adapter; None for a module adapter."""
         return self._resident.get(adapter_name)
 
+    def reserve_resident(self, count: int) -> None:
+        """Allocate room for `count` resident adapters of each layout now (and for every layout loaded later), so
+        no load has to grow the stores, which copies every adapter already resident. Costs `count` slots of
+        memory per layout up front (`memory_report()["resident"]`)."""
+        if count < 0:
+            raise ValueError(f"reserve_resident({count}): the count must be ≥ 0.")
+        self.__dict__["_resident_reserve"] = count
+        for bank in self._banks.values():
+            bank.reserve(count)
+
     def _check_new_name(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} exists; delete_adapter() it or pick a new name.")
@@ -425,7 +435,7 @@ class AdaptedModel(nn.Module):
         layers = wrap_layers(self.model, layer_names)
         if not set(layers) <= set(self.layers()):
             self.__dict__["_layer_cache"] = None
-        bank = AdapterBank(key, method, config)
+        bank = AdapterBank(key, method, config, capacity=max(8, self.__dict__.get("_resident_reserve", 0)))
         made: list[tuple[AdapterLayer, str]] = []
         header = file.header() or {}
         try:

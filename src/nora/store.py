@@ -187,13 +187,19 @@ class AdapterBank:
     def new_stack(self, basis_key, r, fingerprint, layout, dtype, device) -> BankStack:
         return BankStack(self, basis_key, r, fingerprint, layout, dtype, device)
 
+    def reserve(self, capacity: int) -> None:
+        """Allocate slots for `capacity` adapters now, so no later load pays for a doubling (a copy of every
+        resident adapter). Never shrinks."""
+        if capacity > self.capacity:
+            self.capacity = capacity
+            for stack in self.stacks.values():
+                stack.grow(capacity)
+
     def allocate(self, name: str, config: AdapterConfig) -> int:
         """A slot for `name`, growing every stack by doubling when all are taken."""
         slot = len(self.names)
         if slot >= self.capacity:
-            self.capacity *= 2
-            for stack in self.stacks.values():
-                stack.grow(self.capacity)
+            self.reserve(2 * self.capacity)
         self.slots[name] = slot
         self.names.append(name)
         self.configs[name] = config

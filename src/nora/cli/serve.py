@@ -44,6 +44,12 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="An idle server waits this long to batch a burst.")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="Requests held at once; beyond it: 503.")] = 1024,
+    reserve_adapters: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Allocate resident slots for this many adapters up front, so no load has to grow the store."
+        ),
+    ] = 0,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
     max_new_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
@@ -70,7 +76,7 @@ def serve(
         raise typer.BadParameter(str(e)) from e
     if api_key is None and not _is_loopback(host):
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it may use it.", err=True)
-    engine = Engine(model, tok, EngineConfig(max_batch_size, batch_window_ms / 1000, max_queue))
+    engine = Engine(model, tok, EngineConfig(max_batch_size, batch_window_ms / 1000, max_queue, reserve_adapters))
     settings = ServerSettings(
         api_key=api_key,
         max_prompt_tokens=max_prompt_tokens,

@@ -39,10 +39,13 @@ class EngineConfig:
     max_batch_size: int = 16  # rows decoded together
     batch_window_s: float = 0.005  # how long an idle worker waits for more requests before it starts a batch
     max_queue: int = 1024  # requests accepted and not yet finished; beyond it submit() raises Busy
+    reserve_adapters: int = 0  # resident slots allocated up front per layout (no load then grows the stores)
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.batch_window_s < 0:
-            raise ValueError(f"{self}: max_batch_size and max_queue must be ≥ 1 and batch_window_s ≥ 0.")
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.batch_window_s < 0 or self.reserve_adapters < 0:
+            raise ValueError(
+                f"{self}: max_batch_size and max_queue must be ≥ 1, batch_window_s and reserve_adapters ≥ 0."
+            )
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        if isinstance(model, AdaptedModel) and self.config.reserve_adapters:
+            model.reserve_resident(self.config.reserve_adapters)
         hf = hf_model(model)
         text_config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
         self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
@@ -339,6 +344,8 @@ class Engine:
                 self.model.load_adapter(path, name)
             else:
                 self.model = AdaptedModel.from_pretrained(self.model, path, name).eval()
+                if self.config.reserve_adapters:
+                    self.model.reserve_resident(self.config.reserve_adapters)
         except AdapterError as e:
             raise BadRequest(str(e), "path") from e
         return (time.perf_counter() - start) * 1000
