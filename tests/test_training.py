@@ -70,7 +70,7 @@ def config(llm_dir: Path, data_file: Path, out: Path, **overrides) -> TrainConfi
 
 ADAPTERS = {
     "nora": {"r": 8, "inner_r": 4},
-    "svfit": {"r": 8},
+    "svfit": {"r": 32},
     "lora": {"r": 4},
     "pissa": {"r": 4},
     "lora-xs": {"r": 8},
@@ -99,14 +99,33 @@ def test_prompt_masking_masks_exactly_the_prompt(llm_dir):
     rows = [RECORDS[7], RECORDS[-1]]
     encoded = encode_causal(rows, tok, max_length=512).examples
     for row, ex in zip(rows, encoded, strict=True):
-        prompt = [tok.bos_token_id] + tok(format_prompt(row["instruction"], row["input"]), add_special_tokens=False)[
-            "input_ids"
-        ]
-        response = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        assert ex["input_ids"] == prompt + response
-        assert ex["labels"] == [IGNORE] * len(prompt) + response
+        prompt_text = format_prompt(row["instruction"], row["input"])
+        prompt = [tok.bos_token_id] + tok(prompt_text, add_special_tokens=False)["input_ids"]
+        whole = [tok.bos_token_id] + tok(prompt_text + row["output"], add_special_tokens=False)["input_ids"]
+        assert ex["input_ids"] == whole + [tok.eos_token_id]
+        assert ex["labels"] == [IGNORE] * len(prompt) + ex["input_ids"][len(prompt) :]
+        assert ex["labels"][len(prompt)] != IGNORE
     unmasked = encode_causal(rows, tok, max_length=512, mask_prompt=False).examples
     assert unmasked[0]["labels"] == unmasked[0]["input_ids"]
+
+
+def test_training_tokens_are_those_inference_and_scoring_see_with_a_sentencepiece_tokenizer(stories260k_dir):
+    """The llama2.c tokenizer adds a dummy-prefix `▁`: tokenised alone, "the" is `▁the`, but after the prompt's
+    newline it is not. Training must learn the tokens the log-likelihood protocol scores."""
+    from transformers import AutoTokenizer
+
+    from nora.evaluation.loglik import LoglikRequest, _encode
+
+    tok = AutoTokenizer.from_pretrained(stories260k_dir)
+    row = {"instruction": "Pick the right word", "input": "", "output": "the answer is one"}
+    (ex,) = encode_causal([row], tok, max_length=512).examples
+    prompt = format_prompt(row["instruction"], row["input"])
+    scored = _encode(tok, LoglikRequest(prompt, (row["output"],)), max_length=512)
+    assert ex["input_ids"][:-1] == scored.context + scored.continuations[0]
+    learned = [t for t in ex["labels"] if t != IGNORE][:-1]  # without EOS
+    assert learned == scored.continuations[0][-len(learned) :]  # the scored tokens (after the prompt's newline)
+    alone = tok(row["output"], add_special_tokens=False)["input_ids"]
+    assert learned[0] != alone[0] and tok.convert_ids_to_tokens(alone[0]).startswith("▁")
 
 
 def test_truncation_is_counted_and_overlong_prompts_dropped(llm_dir, data_file, tmp_path):

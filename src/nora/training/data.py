@@ -101,8 +101,12 @@ def encode_causal(
     source: str = "data",
     text_column: str | None = None,
 ) -> Encoded:
-    """input_ids/labels per row; prompt tokens get label -100 when `mask_prompt`. Prompt and response are tokenised
-    apart so the mask covers exactly the prompt's tokens."""
+    """input_ids/labels per row; prompt tokens get label -100 when `mask_prompt`.
+
+    Prompt and response are tokenised as one text, the tokens the model reads at inference and that the
+    log-likelihood protocols score (tokenised apart, a sentencepiece tokenizer would give the response's first
+    token a dummy-prefix `▁` it never has after the prompt). The mask covers the prompt's own tokens: the
+    common prefix of the prompt tokenised alone and of the whole, so a token spanning the boundary is learned."""
     kind = causal_kind(rows, source, text_column)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -117,12 +121,15 @@ def encode_causal(
         prompts = [format_prompt(_str(r, "instruction", source), str(r.get("input") or "")) for r in rows]
         responses = [_str(r, "output", source) for r in rows]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=False)
     out = Encoded([])
-    for p, r in zip(prompt_ids, response_ids, strict=True):
-        p = bos + p
-        ids = p + r + eos
-        labels = ([IGNORE] * len(p) if mask_prompt and kind != "text" else list(p)) + r + eos
+    for p, whole in zip(prompt_ids, whole_ids["input_ids"], strict=True):
+        ids = bos + whole + eos
+        if mask_prompt and kind != "text":
+            masked = len(bos) + _common_prefix(p, whole)
+            labels = [IGNORE] * masked + ids[masked:]
+        else:
+            labels = list(ids)
         if kind == "text" and bos:
             labels[0] = IGNORE  # nothing predicts BOS
         if len(ids) > max_length:
@@ -133,6 +140,15 @@ def encode_causal(
             continue
         out.examples.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):  # stops at the shorter
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def encode_classification(
