@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model import AdaptedModel
+from ..pretrained import load_model, load_tokenizer, parse_dtype, resolve_device
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -62,29 +62,14 @@ def load_for_eval(
 ) -> tuple[nn.Module, Any]:
     """The model on `device` in eval mode (its adapter merged unless `merge=False`) and its tokenizer (the
     adapter directory's when it holds one, else the base's)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise AdapterError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
-    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    if task_kind == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(target.base, num_labels=num_labels, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(target.base, **kwargs)
-    if gguf_file:  # dequantised to float: no longer quantized, whatever the loader recorded
-        model.hf_quantizer = None
-        model.config.quantization_config = None
+    resolved = resolve_device(device)
+    torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
+    model = load_model(target.base, task_kind, dtype=torch_dtype, num_labels=num_labels, gguf_file=gguf_file)
     model = _with_adapter(model.to(resolved), target, merge)
-    tokenizer_source = (
-        target.adapter if target.adapter and (target.adapter / "tokenizer_config.json").is_file() else None
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_source or target.base, **({"gguf_file": gguf_file} if gguf_file and not tokenizer_source else {})
-    )
+    if target.adapter and (target.adapter / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(target.adapter)
+    else:
+        tokenizer = load_tokenizer(target.base, gguf_file)
     return model.eval(), tokenizer
 
 

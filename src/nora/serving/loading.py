@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import AdapterError
 from ..layer import BASE
 from ..model import AdaptedModel
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..pretrained import load_model, load_tokenizer, parse_dtype, resolve_device
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
@@ -32,12 +30,6 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_base(
     base: str,
     tokenizer: str | None = None,
@@ -47,18 +39,8 @@ def load_base(
     chat_template: Path | None = None,
 ) -> tuple[nn.Module, Any]:
     """The causal LM at `base` (on `device`, in `dtype`) and its tokenizer (from `tokenizer`, else `base`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise AdapterError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], **extra)
-    if gguf_file:  # dequantised to float: no longer quantized, whatever the loader recorded
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-    tok = AutoTokenizer.from_pretrained(tokenizer or base, **({} if tokenizer else extra))
-    if chat_template is not None:
-        tok.chat_template = Path(chat_template).read_text()
+    model = load_model(base, dtype=parse_dtype(dtype) or "auto", gguf_file=gguf_file)
+    tok = load_tokenizer(tokenizer or base, None if tokenizer else gguf_file, chat_template)
     return model.to(resolve_device(device)).eval(), tok
 
 

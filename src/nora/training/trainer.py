@@ -29,6 +29,7 @@ from ..atomic import atomic_write_json
 from ..errors import AdapterError
 from ..io import adapter_payload, apply_tensors, read_adapter, write_adapter
 from ..model import AdaptedModel, get_peft_model
+from ..pretrained import load_model, load_tokenizer
 from .checkpoint import (
     checkpoints,
     load_optimizer,
@@ -59,27 +60,16 @@ class TrainResult:
 
 def load_model_and_tokenizer(config: TrainConfig, num_labels: int | None = None) -> tuple[nn.Module, Any]:
     """The base model (hub id or local directory, optionally a GGUF file in it) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     if config.model is None:
         raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
-    kwargs: dict[str, Any] = {}
-    if config.gguf_file:
-        kwargs["gguf_file"] = config.gguf_file
+    dtype = None
     if config.precision != "fp32" and torch.cuda.is_available():
-        kwargs["dtype"] = torch.bfloat16 if config.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
     try:
-        extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(config.model, **extra)
-        if config.task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(config.model, num_labels=num_labels, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+        tokenizer = load_tokenizer(config.model, config.gguf_file)
+        model = load_model(config.model, config.task, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file)
     except OSError as e:
         raise TrainingError(f"cannot load model {config.model!r}: {e}") from e
-    if config.gguf_file:  # dequantised to float: trainable and savable like any model
-        model.hf_quantizer = None
-        model.config.quantization_config = None
     return model, tokenizer
 
 
@@ -155,10 +145,7 @@ class Run:
         if config.model is None and model is None:
             raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
         if tokenizer is None:  # first: seq-cls needs the label count before the model loads
-            from transformers import AutoTokenizer
-
-            extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(config.model, **extra)
+            tokenizer = load_tokenizer(config.model, config.gguf_file)
         self.train_set = encode(config, tokenizer, config.data, config.labels)
         labels = self.train_set.labels or None
         self.eval_set = encode(config, tokenizer, config.eval_data, labels) if config.eval_data else None
