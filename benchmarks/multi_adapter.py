@@ -13,7 +13,7 @@ Random weights built from configs (no downloads); one base model serves every pa
    × 128 tokens does not dominate or exhaust memory.
 2. Load time of one saved NoRA adapter (`load_adapter`) with 1, 1000 and 10,000 adapters resident: median and
    p95 over --loads loads, each timed load deleted again so that every one sees the same count; also the time to
-   load all of them one by one (stacks grow by doubling on the way).
+   load all of them one by one (stacks grow by doubling on the way, unless --reserve allocates them up front).
 3. Memory per resident adapter: the bytes of its slot, and the measured growth of process RSS (CPU) or CUDA
    memory from 1000 to the final count; and the number of adapters resident at the end (--max-resident).
 """
@@ -32,23 +32,10 @@ import time
 from pathlib import Path
 
 import torch
-from train_speed import SHAPES as TRAIN_SHAPES
-from transformers import LlamaConfig, LlamaForCausalLM
+from train_speed import SHAPES
+from train_speed import build_model as build_train_model
 
 import nora
-
-# SmolLM2-135M's architecture (210 linear layers): the model the serving load-time target was set on
-SHAPES = TRAIN_SHAPES | {
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    )
-}
 
 MODES = {
     "cpu": dict(shape="cpu-small", dtype="fp32", rows=64, seq=32, repeats=5),
@@ -56,12 +43,9 @@ MODES = {
 }
 
 
-def build_model(shape: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+def build_model(shape: str, dtype: torch.dtype, device: str):
     """Random weights from the shape's config (seeded: every copy is the same model), in eval mode."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(dtype).eval()
+    return build_train_model(shape, dtype, device).eval()
 
 
 def sync(device: str) -> None:
@@ -202,6 +186,9 @@ def main() -> None:
     ap.add_argument("--resident", type=int, nargs="+", default=[1, 1000, 10000], help="counts to time loads at")
     ap.add_argument("--max-resident", type=int, default=10000, help="load adapters until this many are resident")
     ap.add_argument("--loads", type=int, default=200, help="timed loads per resident count")
+    ap.add_argument(
+        "--reserve", action="store_true", help="reserve_resident(max-resident + 1) first: no load grows the stores"
+    )
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--inner-r", type=int, default=8)
     ap.add_argument("--peft-r", type=int, default=16)
@@ -247,6 +234,8 @@ def main() -> None:
         paths = save_distinct_adapters(nbase, args, max(counts), Path(tmp))
         print(f"saved {len(paths)} distinct adapters in {time.perf_counter() - start:.1f} s", flush=True)
         model = nora.AdaptedModel.from_pretrained(nbase, paths[0], "entry")  # a module adapter; the rest resident
+        if args.reserve:
+            model.reserve_resident(args.max_resident + 1)  # + the timed load at the largest count
         systems["nora"] = model
         bulk: list[float] = []
         batch_resident = 0
@@ -304,8 +293,12 @@ def main() -> None:
     print(
         f"\nLoading {len(bulk):,} adapters one after another: {sum(bulk):.1f} s in all. The first (it makes the bank: "
         f"full checks, bases taken from the layers or the basis cache) {1000 * first:.1f} ms; the others median "
-        f"{1000 * statistics.median(rest):.2f} ms, slowest {1000 * max(rest):.1f} ms (stacks double when full, "
-        "and that load copies every adapter already resident)."
+        f"{1000 * statistics.median(rest):.2f} ms, slowest {1000 * max(rest):.1f} ms "
+        + (
+            "(slots reserved up front: no load grew the stores)."
+            if args.reserve
+            else "(stacks double when full, and that load copies every adapter already resident)."
+        )
     )
 
     print("\n## Memory\n")
