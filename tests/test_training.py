@@ -152,6 +152,33 @@ def _assert_same_adapter(a: Path, b: Path, atol: float = 1e-6) -> None:
         torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=1e-5, msg=k)
 
 
+def test_accelerations_train_the_same_adapter_or_fall_back_saying_why(llm_dir, data_file, tmp_path):
+    """--gradient-checkpointing (nora's policy) gives the adapter of a plain run; --liger and --compile, where
+    CUDA is absent, fall back with a warning and the reason in summary.json."""
+    plain = train(config(llm_dir, data_file, tmp_path / "plain", max_steps=6))
+    with pytest.warns(UserWarning) as caught:
+        fast = train(
+            config(
+                llm_dir,
+                data_file,
+                tmp_path / "fast",
+                max_steps=6,
+                gradient_checkpointing=True,
+                liger=True,
+                compile=True,
+            )  # fmt: skip
+        )
+    _assert_same_adapter(fast.run_dir, plain.run_dir, atol=1e-5)
+    accelerations = fast.summary["accelerations"]
+    assert accelerations["gradient_checkpointing"].startswith("on")
+    assert plain.summary["accelerations"] == {}
+    if not torch.cuda.is_available():
+        assert accelerations["liger"].startswith("off (no CUDA device")
+        assert accelerations["compile"].startswith("off (no CUDA device")
+        messages = " ".join(str(w.message) for w in caught)
+        assert "liger: off" in messages and "compile: off" in messages
+
+
 def _write_yaml(path: Path, cfg: dict) -> Path:
     import yaml
 

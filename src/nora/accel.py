@@ -78,11 +78,10 @@ def enable_adapter_checkpointing(model: nn.Module) -> None:
     """Gradient checkpointing of the transformers model's blocks with the adapter-keeping policy."""
     policy = adapter_checkpoint_policy(max_adapter_rank(model))
     target = getattr(model, "model", model)
-    target.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={
-            "use_reentrant": False,
-            "context_fn": functools.partial(create_selective_checkpoint_contexts, policy),
-        }
-    )
+    kwargs = {"use_reentrant": False, "context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the older name goes in v6
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(target, "enable_input_require_grads"):
         target.enable_input_require_grads()

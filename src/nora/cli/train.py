@@ -89,7 +89,11 @@ def train_command(
     max_grad_norm: Annotated[float | None, Opt(help="Gradient clipping norm (0: off).")] = None,
     seed: Annotated[int | None, Opt(help="Seed for adapter init and data order.")] = None,
     precision: Annotated[str | None, Opt(help="fp32, bf16 or fp16 (mixed precision).")] = None,
-    gradient_checkpointing: Annotated[bool | None, Opt(help="Recompute activations in backward.")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, Opt(help="Recompute the base model's activations in backward; keep the adapters' narrow ones.")
+    ] = None,
+    liger: Annotated[bool | None, Opt(help="Liger's fused kernels (CUDA; falls back, saying why).")] = None,
+    compile: Annotated[bool | None, Opt(help="torch.compile the model (CUDA; falls back, saying why).")] = None,
     fsdp: Annotated[bool | None, Opt(help="Shard the model over the processes (FSDP2) instead of DDP.")] = None,
     logging_steps: Annotated[int | None, Opt(help="Log loss, LR and tokens/s every N steps.")] = None,
     eval_steps: Annotated[int | None, Opt(help="Evaluate every N steps (and always at the end).")] = None,

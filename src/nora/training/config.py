@@ -65,7 +65,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # nora's policy: recompute the base, keep the narrow adapter activations
+    liger: bool = False  # Liger's fused kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy) where CUDA has them
+    compile: bool = False  # torch.compile the model (CUDA)
     fsdp: bool = False  # shard the model's blocks over the processes (torch FSDP2) instead of replicating (DDP)
     # bookkeeping
     logging_steps: int = 10

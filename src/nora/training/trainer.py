@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch import nn
 
+from ..accel import compile_model, enable_adapter_checkpointing, enable_fused_kernels
 from ..atomic import atomic_write_json
 from ..errors import AdapterError
 from ..io import adapter_payload, apply_tensors, read_adapter, write_adapter
@@ -173,13 +174,12 @@ class Run:
         if adapter_config.base_model_name_or_path is None and config.model is not None:
             local = Path(config.model).expanduser()
             adapter_config.base_model_name_or_path = str(local.resolve()) if local.exists() else config.model
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = model.to(self.acc.device)
         self.adapted = get_peft_model(model, adapter_config)
         for p in self.adapted.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
+        self.accelerations = self._accelerate(config)
         self.adapted.train()
         self.checkpoint = self._resume_point()
         self.resumed: dict[str, Any] | None = None
@@ -204,8 +204,27 @@ class Run:
             self.model = self.adapted  # sharded in place; the optimizer works on the local shards
         else:
             self.model, self.optimizer = self.acc.prepare(self.adapted, self.optimizer)
+        if config.compile:
+            if self.acc.device.type == "cuda":
+                self.model, self.accelerations["compile"] = compile_model(self.model)
+            else:
+                self.accelerations["compile"] = "off (no CUDA device: compiling for CPU training rarely pays)"
+                warnings.warn(f"compile: {self.accelerations['compile']}; training goes on without it.", stacklevel=2)
         self.step = 0
         self.tokens_seen = 0
+
+    def _accelerate(self, config: TrainConfig) -> dict[str, str]:
+        """The optional accelerations asked for, each "on" or the reason it is off (recorded in summary.json)."""
+        report: dict[str, str] = {}
+        if config.liger:
+            report |= enable_fused_kernels(self.adapted)
+        if config.gradient_checkpointing:
+            enable_adapter_checkpointing(self.adapted)
+            report["gradient_checkpointing"] = "on (base recomputed, adapter activations kept)"
+        for feature, status in report.items():
+            if status.startswith("off"):
+                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=2)
+        return report
 
     # ---- data order: a pure function of (seed, step), so resuming needs only the step ---------------------------
     def _global_batch(self, step: int) -> list[dict[str, Any]]:
@@ -453,6 +472,7 @@ class Run:
                 "truncated": self.train_set.truncated + (self.eval_set.truncated if self.eval_set else 0),
                 "dropped": self.train_set.dropped + (self.eval_set.dropped if self.eval_set else 0),
                 "labels": self.train_set.labels or None,
+                "accelerations": self.accelerations,
                 **eval_metrics,
             }
             if self.config.eval_tasks:
