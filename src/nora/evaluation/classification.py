@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import AdapterError
-from .loglik import model_device, model_max_length, pad_id
+from .loglik import inference, model_device, model_max_length, pad_id
 from .tasks import ClassificationExample
 
 
@@ -35,10 +33,8 @@ def predict_labels(
     tokenizer.padding_side = "right"
     device = model_device(model)
     predictions: list[int] = []
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(examples), desc=desc, disable=not progress, leave=False) as bar:
+        with inference(model, len(examples), desc, progress) as bar:
             for start in range(0, len(examples), batch_size):
                 batch = examples[start : start + batch_size]
                 columns = [list(column) for column in zip(*(e.texts for e in batch), strict=True)]
@@ -48,7 +44,6 @@ def predict_labels(
                 bar.update(len(batch))
     finally:
         tokenizer.pad_token, tokenizer.padding_side = restore
-        model.train(was_training)
     return predictions
 
 

@@ -10,11 +10,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..errors import AdapterError
-from .loglik import model_device, model_max_length, pad_id
+from .loglik import inference, model_device, model_max_length, pad_id
 
 
 def generate_responses(
@@ -41,25 +40,20 @@ def generate_responses(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     responses = [""] * len(encoded)
     device = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                    mask[row, width - len(encoded[i]) :] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-                for i, text in zip(batch, texts, strict=True):
-                    responses[i] = text
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    with inference(model, len(order), desc, progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for i, text in zip(batch, texts, strict=True):
+                responses[i] = text
+            bar.update(len(batch))
     return responses
 
 

@@ -10,7 +10,8 @@ explicitly, so a model with absolute positions (GPT-2) scores a request the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,20 +50,28 @@ def continuation_logliks(
     encoded = [_encode(tokenizer, request, limit) for request in requests]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].context))
     results: list[list[float]] = [[] for _ in encoded]
+    with inference(model, len(order), desc, progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            for i, scores in zip(
+                batch, _score_batch(model, [encoded[i] for i in batch], pad_id(tokenizer)), strict=True
+            ):
+                results[i] = scores
+            bar.update(len(batch))
+    return results
+
+
+@contextmanager
+def inference(model: nn.Module, total: int, desc: str, progress: bool) -> Iterator[tqdm]:
+    """The block runs in eval and inference mode under a progress bar over `total` items; the model's own
+    train/eval mode is restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                for i, scores in zip(
-                    batch, _score_batch(model, [encoded[i] for i in batch], pad_id(tokenizer)), strict=True
-                ):
-                    results[i] = scores
-                bar.update(len(batch))
+        with torch.inference_mode(), tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+            yield bar
     finally:
         model.train(was_training)
-    return results
 
 
 def pad_id(tokenizer) -> int:
