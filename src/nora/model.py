@@ -435,7 +435,8 @@ class AdaptedModel(nn.Module):
         layers = wrap_layers(self.model, layer_names)
         if not set(layers) <= set(self.layers()):
             self.__dict__["_layer_cache"] = None
-        bank = AdapterBank(key, method, config, capacity=max(8, self.__dict__.get("_resident_reserve", 0)))
+        bank = AdapterBank(key, method, config)
+        bank.reserve(self.__dict__.get("_resident_reserve", 0))
         made: list[tuple[AdapterLayer, str]] = []
         header = file.header() or {}
         try:

@@ -72,8 +72,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        if isinstance(model, AdaptedModel) and self.config.reserve_adapters:
-            model.reserve_resident(self.config.reserve_adapters)
+        self._reserve()
         hf = hf_model(model)
         text_config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
         self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
@@ -344,11 +343,16 @@ class Engine:
                 self.model.load_adapter(path, name)
             else:
                 self.model = AdaptedModel.from_pretrained(self.model, path, name).eval()
-                if self.config.reserve_adapters:
-                    self.model.reserve_resident(self.config.reserve_adapters)
+                self._reserve()
         except AdapterError as e:
             raise BadRequest(str(e), "path") from e
         return (time.perf_counter() - start) * 1000
+
+    def _reserve(self) -> None:
+        """Resident slots up front, once the model can hold resident adapters (a bare base cannot, until its first
+        load makes it an AdaptedModel)."""
+        if isinstance(self.model, AdaptedModel) and self.config.reserve_adapters:
+            self.model.reserve_resident(self.config.reserve_adapters)
 
     @torch.no_grad()
     def _unload(self, name: str) -> float:

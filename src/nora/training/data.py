@@ -120,16 +120,14 @@ def encode_causal(
     else:
         prompts = [format_prompt(_str(r, "instruction", source), str(r.get("input") or "")) for r in rows]
         responses = [_str(r, "output", source) for r in rows]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    masking = mask_prompt and kind != "text"
     whole_ids = tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=False)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if masking else [[]] * len(rows)
     out = Encoded([])
     for p, whole in zip(prompt_ids, whole_ids["input_ids"], strict=True):
         ids = bos + whole + eos
-        if mask_prompt and kind != "text":
-            masked = len(bos) + _common_prefix(p, whole)
-            labels = [IGNORE] * masked + ids[masked:]
-        else:
-            labels = list(ids)
+        masked = len(bos) + _common_prefix(p, whole) if masking else 0
+        labels = [IGNORE] * masked + ids[masked:]
         if kind == "text" and bos:
             labels[0] = IGNORE  # nothing predicts BOS
         if len(ids) > max_length:

@@ -209,21 +209,21 @@ class Run:
                 self.model, self.accelerations["compile"] = compile_model(self.model)
             else:
                 self.accelerations["compile"] = "off (no CUDA device: compiling for CPU training rarely pays)"
-                warnings.warn(f"compile: {self.accelerations['compile']}; training goes on without it.", stacklevel=2)
+        for feature, status in self.accelerations.items():
+            if status.startswith("off"):
+                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=2)
         self.step = 0
         self.tokens_seen = 0
 
     def _accelerate(self, config: TrainConfig) -> dict[str, str]:
-        """The optional accelerations asked for, each "on" or the reason it is off (recorded in summary.json)."""
+        """The accelerations applied before wrapping, each "on" or the reason it is off (summary.json records them;
+        compile comes after wrapping)."""
         report: dict[str, str] = {}
         if config.liger:
             report |= enable_fused_kernels(self.adapted)
         if config.gradient_checkpointing:
             enable_adapter_checkpointing(self.adapted)
             report["gradient_checkpointing"] = "on (base recomputed, adapter activations kept)"
-        for feature, status in report.items():
-            if status.startswith("off"):
-                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=2)
         return report
 
     # ---- data order: a pure function of (seed, step), so resuming needs only the step ---------------------------
