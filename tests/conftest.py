@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+# Tiny models run fastest on one thread, and on a busy 2-core machine small ops on two threads stall on OpenMP
+# barriers (an index_add took 30 ms instead of 3 µs; whole tests took 15× longer now and then).
+torch.set_num_threads(1)
 
 
 def shared_path(*parts: str) -> Path:

@@ -285,11 +285,11 @@ def test_bad_input_gives_clear_errors(llm_dir, data_file, tmp_path):
         train(config(llm_dir, tmp_path / "missing.json", tmp_path / "a"))
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "x", "output": ')
-    with pytest.raises(AdapterError, match="could not read training data"):
+    with pytest.raises(AdapterError, match=r"bad.json:1:33: not valid JSON \(Expecting value\)"):
         train(config(llm_dir, bad, tmp_path / "b"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(AdapterError, match="no examples|could not read"):
+    with pytest.raises(AdapterError, match="empty.jsonl is empty"):
         train(config(llm_dir, empty, tmp_path / "c"))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
@@ -345,7 +345,7 @@ def test_classification_data_errors_and_pairs(llm_dir, tmp_path):
     csv.write_text("text,label\nAdd one and two.,pos\nName the sky.,neg\nAdd two and three.,pos\n")
     enc = encode_classification(load_records(str(csv)), tok, 64, None, "train.csv")
     assert enc.labels == ["neg", "pos"] and [e["label"] for e in enc.examples] == [1, 0, 1]
-    with pytest.raises(AdapterError, match=r"label\(s\) \['maybe'\] outside the label set \['neg', 'pos'\]"):
+    with pytest.raises(AdapterError, match=r"dev.csv: label 'maybe' is outside the label set \['neg', 'pos'\]"):
         rows = [{"text": "x", "label": "maybe"}]
         encode_classification(rows, tok, 64, enc.labels, "dev.csv")
     with pytest.raises(AdapterError, match=r"lacks column\(s\) \['label'\]"):

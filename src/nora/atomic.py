@@ -1,4 +1,5 @@
-"""Atomic writes: a file or directory is either the old one or the complete new one, never half-written."""
+"""Atomic writes: a file or directory is either the old one or the complete new one, never half-written, and it
+ends with the permissions a plain write would have given it (tempfile makes 0600 files and 0700 directories)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,25 @@ import torch
 from safetensors.torch import save_file
 
 
+def umask() -> int:
+    """The process umask (read without changing it where Linux reports it; os.umask alone can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() would give a new file or directory under the current umask."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,6 +42,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, plain_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +67,7 @@ def atomic_replace_dir(build: Callable[[Path], None], target: str | os.PathLike)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         build(tmp)
+        os.chmod(tmp, plain_mode(directory=True))
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -72,7 +72,7 @@ def _eval(tree: tuple | int, elems: list[torch.Tensor]) -> torch.Tensor:
 
 def chain_apply(chain: Chain, x: torch.Tensor) -> torch.Tensor:
     """(M_1 … M_n) x for activations x of shape (..., p_n), returning (..., p_0)."""
-    if len(chain) > 1 and not isinstance(chain[-1], nn.Parameter):
+    if len(chain) > 1 and chain[-1].dim() == 2 and not isinstance(chain[-1], nn.Parameter):
         # A frozen input factor (a basis buffer) always projects x first: in training, backward then keeps only
         # that narrow projection (a trainable product folded onto x would make autograd keep x itself), and
         # the order, hence every float, is the same whether or not the adapter is trainable.

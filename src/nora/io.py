@@ -30,7 +30,7 @@ from .atomic import atomic_replace_dir, atomic_save_safetensors, atomic_write_js
 from .basis import basis_fingerprint
 from .config import AdapterConfig
 from .errors import AdapterError
-from .layer import AdapterLayer, oriented_weight
+from .layer import AdapterLayer, is_adaptable, oriented_weight
 from .methods import get_method
 from .svd import fingerprint, weight_digest
 
@@ -66,7 +66,9 @@ def adapter_state(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tenso
         basis = layer.basis_of(core)
         if basis is not None and basis.scales is not None:
             tensors[f"{lname}.awsvd_scale"] = basis.scales
-        layers[lname] = {"r": core.r, "shape": list(layer.shape), "fingerprint": core.fingerprint}
+        layers[lname] = {
+            "r": core.r, "shape": list(layer.shape), "fingerprint": core.fingerprint, "weight": layer.weight_digest
+        }  # fmt: skip
     for mname, tc in model._copies().items():
         if name in tc.copies:
             for pname, p in tc.copies[name].state_dict().items():
@@ -89,7 +91,9 @@ def _resident_state(model: AdaptedModel, bank: AdapterBank, name: str) -> tuple[
         scales = layer.bases[stack.basis_key].scales
         if scales is not None:
             tensors[f"{lname}.awsvd_scale"] = scales
-        layers[lname] = {"r": stack.r, "shape": list(layer.shape), "fingerprint": stack.fingerprint}
+        layers[lname] = {
+            "r": stack.r, "shape": list(layer.shape), "fingerprint": stack.fingerprint, "weight": layer.weight_digest
+        }  # fmt: skip
     meta = {"format_version": FORMAT_VERSION, "version": _nora_version(), "layers": layers}
     return tensors, meta
 
@@ -196,21 +200,41 @@ def open_adapter(directory: str | os.PathLike) -> AdapterFile:
 def _read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any], Path]:
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.exists():
+        raise AdapterError(f"adapter directory {directory} does not exist; check the path.")
+    if not directory.is_dir():
+        raise AdapterError(f"{directory} is a file; an adapter is the directory holding {CONFIG_NAME}.")
     if not cfg_path.is_file():
+        inside = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+        if inside:
+            raise AdapterError(
+                f"{directory} holds no adapter of its own but adapters in sub-directories {inside} (save_pretrained "
+                f"puts every adapter but 'default' in DIR/NAME, as PEFT does): load {directory / inside[0]}."
+            )
         raise AdapterError(
             f"{directory} has no {CONFIG_NAME}: not a nora adapter directory (save one with "
             "model.save_pretrained(dir))."
         )
     try:
         payload = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (RecursionError: nested too deep)
         raise AdapterError(f"{cfg_path} is not valid JSON ({e}); the file is damaged: save the adapter again.") from e
+    if not isinstance(payload, dict):
+        raise AdapterError(f"{cfg_path} holds a JSON {type(payload).__name__}, not an object; save the adapter again.")
     if "peft_type" in payload:
         raise AdapterError(f"{cfg_path} is a PEFT adapter ({payload['peft_type']}); load it with peft.PeftModel.")
     meta = payload.pop("nora", None)
     if not isinstance(meta, dict) or "layers" not in meta:
         raise AdapterError(f"{cfg_path} lacks nora's per-layer metadata; it was not written by nora.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    layers, version = meta["layers"], meta.get("format_version", 0)
+    if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
+        raise AdapterError(
+            f"{cfg_path}: its per-layer metadata (nora.layers) is not an object of layers; the file was edited or "
+            "damaged: save the adapter again."
+        )
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdapterError(f"{cfg_path}: format_version={version!r} is not a number; save the adapter again.")
+    if version > FORMAT_VERSION:
         raise AdapterError(f"{directory} uses adapter format {meta['format_version']}; upgrade nora to load it.")
     config = AdapterConfig.from_dict(payload)
     if not w_path.is_file():
@@ -234,6 +258,19 @@ def check_layers(
                 f"adapter {where} targets module {lname!r}, which this model does not have: it was made for "
                 f"another architecture (base: {config.base_model_name_or_path})."
             )
+        if not (isinstance(module, AdapterLayer) or is_adaptable(module)) or lname.endswith("base_layer"):
+            raise AdapterError(
+                f"adapter {where} targets module {lname!r}, a {type(module).__name__} of this model that takes no "
+                "adapter (only nn.Linear / Conv1D layers do): its adapter_config.json was edited, or it was made for "
+                "another architecture."
+            )
+        r, shape = info.get("r"), info.get("shape")
+        whole = [r, *shape] if isinstance(shape, list) and len(shape) == 2 else [None]
+        if any(type(n) is not int for n in whole) or r < 1 or not isinstance(info.get("fingerprint"), str):
+            raise AdapterError(
+                f"adapter {where}: the metadata of layer {lname!r} ({repr(info)[:80]}) does not give its rank r, shape "
+                "and fingerprint; its adapter_config.json was edited or damaged: save the adapter again."
+            )
         weight = oriented_weight(module)
         if list(weight.shape) != info["shape"]:
             raise AdapterError(
@@ -241,7 +278,6 @@ def check_layers(
                 f"adapter; it was made for another base model ({config.base_model_name_or_path})."
             )
         digest = module.weight_digest if isinstance(module, AdapterLayer) else weight_digest(weight)
-        r = int(info["r"])
         scales = tensors.get(f"{lname}.awsvd_scale")
         if method.uses_basis:
             expected = basis_fingerprint(
@@ -249,11 +285,18 @@ def check_layers(
             )
         else:
             expected = fingerprint(method=method.name, r=r, shape=list(weight.shape), digest=digest)
+        if expected != info["fingerprint"] and info.get("weight") == digest:
+            raise AdapterError(
+                f"adapter {where}: the settings recorded for {lname!r} (r={r}, placement, SVD options) are not those "
+                "it was saved with, though the base weights match: its adapter_config.json was edited or damaged "
+                "after saving. Restore the file (or save the adapter again)."
+            )
         if expected != info["fingerprint"]:
+            edited = "" if "weight" in info else " (or its adapter_config.json was edited after saving)"
             message = (
-                f"adapter {where} was made for a different base model: the weights of {lname!r} differ from "
-                f"those it was trained on (base recorded: {config.base_model_name_or_path}). Load it onto that "
-                "base model."
+                f"adapter {where} was made for a different base model{edited}: the weights of {lname!r} differ "
+                f"from those it was trained on (base recorded: {config.base_model_name_or_path}). Load it onto "
+                "that base model."
             )
             if method.uses_basis:
                 raise AdapterError(message + " Its outer SVD basis would not match, so it is refused.")

@@ -48,6 +48,7 @@ _SCALE_ONLY = (
     "exclude_modules",
     "base_model_name_or_path",
     "basis_cache_dir",
+    "clamp_rank",
 )
 
 
@@ -155,8 +156,11 @@ class AdaptedModel(nn.Module):
     def _check_new_name(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} exists; delete_adapter() it or pick a new name.")
-        if "." in adapter_name or not adapter_name or adapter_name == BASE:
-            raise AdapterError(f"adapter name {adapter_name!r} must be non-empty, without '.', and not {BASE!r}.")
+        if not valid_adapter_name(adapter_name):
+            raise AdapterError(
+                f"adapter name {adapter_name!r} must be non-empty, without '.', '/', '\\' or control characters, "
+                f"and not {BASE!r} (save_pretrained writes each adapter to a sub-directory of that name)."
+            )
 
     def add_adapter(
         self,
@@ -188,6 +192,7 @@ class AdaptedModel(nn.Module):
                 n: layer.plan(config, method, None if scales is None else scales.get(n), (ranks or {}).get(n))
                 for n, layer in layers.items()
             }
+            _warn_clamped(config, plans)
             requests = [p.request for p in plans.values() if p.request is not None]
             factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
             for n, layer in layers.items():
@@ -214,7 +219,10 @@ class AdaptedModel(nn.Module):
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
         for tc in self._copies().values():
-            tc.copies.pop(adapter_name, None)
+            if adapter_name in tc.copies:
+                del tc.copies[adapter_name]  # ModuleDict.pop takes no default
+            if tc.active == adapter_name:
+                tc.active = None
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
@@ -515,6 +523,30 @@ class AdaptedModel(nn.Module):
             core.requires_grad_(False)
             layers[n].adapters[name] = core
         self._remove_resident(name)
+
+
+def _warn_clamped(config: AdapterConfig, plans: dict) -> None:
+    if not config.clamp_rank or isinstance(config.r, float):
+        return
+    clamped = {n: p.r for n, p in plans.items() if p.r < config.r}
+    if clamped:
+        warnings.warn(
+            f"r={config.r} is wider than {len(clamped)} of {len(plans)} adapted layers; those take r = min(d, k) "
+            f"(down to {min(clamped.values())}, e.g. {next(iter(clamped))}). Pass an explicit rank to choose another.",
+            stacklevel=3,
+        )
+
+
+def valid_adapter_name(name: object) -> bool:
+    """Whether `name` can name an adapter: it becomes a sub-directory name on save, so no path separators, dots
+    ('..'), or control characters (NUL)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name != BASE
+        and not any(c in name for c in "./\\")
+        and name.isprintable()
+    )
 
 
 class _NotStackable(Exception):

@@ -3,8 +3,13 @@ one place `nora train`, `nora eval` and `nora serve` get them from."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -23,7 +28,17 @@ def resolve_device(device: str) -> torch.device:
     """ "auto" → CUDA where present, else CPU; anything else as torch reads it ("cpu", "cuda:1", ...)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AdapterError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AdapterError(f"--device {device}: this machine has no CUDA device torch can use; use --device cpu.")
+        if resolved.index is not None and resolved.index >= count:
+            raise AdapterError(f"--device {device}: there are only {count} CUDA device(s), cuda:0..cuda:{count - 1}.")
+    return resolved
 
 
 def parse_dtype(dtype: str) -> torch.dtype | None:
@@ -31,6 +46,77 @@ def parse_dtype(dtype: str) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise AdapterError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
     return DTYPES[dtype]
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (`owner/name`): absolute, relative with ./ or ../, ~, or more than one `/`."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(name: str, gguf_file: str | None = None, what: str = "--model") -> None:
+    """Refuse, at once and saying how to fix it, a model that cannot be loaded: a local path that does not exist
+    or is not a model directory, a malformed hub id, or a hub model that is neither cached nor reachable (which
+    transformers would retry for about a minute before a long traceback)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            hint = f"--model {path.parent} --gguf-file {path.name}" if path.suffix == ".gguf" else "its directory"
+            raise AdapterError(f"{what} {name} is a file; a model is a directory (pass {hint}).")
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise AdapterError(f"{what} {name} holds no GGUF file {gguf_file!r}; check --gguf-file.")
+        elif not (path / "config.json").is_file():
+            raise AdapterError(
+                f"{what} {name} holds no config.json, so it is not a transformers model directory (save one with "
+                "model.save_pretrained(DIR), or point at the directory that has config.json)."
+            )
+        return
+    if looks_local(name):
+        raise AdapterError(f"{what} {name}: no such directory. Check the path (relative to {Path.cwd()}).")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise AdapterError(
+            f"{what} {name!r} is neither an existing directory nor a hub id like 'owner/name'; check the spelling."
+        ) from None
+    if try_to_load_from_cache(name, gguf_file or "config.json") is not None or hub_reachable():
+        return
+    raise AdapterError(
+        f"{what} {name}: not a local directory, not in the Hugging Face cache, and the hub cannot be reached "
+        f"(offline{' mode' if _offline_mode() else ''}). On a machine with internet run `hf download {name} "
+        f"--local-dir DIR`, copy DIR here and pass {what} DIR."
+    )
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection (once per process; False in offline mode)."""
+    if _offline_mode():
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(name: str | Path) -> dict[str, Any]:
+    """local_files_only for a cached hub model when the hub is out of reach, so nothing waits on retries."""
+    if Path(name).expanduser().exists() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
 
 
 def load_model(
@@ -45,7 +131,7 @@ def load_model(
     or None (float32). A GGUF file is dequantised to float, so the model trains, merges and saves like any other."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = _hub_kwargs(name)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if gguf_file:
@@ -64,7 +150,35 @@ def load_tokenizer(name: str | Path, gguf_file: str | None = None, chat_template
     """The tokenizer at `name` (read from the GGUF file when one is given)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
+    kwargs = _hub_kwargs(name) | ({"gguf_file": gguf_file} if gguf_file else {})
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     if chat_template is not None:
         tokenizer.chat_template = Path(chat_template).read_text()
     return tokenizer
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """A key/value cache passed as the model's forward takes it: `cache=` from transformers 5.2x on (where
+    `past_key_values=` warns that it goes in 5.40), `past_key_values=` before."""
+    cls = type(model)
+    if cls not in _CACHE_NAME:
+        _CACHE_NAME[cls] = _cache_name(model)
+    return {_CACHE_NAME[cls]: cache}
+
+
+def _cache_name(model: nn.Module, depth: int = 0) -> str:
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    inner = model._modules.get("model") or model._modules.get("base_model")  # a wrapper (nora, PEFT) passes it on
+    return _cache_name(inner, depth + 1) if inner is not None and depth < 4 else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned (`out.cache`, or `out.past_key_values` before transformers 5.2x)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+_CACHE_NAME: dict[type, str] = {}

@@ -4,6 +4,12 @@ Every SVD method derives its frozen outer factors from here, so one weight alway
 float32 (or float64) whatever the weight dtype, with a seeded randomized solver whose Gaussian sketch is drawn on
 the CPU (identical on every device) and signs canonicalised so the largest-magnitude entry of each left singular
 vector is positive.
+
+On the CPU every solve runs one matrix at a time on one thread (`one_thread`): the factors then cannot depend on
+torch's thread count or on which matrices share a batch, and many small LAPACK calls no longer stall on
+oversubscribed OpenMP barriers when the machine is busy (a 2-thread solve of SmolLM2-135M's 210 matrices took
+about 20x longer than a 1-thread one with two CPU hogs running; BENCHMARKS.md). `solver="auto"` (the default)
+picks exact or randomized per matrix from its shape and the settings alone (`choose_solver`).
 """
 
 from __future__ import annotations
@@ -11,31 +17,47 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_save_safetensors
 from .errors import AdapterError
 
 PLACEMENTS = ("sqrt", "out", "in", "none")
 _DIGEST_SAMPLES = 16384
+SOLVERS = ("auto", "exact", "randomized")
+# Cost model of `choose_solver`, in multiply-adds of a large matrix product: one thin SVD (LAPACK gesdd) of an
+# l×k matrix (l ≥ k) costs about _EXACT_WEIGHT·(l·k² + k³) and a QR (geqrf + orgqr) of an l×q one about
+# _QR_WEIGHT·l·q². Fitted on single-thread CPU timings (random matrices from 64×256 to 4096×1024, and
+# SmolLM2-135M's weights at r = 32 and 128) and fixed here: the choice must depend on the shape and settings
+# only, never on the machine. Exact is taken only where the model makes it _EXACT_MARGIN times cheaper: near the
+# crossover both take about as long on a CPU, and a GPU's SVD is slower next to its GEMM and QR than a CPU's.
+_EXACT_WEIGHT = 4.5
+_QR_WEIGHT = 1.3
+_EXACT_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
 class SVDSettings:
-    solver: str = "randomized"  # "randomized" (seeded; exact when r + oversample covers the matrix) | "exact"
+    # "auto": per matrix, whichever of "exact" and "randomized" the cost model says is cheaper (choose_solver)
+    # "randomized": seeded range finder (exact when r + oversample covers the matrix) | "exact": full thin SVD
+    solver: str = "auto"
     niter: int = 8  # power iterations of the randomized solver
     oversample: int = 16
     seed: int = 0
     dtype: str = "float32"  # compute dtype: "float32" | "float64"
 
     def __post_init__(self) -> None:
-        if self.solver not in ("exact", "randomized"):
-            raise AdapterError(f"svd={self.solver!r} is not a solver; use 'exact' or 'randomized'.")
+        if self.solver not in SOLVERS:
+            raise AdapterError(f"svd={self.solver!r} is not a solver; use 'auto', 'exact' or 'randomized'.")
         if self.dtype not in ("float32", "float64"):
             raise AdapterError(f"svd_dtype={self.dtype!r} is not supported; use 'float32' or 'float64'.")
 
@@ -47,12 +69,14 @@ class SVDSettings:
 def weight_digest(weight: torch.Tensor) -> str:
     """A device-independent digest of a weight: shape plus a fixed strided sample of its values rounded to
     bfloat16, so the same checkpoint in float32, bfloat16 or float16 gives the same digest and another one
-    does not. Cheap enough to run on every layer of an 8B model."""
+    does not. Cheap enough to run on every layer of an 8B model (on one thread: 16k samples gain nothing from
+    more, and on a busy 2-core machine a 2-thread gather took 5 ms against 0.2 ms)."""
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     step = max(1, n // _DIGEST_SAMPLES)
-    idx = torch.arange(0, n, step, device=flat.device)[:_DIGEST_SAMPLES]
-    sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+    with one_thread():
+        idx = torch.arange(0, n, step, device=flat.device)[:_DIGEST_SAMPLES]
+        sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
     h = hashlib.sha256(sample)
     h.update(str(tuple(weight.shape)).encode())
     return h.hexdigest()[:16]
@@ -85,14 +109,68 @@ def canonicalise_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor,
     return U * signs, Vh * signs.transpose(-1, -2)
 
 
+_pin_lock = threading.Lock()
+_pin_depth = 0
+_pin_saved = 1
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread for the duration (the thread count restored after, also on error;
+    nested and concurrent uses restore it once, when the last one leaves). Results then do not depend on the
+    thread count (MKL's QR and SVD differ in the last bits between 1 and 2 threads), and a loaded machine does
+    not stall the many short parallel regions of small LAPACK calls."""
+    global _pin_depth, _pin_saved
+    with _pin_lock:
+        if _pin_depth == 0:
+            _pin_saved = torch.get_num_threads()
+            if _pin_saved != 1:
+                torch.set_num_threads(1)
+        _pin_depth += 1
+    try:
+        yield
+    finally:
+        with _pin_lock:
+            _pin_depth -= 1
+            if _pin_depth == 0 and _pin_saved != 1:
+                torch.set_num_threads(_pin_saved)
+
+
+def solve_costs(m: int, n: int, r: int, s: SVDSettings) -> tuple[float, float]:
+    """Estimated (exact, randomized) cost of the top-r SVD of one m×n matrix, in large-GEMM multiply-adds."""
+    big, k = max(m, n), min(m, n)
+    q = min(r + s.oversample, k)
+    exact = _EXACT_WEIGHT * (big * k * k + k**3)
+    products = (2 * s.niter + 2) * m * n * q  # the sketch, 2 per power iteration, and Qᵀ W
+    qrs = _QR_WEIGHT * q * q * ((s.niter + 1) * m + s.niter * n)
+    small = _EXACT_WEIGHT * (n * q * q + q**3) + m * q * q  # SVD of the q×n projection, then Q @ U_b
+    return exact, products + qrs + small
+
+
+def choose_solver(shape: tuple[int, ...] | torch.Size, r: int, s: SVDSettings) -> str:
+    """The solver truncated_svd uses for a (batch of) matrix of this shape: a function of the shape and the
+    settings only, so every device, thread count and batch gets the same one."""
+    m, n = shape[-2:]
+    if s.solver == "exact" or r + s.oversample >= min(m, n):
+        return "exact"
+    if s.solver == "randomized":
+        return "randomized"
+    exact, randomized = solve_costs(m, n, r, s)
+    return "exact" if _EXACT_MARGIN * exact <= randomized else "randomized"
+
+
+def _sketch(n: int, q: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n, q, generator=gen, dtype=torch.float64)
+
+
 def _randomized(W: torch.Tensor, r: int, s: SVDSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halko–Martinsson–Tropp range finder with power iterations, batched over leading dims."""
     m, n = W.shape[-2:]
     q = min(r + s.oversample, m, n)
     # One sketch per (n, q, seed), drawn on the CPU and shared by a batch: a matrix gets the same basis whether
     # it is factored alone or stacked with others, on any device.
-    gen = torch.Generator(device="cpu").manual_seed(s.seed)
-    sketch = torch.randn(n, q, generator=gen, dtype=torch.float64).to(W.device, W.dtype)
+    sketch = _sketch(n, q, s.seed).to(W.device, W.dtype)
     Q, _ = torch.linalg.qr(W @ sketch)
     Wt = W.transpose(-1, -2)
     for _ in range(s.niter):
@@ -102,23 +180,42 @@ def _randomized(W: torch.Tensor, r: int, s: SVDSettings) -> tuple[torch.Tensor, 
     return (Q @ Ub)[..., :r], S[..., :r], Vh[..., :r, :]
 
 
-def truncated_svd(W: torch.Tensor, r: int, settings: SVDSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r SVD of W (or a batch of equal-shape W) in the compute dtype, signs canonicalised."""
-    Wc = W.detach().to(settings.torch_dtype)
-    if settings.solver == "exact" or r + settings.oversample >= min(W.shape[-2:]):
-        U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+def _solve(W: torch.Tensor, r: int, solver: str, s: SVDSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if solver == "exact":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         U, S, Vh = U[..., :r], S[..., :r], Vh[..., :r, :]
     else:
-        U, S, Vh = _randomized(Wc, r, settings)
+        U, S, Vh = _randomized(W, r, s)
     U, Vh = canonicalise_signs(U, Vh)
     return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def truncated_svd(W: torch.Tensor, r: int, settings: SVDSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r SVD of W (or a batch of equal-shape W) in the compute dtype, signs canonicalised. On the CPU one
+    matrix at a time on one thread (one_thread); on other devices the whole batch in one call."""
+    Wc = W.detach().to(settings.torch_dtype)
+    solver = choose_solver(Wc.shape, r, settings)
+    if Wc.device.type != "cpu":
+        return _solve(Wc, r, solver, settings)
+    if Wc.dim() == 2:
+        with one_thread():
+            return _solve(Wc, r, solver, settings)
+    lead, (m, n) = Wc.shape[:-2], Wc.shape[-2:]
+    with one_thread():
+        parts = [_solve(w, r, solver, settings) for w in Wc.reshape(-1, m, n)]
+    return tuple(torch.stack([p[i] for p in parts]).reshape(*lead, *parts[0][i].shape) for i in range(3))
 
 
 def energy_rank(W: torch.Tensor, energy: float, measure: str = "squared") -> int:
     """Smallest r whose top singular values keep at least `energy` of the spectrum's energy."""
     if not 0.0 < energy <= 1.0:
         raise AdapterError(f"energy={energy} must lie in (0, 1]; 0.99 keeps 99 % of the spectrum.")
-    S = torch.linalg.svdvals(W.detach().to(torch.float64))
+    Wd = W.detach().to(torch.float64)
+    if Wd.device.type == "cpu":
+        with one_thread():  # the rank must not depend on the thread count either
+            S = torch.linalg.svdvals(Wd)
+    else:
+        S = torch.linalg.svdvals(Wd)
     mass = S**2 if measure == "squared" else S
     kept = torch.cumsum(mass, 0) / mass.sum().clamp_min(1e-300)
     return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
@@ -151,16 +248,23 @@ class BasisCache:
     def _size(self) -> int:
         return sum(t.numel() * t.element_size() for f in self._mem.values() for t in f.values())
 
-    def get(self, key: str, directory: str | os.PathLike | None) -> dict[str, torch.Tensor] | None:
+    def get(
+        self, key: str, directory: str | os.PathLike | None, expect: tuple[dict, torch.dtype] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The factors under `key`, or None (a miss). A file in `directory` is used only if nora wrote it for this
+        key and (given `expect`: shapes by name, dtype) it holds exactly those finite tensors; else it is recomputed
+        (and rewritten)."""
         if key in self._mem:
             self._mem.move_to_end(key)
             self.hits += 1
             return self._mem[key]
         if directory is not None:
             path = Path(directory) / f"{key}.safetensors"
-            if path.exists():
+            if path.exists() and not path.is_file():
+                raise AdapterError(f"basis cache entry {path} is not a file; remove it (the basis is then recomputed).")
+            factors = _read_cached(path, key, expect) if path.exists() else None
+            if factors is not None:
                 self.hits += 1
-                factors = load_file(path)
                 self._remember(key, factors)
                 return factors
         self.misses += 1
@@ -173,7 +277,7 @@ class BasisCache:
         cpu = {k: v.detach().cpu().contiguous() for k, v in factors.items()}
         self._remember(key, cpu)
         if directory is not None:
-            atomic_save_safetensors(cpu, Path(directory) / f"{key}.safetensors")
+            atomic_save_safetensors(cpu, Path(directory) / f"{key}.safetensors", metadata={_KEY_FIELD: key})
 
     def _remember(self, key: str, factors: dict[str, torch.Tensor]) -> None:
         self._mem[key] = factors
@@ -183,6 +287,31 @@ class BasisCache:
     def clear(self) -> None:
         self._mem.clear()
         self.hits = self.misses = 0
+
+
+_KEY_FIELD = "nora_basis_key"
+
+
+def _read_cached(path: Path, key: str, expect: tuple[dict, torch.dtype] | None) -> dict[str, torch.Tensor] | None:
+    """A basis cache file's factors, or None (with a warning) where it is damaged or not this key's."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            written_for = (f.metadata() or {}).get(_KEY_FIELD)
+            factors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        why = f"it cannot be read ({e})"
+    else:
+        shapes, dtype = expect if expect is not None else ({k: tuple(t.shape) for k, t in factors.items()}, None)
+        if written_for != key:
+            why = "it was not written for this key (copied or renamed from another)"
+        elif {k: tuple(t.shape) for k, t in factors.items()} != shapes:
+            why = f"its tensors are {[(k, list(t.shape)) for k, t in factors.items()]}, not {shapes}"
+        elif any((dtype is not None and t.dtype != dtype) or not torch.isfinite(t).all() for t in factors.values()):
+            why = "its tensors are not finite values of the compute dtype"
+        else:
+            return factors
+    warnings.warn(f"basis cache file {path} is not usable: {why}; recomputing that basis.", stacklevel=4)
+    return None
 
 
 BASIS_CACHE = BasisCache(int(os.environ.get("NORA_SVD_CACHE_MB", "1024")) << 20)

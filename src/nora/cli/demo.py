@@ -16,11 +16,15 @@ def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where adapters, logs and plots go.")] = Path(
         "runs/demo"
     ),
-    steps: Annotated[int, typer.Option(help="Optimizer steps per method (the same budget for each).")] = 60,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per method (the same budget for each).")] = 60,
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "nora,lora",
+    threads: Annotated[
+        int, typer.Option(min=1, help="CPU threads (1: the same figures every run, and no stalls on a busy machine).")
+    ] = 1,
 ) -> None:
     """Fine-tune all-MiniLM-L6-v2 (offline, CPU) with NoRA and LoRA on a generated topic task; print accuracy."""
     import datasets
+    import torch
     import transformers
     from rich.console import Console
     from rich.table import Table
@@ -28,6 +32,7 @@ def demo(
     from ..atomic import atomic_write_json
     from ..demo import run_demo
 
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # the new head's "missing weights" report is expected here
     datasets.disable_progress_bars()
     console = Console()

@@ -41,19 +41,23 @@ def evaluate(
         Path,
         typer.Option(envvar="NORA_DATA_DIR", help="Folder with commonsense/<task>/test.json, glue/<task>/dev.tsv."),
     ] = Path("data"),
-    limit: Annotated[int | None, typer.Option(help="Examples per task, drawn with --seed (default: all).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --limit draw.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation protocol: longest response.")] = 32,
-    num_beams: Annotated[int, typer.Option(help="Generation protocol: 1 greedy; LLM-Adapters uses 4.")] = 1,
-    max_length: Annotated[int | None, typer.Option(help="Longest input in tokens (default: the model's).")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Examples per task, drawn with --seed (default: all).")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the --limit draw.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward pass.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation protocol: longest response.")] = 32,
+    num_beams: Annotated[int, typer.Option(min=1, help="Generation protocol: 1 greedy; LLM-Adapters uses 4.")] = 1,
+    max_length: Annotated[
+        int | None, typer.Option(min=1, help="Longest input in tokens (default: the model's).")
+    ] = None,
     merge: Annotated[bool, typer.Option(help="Fold the adapter into the weights before evaluating.")] = True,
     gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from the base (dequantised).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")] = (
         "auto"
     ),
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
     log_samples: Annotated[bool, typer.Option(help="Keep each example's prediction in the JSON.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -62,16 +66,27 @@ def evaluate(
     from ..evaluation import evaluate_tasks, resolve_tasks
     from ..evaluation.loading import load_for_eval, resolve_target
     from ..evaluation.report import print_results, write_results
+    from ..evaluation.runner import PROTOCOLS
+    from ..pretrained import check_model_source, parse_dtype, resolve_device
 
     if threads is not None:
         torch.set_num_threads(threads)
     protocols = _split(protocol, ["loglik"])
     try:
+        unknown = sorted(set(protocols) - set(PROTOCOLS))
+        if unknown:
+            raise AdapterError(f"--protocol {', '.join(unknown)}: not a protocol; choose from {', '.join(PROTOCOLS)}.")
+        parse_dtype(dtype)
+        resolve_device(device)
+        if output is not None and output.is_dir():
+            raise AdapterError(f"--output {output} is a directory; give a file path such as {output / 'results.json'}.")
         specs = resolve_tasks(_split(tasks, ["commonsense"]), data_dir)
         kinds = {spec.kind for spec in specs}
         if len(kinds) > 1:
             raise AdapterError("commonsense tasks need a causal LM and GLUE tasks a classifier: evaluate them apart.")
         target = resolve_target(model, adapter, base)
+        recorded = "the base model the adapter records (pass --base for another)"
+        check_model_source(target.base, gguf_file, "--base" if base else recorded if target.adapter else "MODEL")
         num_labels = max((spec.layout.num_labels for spec in specs if spec.layout), default=None)
         task_kind = "seq-cls" if kinds == {"classification"} else "causal"
         start = time.perf_counter()

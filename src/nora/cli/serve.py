@@ -13,6 +13,8 @@ from ..errors import AdapterError
 from ..layer import BASE
 from . import app
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -28,7 +30,7 @@ def serve(
         list[str] | None, typer.Option("--adapter", "-a", help="NAME=PATH of an adapter to load at start; repeat.")
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
     api_key: Annotated[
         str | None, typer.Option(envvar="NORA_API_KEY", help="Require `Authorization: Bearer KEY` on /v1.")
     ] = None,
@@ -37,39 +39,53 @@ def serve(
     ] = None,
     base_name: Annotated[str, typer.Option(help="The `model` name clients use for the base model.")] = BASE,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer directory or id (default: --base).")] = None,
-    chat_template: Annotated[Path | None, typer.Option(help="A Jinja chat template file to use.")] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="A Jinja chat template file to use.")
+    ] = None,
     gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from --base (dequantised).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
-    max_batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="An idle server waits this long to batch a burst.")] = 5.0,
-    max_queue: Annotated[int, typer.Option(help="Requests held at once; beyond it: 503.")] = 1024,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Rows decoded together.")] = 16,
+    batch_window_ms: Annotated[
+        float, typer.Option(min=0, help="An idle server waits this long to batch a burst.")
+    ] = 5.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests held at once; beyond it: 503.")] = 1024,
     reserve_adapters: Annotated[
         int,
         typer.Option(
             min=0, help="Allocate resident slots for this many adapters up front, so no load has to grow the store."
         ),
     ] = 0,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
-    max_new_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
-    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
-    shutdown_timeout: Annotated[float, typer.Option(help="Seconds running requests get to finish on exit.")] = 30.0,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt accepted, in tokens.")] = 4096,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+    max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1_000_000,
+    shutdown_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds running requests get to finish on exit.")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help=f"uvicorn log level: {', '.join(LOG_LEVELS)}.")] = "info",
 ) -> None:
     """Serve the base model and its adapters over HTTP (OpenAI API: /v1/completions, /v1/chat/completions)."""
     try:
         import uvicorn
 
+        from ..pretrained import check_model_source, parse_dtype, resolve_device
         from ..serving import Engine, EngineConfig, ServerSettings, create_app
         from ..serving.loading import attach_adapters, load_base, parse_adapter_specs
     except ModuleNotFoundError as e:
         raise typer.BadParameter(
             f"nora serve needs {e.name}: install the serve extra, pip install 'nora-peft[serve]'."
         ) from e
+    if log_level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{log_level!r}: choose one of {', '.join(LOG_LEVELS)}.", param_hint="--log-level")
     if adapter_root is not None and not adapter_root.is_dir():
         raise typer.BadParameter(f"{adapter_root} is not a directory.", param_hint="--adapter-root")
     try:
         specs = parse_adapter_specs(adapter or [])
+        parse_dtype(dtype)
+        resolve_device(device)
+        check_model_source(base, gguf_file, "--base")
+        if tokenizer is not None:
+            check_model_source(tokenizer, None, "--tokenizer")
         model, tok = load_base(base, tokenizer, gguf_file, dtype, device, chat_template)
         model = attach_adapters(model, specs)
     except (AdapterError, OSError) as e:

@@ -30,7 +30,10 @@ def build_config(config_file: Path | None, cli: dict[str, Any]):
     from ..training import TrainConfig, load_yaml
 
     values = load_yaml(config_file) if config_file else {}
-    adapter = dict(values.pop("adapter", None) or {})
+    adapter = values.pop("adapter", None) or {}
+    if not isinstance(adapter, dict):
+        raise AdapterError(f"option adapter={adapter!r} must be dict: the adapter's fields, e.g. adapter: {{r: 8}}.")
+    adapter = dict(adapter)
     for key in ("rank", "alpha", "inner_rank", "dropout"):
         if key in values:  # flat YAML spellings of the adapter shortcuts
             adapter[{"rank": "r", "inner_rank": "inner_r"}.get(key, key)] = values.pop(key)
@@ -74,7 +77,9 @@ def train_command(
     mask_prompt: Annotated[bool | None, Opt(help="Loss on the response tokens only (instruction data).")] = None,
     text_column: Annotated[str | None, Opt(help="Column holding the text.")] = None,
     text_pair_column: Annotated[str | None, Opt(help="Column holding the second sentence of a pair.")] = None,
-    label_column: Annotated[str | None, Opt(help="Column holding the class label (seq-cls).")] = None,
+    label_column: Annotated[
+        str | None, Opt(help="Column holding the class label (seq-cls; default label, or GLUE's own).")
+    ] = None,
     labels: Annotated[str | None, Opt(help="Comma-separated label set, in id order (seq-cls).")] = None,
     max_examples: Annotated[int | None, Opt(help="Use only the first N examples of --data.")] = None,
     batch_size: Annotated[int | None, Opt(help="Examples per device per micro-batch.")] = None,
@@ -106,23 +111,35 @@ def train_command(
     eval_tasks: Annotated[str | None, Opt(help="After training, evaluate these tasks (see `nora eval`).")] = None,
     eval_data_dir: Annotated[str | None, Opt(help="Where --eval-tasks finds its data.")] = None,
     eval_limit: Annotated[int | None, Opt(help="At most N items per --eval-tasks task.")] = None,
+    threads: Annotated[
+        int | None, Opt(min=1, help="CPU threads for torch (default: torch's choice; 1 on a busy machine).")
+    ] = None,
 ) -> None:
     """Fine-tune an adapter on a causal LM (instruction or plain text) or a sequence classifier."""
     cli = dict(locals())
     config_file = cli.pop("config")
-    if cli["rank"] is not None and cli["rank"] >= 1:
-        cli["rank"] = int(cli["rank"])
+    threads = cli.pop("threads")
+    if cli["rank"] is not None and float(cli["rank"]).is_integer():
+        cli["rank"] = int(cli["rank"])  # --rank 8 is a rank; --rank 0.25 a fraction
     if cli["max_grad_norm"] == 0:
         cli["max_grad_norm"] = None
     from rich.console import Console
 
     from ..training import train
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         train_config = build_config(config_file, cli)
         result = train(train_config)
     except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # disk full, permissions: the message is enough, a traceback is noise
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; continue from the last checkpoint with --resume latest.") from None
     print_summary(Console(), result.summary, result.adapter_dir)
 
 

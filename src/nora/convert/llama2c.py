@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_replace_dir
+from ..atomic import atomic_replace_dir, atomic_save_safetensors
 from ..errors import AdapterError
 
 HEADER = struct.Struct("<7i")
@@ -317,7 +317,6 @@ def convert_llama2c(
     """Write a transformers `LlamaForCausalLM` directory (config, safetensors weights, generation config and,
     given `tokenizer`, a fast tokenizer) equivalent to a llama2.c checkpoint. The directory appears complete or
     not at all. Returns `out_dir`."""
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -342,7 +341,7 @@ def convert_llama2c(
     def build(tmp: Path) -> None:
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if fast is not None:
             fast.save_pretrained(tmp)
             # transformers 5 records its own "TokenizersBackend"; the older name loads in 4.x and 5.x alike.

@@ -45,6 +45,8 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
     if adapter is None:
         return EvalTarget(base, None, None)
     adapter = Path(adapter)
+    if not adapter.is_dir():
+        raise AdapterError(f"--adapter {adapter}: no such directory; check the path.")
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
     kind: Literal["nora", "peft"] = "peft" if "peft_type" in _adapter_config(adapter) else "nora"

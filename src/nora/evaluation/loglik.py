@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AdapterError
+from ..pretrained import cache_kwargs, output_cache
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _score_batch(model: nn.Module, batch: list[_Encoded], pad: int) -> list[list
     scores = [first[b, cont[0]].item() for b, cont in rows]
     tail = max(len(cont) - 1 for _, cont in rows)
     if tail > 0:
-        cache = out.past_key_values
+        cache = output_cache(out)
         if not hasattr(cache, "reorder_cache"):
             raise AdapterError(
                 f"{type(model).__name__} returns no key/value cache object (transformers Cache); nora's "
@@ -158,8 +159,8 @@ def _score_batch(model: nn.Module, batch: list[_Encoded], pad: int) -> list[list
             input_ids=inputs.to(device),
             attention_mask=torch.cat([mask[owner], valid], dim=1).to(device),
             position_ids=positions.to(device),
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
         ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device)[..., None])[..., 0]
         sums = (logp.cpu() * valid).sum(-1)

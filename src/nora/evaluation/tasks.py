@@ -7,7 +7,6 @@ Commonsense tasks are LLM-Adapters JSON test sets, found at `<data_dir>/commonse
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..datafiles import GLUE_LAYOUTS, GlueLayout, read_table
 from ..errors import AdapterError
 from .records import CommonsenseItem, parse_item
 
@@ -31,21 +31,7 @@ COMMONSENSE_TASKS = (
 )
 
 
-@dataclass(frozen=True)
-class GlueLayout:
-    """Where a GLUE TSV keeps its label and text columns (names with a header row, indices without)."""
-
-    label: str | int
-    texts: tuple[str | int, ...]
-    header: bool = True
-    num_labels: int = 2
-
-
-GLUE_TASKS = {
-    "SST-2": GlueLayout(label="label", texts=("sentence",)),
-    "CoLA": GlueLayout(label=1, texts=(3,), header=False),
-    "MRPC": GlueLayout(label="Quality", texts=("#1 String", "#2 String")),
-}
+GLUE_TASKS = GLUE_LAYOUTS  # the GLUE TSVs nora knows by name
 SUITES = {"commonsense": COMMONSENSE_TASKS, "glue": tuple(GLUE_TASKS)}
 _ALIASES = {
     **{name.lower(): name for name in (*COMMONSENSE_TASKS, *GLUE_TASKS)},
@@ -119,24 +105,25 @@ def load_commonsense(spec: TaskSpec, limit: int | None = None, seed: int = 0) ->
 
 
 def load_classification(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[ClassificationExample]:
+    """A GLUE TSV read as GLUE reads it (nora.datafiles.read_table: tabs, no quoting, every row checked)."""
     layout = spec.layout
     assert layout is not None
-    with open(spec.path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header, rows = (rows[0], rows[1:]) if layout.header else ([], rows)
-    columns = [_column(c, header, spec) for c in (layout.label, *layout.texts)]
+    rows = read_table(spec.path, "\t", layout.columns)
+    if rows:
+        missing = [c for c in (layout.label, *layout.texts) if c not in rows[0]]
+        if missing:
+            raise AdapterError(
+                f"{spec.path}: the header {sorted(rows[0])} lacks column(s) {missing} of the {spec.name} layout."
+            )
     examples = []
-    for line, row in enumerate(rows, start=2 if layout.header else 1):
-        if not row:
-            continue
-        try:
-            label = int(row[columns[0]])
-            texts = tuple(row[c] for c in columns[1:])
-        except (IndexError, ValueError) as e:
-            raise AdapterError(f"{spec.path}:{line}: malformed row ({e}); expected the {spec.name} TSV layout.") from e
-        if not 0 <= label < layout.num_labels:
-            raise AdapterError(f"{spec.path}:{line}: label {label} is outside 0..{layout.num_labels - 1}.")
-        examples.append(ClassificationExample(texts, label))
+    for row in rows:
+        value = row[layout.label].strip()
+        if not value.lstrip("-").isdigit() or not 0 <= int(value) < layout.num_labels:
+            raise AdapterError(
+                f"{row.where}: label {value!r} in column {layout.label!r} is not a class id 0..{layout.num_labels - 1}"
+                f" of {spec.name}; fix or remove the row."
+            )
+        examples.append(ClassificationExample(tuple(row[c] for c in layout.texts), int(value)))
     return [examples[i] for i in subsample(len(examples), limit, seed)]
 
 
@@ -179,11 +166,3 @@ def _from_file(path: Path) -> TaskSpec:
             "its task (e.g. SST-2/dev.tsv)."
         )
     return TaskSpec(task, path, "classification", GLUE_TASKS[task])
-
-
-def _column(column: str | int, header: list[str], spec: TaskSpec) -> int:
-    if isinstance(column, int):
-        return column
-    if column not in header:
-        raise AdapterError(f"{spec.path}: the header {header} lacks column {column!r} of the {spec.name} layout.")
-    return header.index(column)

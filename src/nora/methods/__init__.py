@@ -15,7 +15,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), PiSSA(), DoRA(), LoRAX
 
 
 def get_method(name: str | None) -> Method:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:  # a file's "method" may be any JSON value
         raise AdapterError(
             f"unknown adapter method {name!r}; nora knows {sorted(METHODS)}. If this file came from another "
             "tool (e.g. a PEFT LoRA adapter), load it with that tool."

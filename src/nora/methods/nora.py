@@ -38,6 +38,11 @@ class NoraConfig(AdapterConfig):
             raise AdapterError(f"inner_init={self.inner_init!r}: use 'kaiming' (identity at init) or 'randn'.")
         if self.inner_r < 1:
             raise AdapterError(f"inner_r={self.inner_r} must be a positive rank.")
+        if isinstance(self.r, int) and self.inner_r > self.r:
+            raise AdapterError(
+                f"inner_r={self.inner_r} is larger than the outer rank r={self.r}; the inner LoRA must be "
+                "narrower than the outer factorisation (NoRA uses r' < r)."
+            )
 
 
 class NoRA(Method):

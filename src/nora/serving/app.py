@@ -5,6 +5,7 @@ unload adapters while serving. Every error is answered in OpenAI's `{"error": {.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -64,6 +65,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return BASE if model in (BASE, settings.base_name) else model
 
     def prompt_ids(text: str | list[int], special: bool = True) -> list[int]:
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError as e:  # JSON lets "\ud800" through: a lone surrogate is no text
+                raise BadRequest(f"the prompt is not valid Unicode ({e.reason}); send UTF-8 text.", "prompt") from e
         ids = list(text) if isinstance(text, list) else tokenizer(text, add_special_tokens=special)["input_ids"]
         if len(ids) > settings.max_prompt_tokens:
             raise LimitExceeded(
@@ -145,11 +151,18 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 "adapters saved below DIR."
             )
         root = settings.adapter_root.resolve()
-        path = (root / body.path).resolve()
+        try:
+            path = (root / body.path).resolve()
+            is_dir = path.is_dir()
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long, a link loop
+            raise BadRequest(f"path {body.path!r} is not a usable path ({e}).", "path") from e
         if not path.is_relative_to(root):
             raise Forbidden(f"path {body.path!r} lies outside the adapter root; give a path inside it.", "path")
-        if not path.is_dir():
+        if not is_dir:
             raise NotFound(f"no adapter directory {body.path!r} under the adapter root.", "path", "adapter_not_found")
+        escape = _leaves_root(root, path)
+        if escape:
+            raise Forbidden(f"adapter {body.path!r} {escape} outside the adapter root; keep it inside.", "path")
         if body.name == settings.base_name:
             raise BadRequest(f"{body.name!r} is the base model's name; pick another adapter name.", "name")
         load_ms = await asyncio.wrap_future(engine.request_load(body.name, str(path)))
@@ -167,6 +180,23 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     app.include_router(v1)
     return app
+
+
+def _leaves_root(root: Path, adapter: Path) -> str | None:
+    """What of the adapter directory `adapter` lies outside `root`, if anything: one of its files (a symlink), or
+    the basis cache its config would read and write."""
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / name).resolve().is_relative_to(root):
+            return f"links its {name} to a file"
+    try:
+        cache = json.loads((adapter / "adapter_config.json").read_text()).get("basis_cache_dir")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable or not an object: the load refuses it with the reason
+    try:
+        outside = isinstance(cache, str) and not Path(cache).resolve().is_relative_to(root)
+    except (OSError, ValueError):
+        outside = True
+    return f"keeps its basis cache (basis_cache_dir={cache!r})" if outside else None
 
 
 def _install_error_handlers(app: FastAPI) -> None:

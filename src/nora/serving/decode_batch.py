@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from ..layer import BASE
 from ..model import AdaptedModel
+from ..pretrained import cache_kwargs
 from . import kv_batch
 from .events import Event, GenerationRequest
 from .sampling import choose_tokens, make_generator
@@ -190,7 +191,7 @@ def last_logits(
     """The logits of each row's last position (rows × vocab), each row under its own adapter."""
     base = hf_model(model)
     kwargs: dict[str, Any] = dict(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(base, cache)
     )
     cls = type(base)
     if cls not in _KEEPS_LOGITS:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..layer import BASE
-from ..model import AdaptedModel
+from ..model import AdaptedModel, valid_adapter_name
 from .decode_batch import DecodeBatch, end_request, hf_model
 from .errors import BadRequest, Busy, Conflict, GenerationFailed, LimitExceeded, NotFound
 from .events import Completion, Event, EventStream, GenerationRequest
@@ -130,8 +130,12 @@ class Engine:
     def request_load(self, name: str, path: str) -> Future:
         """Load the adapter saved in `path` as `name` between two decode steps; the future gives the load time
         in milliseconds."""
-        if not name or "." in name or name == BASE:
-            raise BadRequest(f"adapter name {name!r} must be non-empty, without '.', and not {BASE!r}.", "name")
+        if not valid_adapter_name(name):
+            raise BadRequest(
+                f"adapter name {name!r} must be non-empty, without '.', '/', '\\' or control characters, and not "
+                f"{BASE!r}.",
+                "name",
+            )
         with self._lock:
             self._refuse_if_closing()
             if name in self._adapters or name in self._changing:

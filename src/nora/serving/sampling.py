@@ -41,11 +41,14 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from one row's float32 logits (vocab,) under temperature and nucleus (top-p) sampling."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # in float64, max subtracted: a temperature or top_p as small as 1e-300 neither overflows nor rounds to 0
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))

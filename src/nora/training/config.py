@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +53,7 @@ class TrainConfig:
     mask_prompt: bool = True
     text_column: str | None = None
     text_pair_column: str | None = None
-    label_column: str = "label"
+    label_column: str | None = None  # default: `label` (or GLUE's own label column)
     labels: list[str] | None = None
     max_examples: int | None = None
     # optimisation
@@ -83,6 +87,7 @@ class TrainConfig:
     eval_limit: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.task not in TASKS:
             raise AdapterError(f"task={self.task!r}: choose one of {TASKS}.")
         if self.method not in METHODS:
@@ -94,10 +99,34 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
-        if self.max_steps is None and self.epochs <= 0:
+        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise AdapterError(
+                f"learning_rate={self.learning_rate} must be a positive number (e.g. 1e-3); leave it unset for "
+                f"{self.method}'s default {DEFAULT_LR[self.method]:g}."
+            )
+        if not math.isfinite(self.epochs) or (self.max_steps is None and self.epochs <= 0):
             raise AdapterError(f"epochs={self.epochs} must be positive (or give max_steps).")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise AdapterError(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1): a fraction of all steps.")
+        if self.warmup_steps < 0:
+            raise AdapterError(f"warmup_steps={self.warmup_steps} must be 0 or more.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise AdapterError(f"weight_decay={self.weight_decay} must be 0 or a positive number.")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise AdapterError(f"max_grad_norm={self.max_grad_norm} must be positive (0 on the command line: off).")
+        if not 0 <= self.seed < 2**32:
+            raise AdapterError(f"seed={self.seed} must lie in [0, 2^32).")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise AdapterError(f"eval_fraction={self.eval_fraction} must lie in [0, 1).")
+        if self.eval_fraction and self.eval_data:
+            raise AdapterError("give eval_data or eval_fraction, not both: the held-out set would be ambiguous.")
+        if self.labels is not None:
+            self.labels = [str(label) for label in self.labels]
+        if self.labels is not None and self.task != "seq-cls":
+            raise AdapterError("labels fix a classifier's label set: they need --task seq-cls.")
         if self.fsdp and self.precision == "fp16":
             raise AdapterError("fsdp with fp16 is not supported (no sharded grad scaler); use precision bf16 or fp32.")
         if self.fsdp and self.eval_tasks:
@@ -113,6 +142,8 @@ class TrainConfig:
 
     def adapter_config(self) -> AdapterConfig:
         fields = {**DEFAULT_ADAPTER[self.method], **self.adapter}
+        if "r" not in self.adapter:
+            fields["clamp_rank"] = True  # the default rank must fit every model: narrower layers take min(d, k)
         if self.target_modules is not None:
             fields["target_modules"] = self.target_modules
         cls = get_method(self.method).config_cls
@@ -124,10 +155,26 @@ class TrainConfig:
             fields["modules_to_save"] = ["classifier", "score", "pooler"]  # head (+ BERT's pooler) trains in full
         if "alpha" in fields and fields["alpha"] is not None:
             fields["alpha"] = float(fields["alpha"])
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise AdapterError(f"adapter options {self.adapter}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved(self) -> dict[str, Any]:
+        """The options as the run used them: the learning rate and every adapter field filled in, so a run can be
+        repeated from its own train_config.json (`nora train --config RUN/train_config.json`)."""
+        values = self.to_dict()
+        values["learning_rate"] = self.lr
+        adapter = self.adapter_config().to_dict()
+        adapter.pop("method")
+        values["adapter"] = adapter
+        values["target_modules"] = None  # inside adapter
+        values["resume"] = False
+        values["overwrite"] = False
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -136,6 +183,30 @@ class TrainConfig:
         if unknown:
             raise AdapterError(f"unknown training options {unknown}; `nora train --help` lists them all.")
         return cls(**values)
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each option of the type its field declares (a YAML file may hold anything). Numbers written as strings
+    are read as numbers: YAML 1.1 reads `1e-3` as a string."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = tuple(typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,)))
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, str) and str not in allowed and (float in allowed or int in allowed):
+            with contextlib.suppress(ValueError):
+                value = float(value) if float in allowed else int(value)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in allowed:
+            value = None  # a bool is an int to Python, not to a user
+        if value is None or not isinstance(value, allowed):
+            names = " or ".join(sorted("none" if a is type(None) else a.__name__ for a in allowed))
+            raise AdapterError(f"option {f.name}={getattr(config, f.name)!r} must be {names}.")
+        setattr(config, f.name, value)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Training data: records loaded with `datasets` (local files offline, hub names online), tokenised into examples.
+"""Training data: records read from local files (nora.datafiles) or hub datasets (`datasets`), tokenised into
+examples.
 
 Causal LM records are instruction data (`instruction`, `input`, `output`: the Alpaca / LLM-Adapters format, loss on
 the response only), prompt/completion pairs, or plain `text`. Classification records are `text` (+ an optional
@@ -8,52 +9,59 @@ second sentence) and `label`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..datafiles import SUFFIXES, Row, read_rows
 from ..errors import AdapterError
 from ..prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-_SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
-_TEXT_COLUMNS = ("text", "sentence", "sentence1", "question")
-_PAIR_COLUMNS = ("text_pair", "sentence2")
+_TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String")
+_PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String")
+_LABEL_COLUMNS = ("label", "Quality")
 
 
-def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local file or directory (JSON list, JSONL, CSV/TSV, text) or of a hub dataset, as dicts; several
-    sources separated by commas are concatenated (e.g. the commonsense train sets as one mixture)."""
+def load_records(source: str, split: str = "train") -> list[Row]:
+    """Rows of a local file (JSON list, JSONL, CSV, TSV read as GLUE does, text), of a directory's `<split>.*` file,
+    or of a hub dataset; several sources separated by commas are concatenated (e.g. the commonsense train sets as
+    one mixture). Every row knows where it came from (`Row.where`)."""
     if "," in source:
         return [row for part in source.split(",") if part.strip() for row in load_records(part.strip(), split)]
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_rows(path)
+    if path.is_dir():
+        found = [path / f"{split}{suffix}" for suffix in SUFFIXES if (path / f"{split}{suffix}").is_file()]
+        if len(found) > 1:
+            raise AdapterError(f"data dir {path} holds {[p.name for p in found]}; name the file to use with --data.")
+        if found:
+            return read_rows(found[0])
+        return _hub_records(str(path), split)
+    if path.suffix in SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise AdapterError(f"data file {source} does not exist; check the path (or give a hub dataset name).")
+    return _hub_records(source, split)
+
+
+def _hub_records(source: str, split: str) -> list[Row]:
     from datasets import load_dataset
 
-    path = Path(source).expanduser()
-    looks_local = path.suffix in _SUFFIX_BUILDERS or "/" in source or source.startswith(".")
-    if path.is_file():
-        builder = _SUFFIX_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise AdapterError(f"data file {path}: unknown type {path.suffix!r}; use .json .jsonl .csv .tsv or .txt.")
-        kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        args: tuple[Any, ...] = (builder,)
-        kwargs["data_files"] = {split: str(path)}
-    elif path.is_dir():
-        args, kwargs = (str(path),), {}
-    elif looks_local:
-        raise AdapterError(f"data file {source} does not exist; check the path (or give a hub dataset name).")
-    else:
-        args, kwargs = (source,), {}
     try:
-        dataset = load_dataset(*args, split=split, **kwargs)
+        dataset = load_dataset(source, split=split)
     except Exception as e:  # datasets raises many kinds; all mean "this source cannot be read"
-        raise AdapterError(f"could not read training data {source}: {type(e).__name__}: {e}") from e
-    rows = dataset.to_list()
+        raise AdapterError(
+            f"could not read dataset {source!r} (split {split!r}): {type(e).__name__}: {str(e)[:300]}. A hub dataset "
+            "needs the network (or the datasets cache); offline, download it elsewhere and pass the file with --data."
+        ) from e
+    rows = [Row(r, f"{source} row {i}") for i, r in enumerate(dataset.to_list())]
     if not rows:
-        raise AdapterError(f"data {source} holds no examples; give a non-empty file.")
+        raise AdapterError(f"dataset {source} (split {split!r}) holds no examples.")
     return rows
 
 
@@ -157,21 +165,26 @@ def encode_classification(
     source: str = "data",
     text_column: str | None = None,
     text_pair_column: str | None = None,
-    label_column: str = "label",
+    label_column: str | None = None,
 ) -> Encoded:
-    """input_ids/label per row. `labels` fixes the label set (and ids, in order); None infers it from the rows."""
+    """input_ids/label per row. `labels` fixes the label set (and ids, in order); None infers it from the rows.
+    A row without a label is an error naming it, never a class of its own."""
     text_column = text_column or next((c for c in _TEXT_COLUMNS if c in rows[0]), "text")
-    if text_pair_column is None and text_column in ("sentence1", "question"):
+    label_column = label_column or next((c for c in _LABEL_COLUMNS if c in rows[0]), "label")
+    if text_pair_column is None and text_column in ("sentence1", "question", "#1 String"):
         text_pair_column = next((c for c in _PAIR_COLUMNS + ("sentence",) if c in rows[0]), None)
     _require(rows, (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()), source)
-    raw = [str(r[label_column]) for r in rows]
+    raw = [_label(r, label_column, source) for r in rows]
     label_set = list(labels) if labels is not None else sorted(set(raw), key=_label_order)
+    if labels is None:
+        _refuse_continuous(raw, rows, label_column, source)
     ids = {label: i for i, label in enumerate(label_set)}
-    unknown = sorted(set(raw) - set(ids))
+    unknown = [(label, row) for label, row in zip(raw, rows, strict=True) if label not in ids]
     if unknown:
+        label, row = unknown[0]
         raise AdapterError(
-            f"data {source} has label(s) {unknown[:5]} outside the label set {label_set}; fix the data or pass the "
-            "full set with --labels."
+            f"{_where(row, source)}: label {label!r} is outside the label set {label_set} ({len(unknown)} such "
+            "row(s)); fix the data or pass the full set with --labels."
         )
     texts = [_str(r, text_column, source) for r in rows]
     pairs = [_str(r, text_pair_column, source) for r in rows] if text_pair_column else None
@@ -181,6 +194,36 @@ def encode_classification(
     out.truncated = sum(len(f) > max_length for f in full)
     out.examples = [{"input_ids": e, "label": ids[label]} for e, label in zip(enc, raw, strict=True)]
     return out
+
+
+def _label(row: dict[str, Any], column: str, source: str) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise AdapterError(
+            f"{_where(row, source)}: no label in column {column!r} (the row is {str(dict(row))[:200]}). Every row "
+            "needs one: fix or remove the row."
+        )
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def _refuse_continuous(raw: list[str], rows: list[dict[str, Any]], column: str, source: str) -> None:
+    """Numbers with a fraction (STS-B's 3.800) are regression targets, not class names: refuse rather than learn
+    each distinct value as a class."""
+    for label, row in zip(raw, rows, strict=True):
+        try:
+            value = float(label)
+        except ValueError:
+            continue
+        if math.isfinite(value) and value != int(value):
+            raise AdapterError(
+                f"{_where(row, source)}: label {label!r} in column {column!r} is a number with a fraction, a "
+                "regression target (as in STS-B), not a class; --task seq-cls learns classes. Give class labels, "
+                "or pass the classes explicitly with --labels if these numbers are class names."
+            )
+
+
+def _where(row: dict[str, Any], source: str) -> str:
+    return getattr(row, "where", None) or source
 
 
 def _label_order(label: str) -> tuple[int, float | str]:
@@ -193,7 +236,10 @@ def _label_order(label: str) -> tuple[int, float | str]:
 def _str(row: dict[str, Any], column: str, source: str) -> str:
     value = row.get(column)
     if value is None:
-        raise AdapterError(f"data {source}: a row has no value in column {column!r}: {str(row)[:200]}")
+        raise AdapterError(
+            f"{_where(row, source)}: no value in column {column!r} (the row is {str(dict(row))[:200]}); fix or "
+            "remove the row."
+        )
     return str(value)
 
 

@@ -30,8 +30,9 @@ from ..atomic import atomic_write_json
 from ..errors import AdapterError
 from ..io import adapter_payload, apply_tensors, read_adapter, write_adapter
 from ..model import AdaptedModel, get_peft_model
-from ..pretrained import load_model, load_tokenizer
+from ..pretrained import check_model_source, load_model, load_tokenizer
 from .checkpoint import (
+    check_resumable,
     checkpoints,
     load_optimizer,
     optimizer_state,
@@ -66,12 +67,19 @@ def load_model_and_tokenizer(config: TrainConfig, num_labels: int | None = None)
     dtype = None
     if config.precision != "fp32" and torch.cuda.is_available():
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-    try:
-        tokenizer = load_tokenizer(config.model, config.gguf_file)
-        model = load_model(config.model, config.task, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file)
-    except OSError as e:
-        raise TrainingError(f"cannot load model {config.model!r}: {e}") from e
+    tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
+    model = _loading(
+        config.model,
+        lambda: load_model(config.model, config.task, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file),
+    )
     return model, tokenizer
+
+
+def _loading(name: str, load):
+    try:
+        return load()
+    except (OSError, ValueError) as e:  # transformers' "cannot find", "not a valid model", missing files
+        raise TrainingError(f"cannot load model {name!r}: {str(e)[:500]}") from e
 
 
 def prepare_tokenizer(tokenizer, model: nn.Module) -> None:
@@ -81,10 +89,7 @@ def prepare_tokenizer(tokenizer, model: nn.Module) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def encode(config: TrainConfig, tokenizer, source: str, labels: list[str] | None = None):
-    rows = load_records(source)
-    if config.max_examples is not None:
-        rows = rows[: config.max_examples]
+def encode(config: TrainConfig, tokenizer, rows: list[dict[str, Any]], source: str, labels: list[str] | None = None):
     if config.task == "seq-cls":
         return encode_classification(
             rows, tokenizer, config.max_length, labels, source,
@@ -93,15 +98,48 @@ def encode(config: TrainConfig, tokenizer, source: str, labels: list[str] | None
     return encode_causal(rows, tokenizer, config.max_length, config.mask_prompt, source, config.text_column)
 
 
+def read_data(config: TrainConfig, source: str) -> list[dict[str, Any]]:
+    rows = load_records(source)
+    return rows[: config.max_examples] if config.max_examples is not None else rows
+
+
+def check_inputs(config: TrainConfig, model_given: bool) -> None:
+    """Everything that can be checked before a model loads or the run directory is touched."""
+    if config.data is None:
+        raise TrainingError("no training data given: pass --data (a .json/.jsonl/.csv/.tsv/.txt file or hub name).")
+    if config.model is None and not model_given:
+        raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
+    if not model_given:
+        check_model_source(config.model, config.gguf_file)
+    if config.eval_tasks:
+        from ..evaluation import resolve_tasks
+
+        resolve_tasks(config.eval_tasks, config.eval_data_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _occupied(config)
+    resume = config.resume
+    if isinstance(resume, str) and resume not in ("true", "latest", "auto") and not Path(resume).is_dir():
+        raise TrainingError(f"--resume {resume}: no such checkpoint directory; pass 'latest' or a checkpoint path.")
+
+
+def _occupied(config: TrainConfig) -> bool:
+    """Whether the output dir holds another run that this one would have to replace (refused unless --overwrite)."""
+    run_dir = Path(config.output_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"output dir {run_dir} is a file; choose another --output-dir.")
+    occupied = run_dir.is_dir() and any(run_dir.iterdir()) and not config.resume
+    if occupied and not config.overwrite:
+        raise TrainingError(
+            f"output dir {run_dir} already holds files; pass --resume to continue that run, --overwrite to "
+            "start over in it, or choose another --output-dir."
+        )
+    return occupied
+
+
 def _prepare_run_dir(config: TrainConfig, is_main: bool) -> Path:
     run_dir = Path(config.output_dir).expanduser()
     if is_main:
-        if run_dir.exists() and any(run_dir.iterdir()) and not config.resume:
-            if not config.overwrite:
-                raise TrainingError(
-                    f"output dir {run_dir} already holds files; pass --resume to continue that run, --overwrite to "
-                    "start over in it, or choose another --output-dir."
-                )
+        if _occupied(config):
             shutil.rmtree(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,22 +172,21 @@ class Run:
         from accelerate.utils import set_seed
 
         self.config = config
+        check_inputs(config, model is not None)
+        train_rows = read_data(config, config.data)
+        eval_rows = read_data(config, config.eval_data) if config.eval_data else None
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
         # cpu=True where there is no GPU: Accelerate then forms a gloo group under torchrun / accelerate launch
         self.acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = self.acc.num_processes
-        self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
-        self.acc.wait_for_everyone()
         set_seed(config.seed)
-        if config.data is None:
-            raise TrainingError("no training data given: pass --data (a .json/.jsonl/.csv/.tsv/.txt file or hub name).")
-        if config.model is None and model is None:
-            raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
         if tokenizer is None:  # first: seq-cls needs the label count before the model loads
-            tokenizer = load_tokenizer(config.model, config.gguf_file)
-        self.train_set = encode(config, tokenizer, config.data, config.labels)
+            tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
+        self.train_set = encode(config, tokenizer, train_rows, config.data, config.labels)
         labels = self.train_set.labels or None
-        self.eval_set = encode(config, tokenizer, config.eval_data, labels) if config.eval_data else None
+        self.eval_set = encode(config, tokenizer, eval_rows, config.eval_data, labels) if eval_rows else None
+        if labels:
+            self.acc.print(f"labels: {len(labels)} classes, ids 0..{len(labels) - 1} = {labels}")
         for name, encoded in (("training", self.train_set), ("evaluation", self.eval_set)):
             if encoded is not None and (encoded.truncated or encoded.dropped):
                 warnings.warn(
@@ -163,6 +200,15 @@ class Run:
         self.eval_examples = self.eval_set.examples if self.eval_set else held
         if not self.train_examples:
             raise TrainingError(f"no usable training examples in {config.data} (all were empty or over max_length).")
+        self.global_batch = config.batch_size * config.grad_accum * self.world
+        self.steps_per_epoch = len(self.train_examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"{len(self.train_examples)} training examples do not fill one global batch of {self.global_batch} "
+                "(batch size × gradient accumulation × processes); lower --batch-size or --grad-accum."
+            )
+        self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
+        self.acc.wait_for_everyone()
         if model is None:
             model, tokenizer = load_model_and_tokenizer(config, num_labels=len(labels) if labels else None)
         if config.task == "seq-cls" and labels:
@@ -191,13 +237,6 @@ class Run:
             _shard(self.adapted, self.world)
         params = [p for p in self.adapted.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.global_batch = config.batch_size * config.grad_accum * self.world
-        self.steps_per_epoch = len(self.train_examples) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise TrainingError(
-                f"{len(self.train_examples)} training examples do not fill one global batch of {self.global_batch} "
-                "(batch size × gradient accumulation × processes); lower --batch-size or --grad-accum."
-            )
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.scheduler = _scheduler(config, self.optimizer, self.total_steps)
         if config.fsdp:
@@ -214,6 +253,10 @@ class Run:
                 warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=2)
         self.step = 0
         self.tokens_seen = 0
+        self.first_loss: float | None = None
+        self.initial_eval: dict[str, float] = {}
+        self.part_start = time.perf_counter()
+        self.earlier: dict[str, Any] = {"wall_time_s": 0.0, "first_loss": None, "initial_eval": {}}
 
     def _accelerate(self, config: TrainConfig) -> dict[str, str]:
         """The accelerations applied before wrapping, each "on" or the reason it is off (summary.json records them;
@@ -346,6 +389,16 @@ class Run:
         adapted = self.acc.unwrap_model(self.model)
         return adapter_payload(adapted, adapted.active_adapter)  # every process: a collective under FSDP
 
+    def _progress(self) -> dict[str, Any]:
+        """Where the run stands, as a checkpoint records it: position, and what the summary needs of the past."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "wall_time_s": self.earlier["wall_time_s"] + time.perf_counter() - self.part_start,
+            "first_loss": self.earlier["first_loss"] if self.earlier["first_loss"] is not None else self.first_loss,
+            "initial_eval": self.earlier["initial_eval"] or self.initial_eval,
+        }
+
     def save(self) -> Path | None:
         gathered = gather_object([(self.acc.process_index, rng_state())])
         payload = self._adapter_payload()
@@ -354,7 +407,7 @@ class Run:
         if self.acc.is_main_process:
             path = save_checkpoint(
                 self.run_dir, self.step, lambda d: write_adapter(*payload, d), optim_state, self.scheduler,
-                {"step": self.step, "tokens_seen": self.tokens_seen}, self.config.save_total_limit, dict(gathered),
+                self._progress(), self.config.save_total_limit, dict(gathered),
             )  # fmt: skip
         self.acc.wait_for_everyone()
         return path
@@ -364,6 +417,7 @@ class Run:
         ckpt = self.resumed
         if ckpt is None:
             return
+        check_resumable(self.checkpoint, ckpt, self._raw_optimizer(), self.scheduler, self.config.fsdp)
         if self.config.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -375,8 +429,14 @@ class Run:
             load_optimizer(self._raw_optimizer(), ckpt["optimizer"], ckpt["state"]["optimizer"])
         self.scheduler.load_state_dict(ckpt["state"]["scheduler"])
         set_rng_state(*ckpt["rng"])
-        self.step = ckpt["state"]["progress"]["step"]
-        self.tokens_seen = ckpt["state"]["progress"]["tokens_seen"]
+        progress = ckpt["state"]["progress"]
+        self.step = progress["step"]
+        self.tokens_seen = progress["tokens_seen"]
+        self.earlier = {  # the run before this resumption, so the summary covers the whole run
+            "wall_time_s": float(progress.get("wall_time_s", 0.0)),
+            "first_loss": progress.get("first_loss"),
+            "initial_eval": dict(progress.get("initial_eval") or {}),
+        }
         if self.acc.is_main_process:
             _truncate_log(self.run_dir / "log.jsonl", self.step)
 
@@ -402,20 +462,20 @@ class Run:
         config = self.config
         self.resume_state()
         if self.acc.is_main_process:
-            atomic_write_json(config.to_dict(), self.run_dir / "train_config.json")
+            atomic_write_json(config.resolved(), self.run_dir / "train_config.json")
         trainable, total = self.acc.unwrap_model(self.model).get_nb_trainable_parameters()
-        start = time.perf_counter()
+        start = self.part_start = time.perf_counter()
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, self.tokens_seen, start
-        first_loss = last_loss = None
+        last_loss = None
         eval_metrics: dict[str, float] = {}
-        initial = self.evaluate() if self.step == 0 else {}
-        if initial:
-            self._log({"step": 0, **initial})
+        self.initial_eval = self.evaluate() if self.step == 0 else {}
+        if self.initial_eval:
+            self._log({"step": 0, **self.initial_eval})
         bar = ProgressBar(self.total_steps, self.step, enabled=config.progress and self.acc.is_main_process)
         with bar:
             while self.step < self.total_steps:
                 loss = self.train_step()
-                first_loss = loss if first_loss is None else first_loss
+                self.first_loss = loss if self.first_loss is None else self.first_loss
                 last_loss = loss
                 window_loss += loss
                 window_steps += 1
@@ -436,12 +496,13 @@ class Run:
                     self._log({"step": self.step, **eval_metrics})
                 if config.save_steps and self.step % config.save_steps == 0 and self.step < self.total_steps:
                     self.save()
-        wall = time.perf_counter() - start
+        wall = self.earlier["wall_time_s"] + time.perf_counter() - start
         eval_metrics = self.evaluate()
         if eval_metrics:
             self._log({"step": self.step, **eval_metrics})
-        initial = {f"initial_{k}": v for k, v in initial.items()}
-        return self._finish(trainable, total, wall, first_loss, last_loss, {**initial, **eval_metrics})
+        progress = self._progress()
+        initial = {f"initial_{k}": v for k, v in progress["initial_eval"].items()}
+        return self._finish(trainable, total, wall, progress["first_loss"], last_loss, {**initial, **eval_metrics})
 
     def _finish(self, trainable, total, wall, first_loss, last_loss, eval_metrics) -> TrainResult:
         adapted = self.acc.unwrap_model(self.model)
@@ -503,12 +564,14 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut off by the interruption
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if type(at) in (int, float) and at <= step:  # anything else is no log record of nora's: dropped
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
