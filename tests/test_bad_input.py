@@ -524,3 +524,10 @@ def test_no_deprecated_cache_argument_warnings(llm_dir):
         logging.getLogger("transformers").removeHandler(handler)
     said = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [s for s in said if "past_key_values" in s], said
+
+
+def test_svd_settings_are_bounded():
+    """A crafted config with niter=2**62 would spin for ever; a negative oversample crashed the solver."""
+    for fields in ({"niter": 2**62}, {"niter": -1}, {"oversample": -3}):
+        with pytest.raises(AdapterError, match=r"the randomized solver takes 0..64 power iterations"):
+            nora.NoraConfig(r=8, inner_r=2, **fields)

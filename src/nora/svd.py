@@ -7,8 +7,8 @@ vector is positive.
 
 On the CPU every solve runs one matrix at a time on one thread (`one_thread`): the factors then cannot depend on
 torch's thread count or on which matrices share a batch, and many small LAPACK calls no longer stall on
-oversubscribed OpenMP barriers when the machine is busy (a 2-thread solve of SmolLM2-135M's 210 matrices took
-about 20x longer than a 1-thread one with two CPU hogs running; BENCHMARKS.md). `solver="auto"` (the default)
+oversubscribed OpenMP barriers when the machine is busy (SmolLM2-135M's all-linear NoRA init ran about 10x
+faster so with two spinning processes per core, and no slower idle; BENCHMARKS.md). `solver="auto"` (the default)
 picks exact or randomized per matrix from its shape and the settings alone (`choose_solver`).
 """
 
@@ -60,6 +60,11 @@ class SVDSettings:
             raise AdapterError(f"svd={self.solver!r} is not a solver; use 'auto', 'exact' or 'randomized'.")
         if self.dtype not in ("float32", "float64"):
             raise AdapterError(f"svd_dtype={self.dtype!r} is not supported; use 'float32' or 'float64'.")
+        if not 0 <= self.niter <= 64 or not 0 <= self.oversample <= 4096:
+            raise AdapterError(
+                f"niter={self.niter}, oversample={self.oversample}: the randomized solver takes 0..64 power "
+                "iterations and 0..4096 extra columns (defaults 8 and 16)."
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
