@@ -25,6 +25,38 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+# Instruction records a tiny model learns in a few steps (training and bad-input tests)
+RECORDS = [
+    {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a in range(6) for b in range(6)
+] + [{"instruction": "Name the colour.", "input": f"sky {i}", "output": "blue"} for i in range(12)]
+
+
+def char_tokenizer(directory: Path):
+    """A real (tiny) BPE tokenizer trained on RECORDS and saved to `directory`, so tests need no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nora.prompts import format_prompt
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [format_prompt(r["instruction"], r["input"]) + r["output"] for r in RECORDS]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def save_tiny_llm(directory: Path) -> Path:
+    """A tiny Llama and its tokenizer saved as a model directory, like a hub checkout."""
+    tokenizer = char_tokenizer(directory)
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(directory)
+    return directory
+
+
 def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,3 +147,27 @@ def stories260k_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("stories260K") / "model"
     return convert_llama2c(source / "stories260K.bin", source / "tok512.bin", out)
+
+
+def ref_svd(W, r: int):
+    """Reference truncated SVD (numpy) with the spec's sign rule: the largest-magnitude entry of each u_i positive."""
+    import numpy as np
+
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)
+    U, S, Vt = U[:, :r].copy(), S[:r].copy(), Vt[:r].copy()
+    for i in range(r):
+        if U[np.argmax(np.abs(U[:, i])), i] < 0:
+            U[:, i], Vt[i] = -U[:, i], -Vt[i]
+    return U, S, Vt
+
+
+def ref_place(U, S, Vt, placement: str):
+    """(B_o, A_o) of each singular-value placement, as METHODS.md writes them."""
+    import numpy as np
+
+    return {
+        "sqrt": (U * np.sqrt(S), np.sqrt(S)[:, None] * Vt),
+        "out": (U * S, Vt),
+        "in": (U, S[:, None] * Vt),
+        "none": (U, Vt),
+    }[placement]

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path, tiny_bert, tiny_llama
-from test_training import RECORDS, char_tokenizer
+from conftest import RECORDS, char_tokenizer, save_tiny_llm, shared_path, tiny_bert, tiny_llama
 from typer.testing import CliRunner
 
 import nora
@@ -43,10 +42,7 @@ def refused(args: list[str], *patterns: str, env: dict[str, str] | None = None) 
 
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("base") / "llm"
-    tokenizer = char_tokenizer(directory)
-    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(directory)
-    return directory
+    return save_tiny_llm(tmp_path_factory.mktemp("base") / "llm")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ref_place, ref_svd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
@@ -251,24 +252,6 @@ def adapter_sets(draw, spec: Spec, variant: tuple[str, dict], max_others: int = 
 
 
 # ---- the METHODS.md formulas, by hand (numpy, float64) ---------------------------------------------------------
-
-
-def ref_svd(W: np.ndarray, r: int):
-    U, S, Vt = np.linalg.svd(W, full_matrices=False)
-    U, S, Vt = U[:, :r].copy(), S[:r].copy(), Vt[:r].copy()
-    for i in range(r):
-        if U[np.argmax(np.abs(U[:, i])), i] < 0:
-            U[:, i], Vt[i] = -U[:, i], -Vt[i]
-    return U, S, Vt
-
-
-def ref_place(U, S, Vt, placement):
-    return {
-        "sqrt": (U * np.sqrt(S), np.sqrt(S)[:, None] * Vt),
-        "out": (U * S, Vt),
-        "in": (U, S[:, None] * Vt),
-        "none": (U, Vt),
-    }[placement]
 
 
 def ref_rank(cfg, W: np.ndarray) -> int:

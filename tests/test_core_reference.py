@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ref_place, ref_svd
 from torch import nn
 
 import nora
@@ -15,25 +16,6 @@ D, K = 12, 10
 def _linear() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(K, D)).double()
-
-
-def _svd(W: np.ndarray, r: int):
-    """Reference SVD with the spec's sign rule (largest-magnitude entry of each u_i positive)."""
-    U, S, Vt = np.linalg.svd(W, full_matrices=False)
-    U, S, Vt = U[:, :r], S[:r], Vt[:r]
-    for i in range(r):
-        if U[np.argmax(np.abs(U[:, i])), i] < 0:
-            U[:, i], Vt[i] = -U[:, i], -Vt[i]
-    return U, S, Vt
-
-
-def _place(U, S, Vt, placement):
-    return {
-        "sqrt": (U * np.sqrt(S), np.sqrt(S)[:, None] * Vt),
-        "out": (U * S, Vt),
-        "in": (U, S[:, None] * Vt),
-        "none": (U, Vt),
-    }[placement]
 
 
 def _perturb(model) -> dict[str, np.ndarray]:
@@ -76,7 +58,7 @@ def test_lora_rslora_scale():
 def test_pissa():
     cfg = nora.PissaConfig(r=3, alpha=3, target_modules=["0"], **SVD64)
     _, W0, b, p, x, y = _run(cfg)
-    B0, A0 = _place(*_svd(W0, 3), "sqrt")
+    B0, A0 = ref_place(*ref_svd(W0, 3), "sqrt")
     W_base = W0 - B0 @ A0
     np.testing.assert_allclose(y, x @ (W_base + p["lora_B"] @ p["lora_A"]).T + b, rtol=1e-9, atol=1e-10)
 
@@ -93,7 +75,7 @@ def test_dora():
 def test_lora_xs(core_init):
     cfg = nora.LoraXSConfig(r=4, alpha=8, core_init=core_init, target_modules=["0"], **SVD64)
     _, W0, b, p, x, y = _run(cfg)
-    U, S, Vt = _svd(W0, 4)
+    U, S, Vt = ref_svd(W0, 4)
     dW = 2 * U @ p["core"] @ (S[:, None] * Vt)
     np.testing.assert_allclose(y, x @ (W0 + dW).T + b, rtol=1e-9, atol=1e-10)
 
@@ -103,7 +85,7 @@ def test_lora_xs(core_init):
 def test_nora(placement, inner):
     cfg = nora.NoraConfig(r=6, inner_r=2, alpha=3, inner=inner, placement=placement, target_modules=["0"], **SVD64)
     _, W0, b, p, x, y = _run(cfg)
-    Bo, Ao = _place(*_svd(W0, 6), placement)
+    Bo, Ao = ref_place(*ref_svd(W0, 6), placement)
     inner_w = p["inner_B"] @ p["inner_A"]
     dW = 0.5 * (Bo @ inner_w @ Ao if inner == "serial" else inner_w @ Bo @ Ao)
     np.testing.assert_allclose(y, x @ (W0 + dW).T + b, rtol=1e-9, atol=1e-10)
@@ -114,7 +96,7 @@ def test_nora_fractional_rank_and_randn_init():
     model, W0, b, p, x, y = _run(cfg)
     r = int(0.8 * min(D, K))
     assert p["inner_A"].shape == (2, r)
-    Bo, Ao = _place(*_svd(W0, r), "sqrt")
+    Bo, Ao = ref_place(*ref_svd(W0, r), "sqrt")
     np.testing.assert_allclose(y, x @ (W0 + Bo @ p["inner_B"] @ p["inner_A"] @ Ao).T + b, rtol=1e-9, atol=1e-10)
 
 
@@ -128,8 +110,8 @@ def test_nora_awsvd():
     model = nora.get_peft_model(base, cfg, calibration_data=calib)
     p = _perturb(model)
     x = torch.randn(5, K, dtype=torch.float64)
-    U, S, Vt = _svd(W0 * a[None, :], 5)
-    Bo, Ao = _place(U, S, Vt, "sqrt")
+    U, S, Vt = ref_svd(W0 * a[None, :], 5)
+    Bo, Ao = ref_place(U, S, Vt, "sqrt")
     Ao = Ao / a[None, :]
     dW = (5 / 5) * Bo @ p["inner_B"] @ p["inner_A"] @ Ao
     np.testing.assert_allclose(model(x).detach().numpy(), x.numpy() @ (W0 + dW).T + b, rtol=1e-8, atol=1e-10)
@@ -142,7 +124,7 @@ def test_svfit(energy):
     S_all = np.linalg.svd(W0, compute_uv=False)
     r = 4 if energy is None else int(np.searchsorted(np.cumsum(S_all**2) / np.sum(S_all**2), energy) + 1)
     assert p["sigma"].shape == (r,)
-    U, S, Vt = _svd(W0, r)
+    U, S, Vt = ref_svd(W0, r)
     W_e = W0 - U @ np.diag(S) @ Vt
     np.testing.assert_allclose(y, x @ W_e.T + (U @ (p["sigma"][:, None] * (Vt @ x.T))).T + b, rtol=1e-9, atol=1e-10)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_llama
+from conftest import RECORDS, ROOT, save_tiny_llm
 from safetensors.torch import load_file
 
 from nora.errors import AdapterError
@@ -20,35 +20,11 @@ from nora.prompts import format_prompt
 from nora.training import TrainConfig, TrainingError, train
 from nora.training.data import IGNORE, encode_causal
 
-RECORDS = [
-    {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a in range(6) for b in range(6)
-] + [{"instruction": "Name the colour.", "input": f"sky {i}", "output": "blue"} for i in range(12)]
-
-
-def char_tokenizer(directory: Path):
-    """A real (tiny) BPE tokenizer trained on the records, so tests need no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = [format_prompt(r["instruction"], r["input"]) + r["output"] for r in RECORDS]
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(directory)
-    return fast
-
 
 @pytest.fixture
 def llm_dir(tmp_path: Path) -> Path:
     """A tiny Llama and its tokenizer saved as a model directory, like a hub checkout."""
-    directory = tmp_path / "base"
-    tokenizer = char_tokenizer(directory)
-    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(directory)
-    return directory
+    return save_tiny_llm(tmp_path / "base")
 
 
 @pytest.fixture
