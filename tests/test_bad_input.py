@@ -157,7 +157,7 @@ def test_train_refuses_bad_config_files(llm_dir, data_file, tmp_path):
         "missing.yaml": (None, r"config file .*missing.yaml does not exist"),
         "bad.yaml": ("model: [unclosed", r"config file .*bad.yaml is not valid YAML"),
         "list.yaml": ("- a\n- b\n", r"must hold a mapping of option: value, not list"),
-        "type.yaml": ("learning_rate: fast\n", r"option learning_rate='fast' must be float or none"),
+        "type.yaml": ("learning_rate: fast\n", r"option learning_rate='fast' must be float \| None"),
         "unknown.yaml": ("learnign_rate: 1e-3\n", r"unknown training options \['learnign_rate'\]"),
         "adapter.yaml": ("adapter: 5\n", r"option adapter=5 must be dict"),
     }

@@ -84,7 +84,7 @@ class AdapterConfig:
                 "written by another nora version or edited by hand."
             )
         hints, declared = typing.get_type_hints(cls), {f.name: f.type for f in dataclasses.fields(cls)}
-        wrong = [f"{k}={repr(v)[:40]} (not {declared[k]})" for k, v in sorted(d.items()) if not _fits(v, hints[k])]
+        wrong = [f"{k}={repr(v)[:40]} (not {declared[k]})" for k, v in sorted(d.items()) if not fits_type(v, hints[k])]
         if wrong:
             raise AdapterError(
                 f"adapter_config.json gives {cls.__name__} values of the wrong type: {'; '.join(wrong[:5])}. The file "
@@ -99,14 +99,16 @@ class AdapterConfig:
         return cls(**d)
 
 
-def _fits(value: Any, hint: Any) -> bool:
+def fits_type(value: Any, hint: Any) -> bool:
     """Whether a JSON value has the type of a config field (bool is no int; floats are finite; ints ≤ 2**63)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
+        return any(fits_type(value, h) for h in typing.get_args(hint))
     if origin is list:
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
+        return isinstance(value, list) and all(fits_type(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
     if hint is Any:
         return True
     if hint is type(None):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, fits_type
 from ..errors import AdapterError
 from ..methods import METHODS, get_method
 
@@ -190,22 +189,12 @@ def _check_types(config: TrainConfig) -> None:
     are read as numbers: YAML 1.1 reads `1e-3` as a string."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        hint = hints[f.name]
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        allowed = tuple(typing.get_origin(a) or a for a in (typing.get_args(hint) if union else (hint,)))
-        if value is None and type(None) in allowed:
-            continue
-        if isinstance(value, str) and str not in allowed and (float in allowed or int in allowed):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if isinstance(value, str) and not fits_type(value, hint):
             with contextlib.suppress(ValueError):
-                value = float(value) if float in allowed else int(value)
-        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and bool not in allowed:
-            value = None  # a bool is an int to Python, not to a user
-        if value is None or not isinstance(value, allowed):
-            names = " or ".join(sorted("none" if a is type(None) else a.__name__ for a in allowed))
-            raise AdapterError(f"option {f.name}={getattr(config, f.name)!r} must be {names}.")
+                value = int(value) if fits_type(0, hint) and value.strip().lstrip("+-").isdigit() else float(value)
+        if not fits_type(value, hint):
+            raise AdapterError(f"option {f.name}={getattr(config, f.name)!r} must be {f.type}.")
         setattr(config, f.name, value)
 
 
