@@ -157,10 +157,7 @@ class AdaptedModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} exists; delete_adapter() it or pick a new name.")
         if not valid_adapter_name(adapter_name):
-            raise AdapterError(
-                f"adapter name {adapter_name!r} must be non-empty, without '.', '/', '\\' or control characters, "
-                f"and not {BASE!r} (save_pretrained writes each adapter to a sub-directory of that name)."
-            )
+            raise AdapterError(f"adapter name {adapter_name!r} {ADAPTER_NAME_RULE}")
 
     def add_adapter(
         self,
@@ -535,6 +532,12 @@ def _warn_clamped(config: AdapterConfig, plans: dict) -> None:
             f"(down to {min(clamped.values())}, e.g. {next(iter(clamped))}). Pass an explicit rank to choose another.",
             stacklevel=3,
         )
+
+
+ADAPTER_NAME_RULE = (
+    f"must be non-empty, without '.', '/', '\\' or control characters, and not {BASE!r} (save_pretrained writes "
+    "each adapter to a sub-directory of that name)."
+)
 
 
 def valid_adapter_name(name: object) -> bool:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..layer import BASE
-from ..model import AdaptedModel, valid_adapter_name
+from ..model import ADAPTER_NAME_RULE, AdaptedModel, valid_adapter_name
 from .decode_batch import DecodeBatch, end_request, hf_model
 from .errors import BadRequest, Busy, Conflict, GenerationFailed, LimitExceeded, NotFound
 from .events import Completion, Event, EventStream, GenerationRequest
@@ -131,11 +131,7 @@ class Engine:
         """Load the adapter saved in `path` as `name` between two decode steps; the future gives the load time
         in milliseconds."""
         if not valid_adapter_name(name):
-            raise BadRequest(
-                f"adapter name {name!r} must be non-empty, without '.', '/', '\\' or control characters, and not "
-                f"{BASE!r}.",
-                "name",
-            )
+            raise BadRequest(f"adapter name {name!r} {ADAPTER_NAME_RULE}", "name")
         with self._lock:
             self._refuse_if_closing()
             if name in self._adapters or name in self._changing:

@@ -18,6 +18,7 @@ import torch
 
 from ..datafiles import SUFFIXES, Row, read_rows
 from ..errors import AdapterError
+from ..pretrained import looks_local
 from ..prompts import format_prompt
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def load_records(source: str, split: str = "train") -> list[Row]:
         if found:
             return read_rows(found[0])
         return _hub_records(str(path), split)
-    if path.suffix in SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if path.suffix in SUFFIXES or looks_local(source):
         raise AdapterError(f"data file {source} does not exist; check the path (or give a hub dataset name).")
     return _hub_records(source, split)
 

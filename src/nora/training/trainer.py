@@ -64,15 +64,19 @@ def load_model_and_tokenizer(config: TrainConfig, num_labels: int | None = None)
     """The base model (hub id or local directory, optionally a GGUF file in it) and its tokenizer."""
     if config.model is None:
         raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
+    tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
+    return load_base_model(config, num_labels), tokenizer
+
+
+def load_base_model(config: TrainConfig, num_labels: int | None = None) -> nn.Module:
+    """The base model alone, in the run's precision where CUDA is there."""
     dtype = None
     if config.precision != "fp32" and torch.cuda.is_available():
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-    tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
-    model = _loading(
+    return _loading(
         config.model,
         lambda: load_model(config.model, config.task, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file),
     )
-    return model, tokenizer
 
 
 def _loading(name: str, load):
@@ -209,8 +213,8 @@ class Run:
             )
         self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
         self.acc.wait_for_everyone()
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(config, num_labels=len(labels) if labels else None)
+        if model is None:  # the tokenizer is loaded already (above)
+            model = load_base_model(config, num_labels=len(labels) if labels else None)
         if config.task == "seq-cls" and labels:
             model.config.id2label = dict(enumerate(labels))
             model.config.label2id = {label: i for i, label in enumerate(labels)}
