@@ -215,12 +215,8 @@ def energy_rank(W: torch.Tensor, energy: float, measure: str = "squared") -> int
     """Smallest r whose top singular values keep at least `energy` of the spectrum's energy."""
     if not 0.0 < energy <= 1.0:
         raise AdapterError(f"energy={energy} must lie in (0, 1]; 0.99 keeps 99 % of the spectrum.")
-    Wd = W.detach().to(torch.float64)
-    if Wd.device.type == "cpu":
-        with one_thread():  # the rank must not depend on the thread count either
-            S = torch.linalg.svdvals(Wd)
-    else:
-        S = torch.linalg.svdvals(Wd)
+    with one_thread():  # the rank must not depend on the thread count either (CPU threads only: free on a GPU)
+        S = torch.linalg.svdvals(W.detach().to(torch.float64))
     mass = S**2 if measure == "squared" else S
     kept = torch.cumsum(mass, 0) / mass.sum().clamp_min(1e-300)
     return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
