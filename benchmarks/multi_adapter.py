@@ -256,7 +256,7 @@ def main() -> None:
             again["base"] = mixed(base, batches[n64][0], None)
         at_max = timed_together(again, device, args.repeats)
         report = model.memory_report()
-        bank = next(iter(model._banks.values()))
+        bank = next(iter(model.resident.banks.values()))
         reached, slot_bytes = report["resident_adapters"], bank.slot_bytes
         model.unload()
         del model, bank, systems

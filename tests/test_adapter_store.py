@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nora
-from nora.store import AdapterBank
+from nora.resident import ResidentAdapters
+from nora.slots import AdapterBank
 
 NORA = nora.NoraConfig(r=12, inner_r=3)
 
@@ -49,7 +50,7 @@ def test_three_hundred_resident_adapters_match_their_modules_through_adds_and_re
     layer = next(iter(model.layers().values()))
     assert list(layer.adapters) == ["a0"]  # the 299 others have no module anywhere
     assert sum(1 for _ in model.modules()) == modules_before + len(model.layers())  # one stack per layer, total
-    (bank,) = model._banks.values()
+    (bank,) = model.resident.banks.values()
     assert len(bank) == 299 and bank.capacity >= 299
     assert model.memory_report()["resident_adapters"] == 299
 
@@ -88,14 +89,14 @@ def test_loading_into_an_existing_bank_walks_no_module_and_copies_straight_from_
     paths = _save_distinct(tmp_path, NORA, 3)
     model = nora.AdaptedModel.from_pretrained(tiny_llama(), paths[0], adapter_name="a0")
     model.load_adapter(paths[1], "a1")  # makes the bank
-    (bank,) = model._banks.values()
+    (bank,) = model.resident.banks.values()
     assert bank.file_layout is not None
 
     def no_walk(*args, **kwargs):
         raise AssertionError("a load into an existing bank walked the model's modules")
 
     monkeypatch.setattr(nn.Module, "named_modules", no_walk)
-    monkeypatch.setattr(nora.AdaptedModel, "_new_bank", no_walk)
+    monkeypatch.setattr(ResidentAdapters, "_new_bank", no_walk)
     model.load_adapter(paths[2], "a2")
     monkeypatch.undo()
     tensors = load_file(paths[2] / "adapter_model.safetensors")
@@ -167,7 +168,7 @@ def test_adapters_that_do_not_stack_or_train_are_modules(tmp_path):
     model.load_adapter(lora, "lora")
     model.load_adapter(plain, "trainable", is_trainable=True)
     layer = next(iter(model.layers().values()))
-    assert set(layer.adapters) == {"x", "out", "lora", "trainable"} and not model._banks
+    assert set(layer.adapters) == {"x", "out", "lora", "trainable"} and not model.resident.banks
     assert len(layer.bases) == 2 and not layer.banks
     model.set_adapter("trainable")
     assert all(p.requires_grad for p in layer.adapters["trainable"].parameters())
@@ -191,7 +192,7 @@ def test_resident_adapter_saves_merges_and_activates_bit_identically(tmp_path):
     reference_layer = _module_reference(paths[1]).layers()[layer.module_name]
     assert torch.equal(layer.delta_weight("a1"), reference_layer.delta_weight("default"))
     model.set_adapter("a1")  # needs modules: the slot becomes one, with the very same tensors
-    assert "a1" in layer.adapters and model.resident_bank("a1") is None and not model._banks
+    assert "a1" in layer.adapters and model.resident_bank("a1") is None and not model.resident.banks
     assert torch.equal(model(**inputs).logits, expected)
     model.merge(["a1"])
     torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
@@ -207,7 +208,7 @@ def test_deleting_the_last_resident_adapter_frees_its_bank_and_bases(tmp_path):
     assert len(layer.bases) == 2 and len(layer.banks) == 1
     model.delete_adapter("r0")
     model.delete_adapter("r1")
-    assert len(layer.bases) == 1 and len(layer.banks) == 0 and not model._banks
+    assert len(layer.bases) == 1 and len(layer.banks) == 0 and not model.resident.banks
     assert set(model.peft_config) == {"x"}
     report = model.memory_report()
     assert report["resident"] == 0 and report["resident_adapters"] == 0
@@ -229,7 +230,7 @@ def test_a_bad_second_file_is_refused_and_leaves_no_slot(tmp_path):
         model.load_adapter(paths[1], "bad")
     with pytest.raises(nora.AdapterError, match="exists"):
         model.load_adapter(paths[0], "ok")
-    (bank,) = model._banks.values()
+    (bank,) = model.resident.banks.values()
     assert bank.names == ["ok"] and "bad" not in model.peft_config
     other = nora.get_peft_model(tiny_llama(seed=7), nora.LoraConfig(r=2))
     with pytest.raises(nora.AdapterError, match="made for a different base model"):
@@ -238,7 +239,7 @@ def test_a_bad_second_file_is_refused_and_leaves_no_slot(tmp_path):
     fresh = nora.get_peft_model(tiny_llama(), nora.LoraConfig(r=2))
     with pytest.raises(nora.AdapterError, match="lacks tensors"):
         fresh.load_adapter(paths[1], "bad")
-    assert not fresh._banks and all(not layer.bases for layer in fresh.layers().values())
+    assert not fresh.resident.banks and all(not layer.bases for layer in fresh.layers().values())
     assert set(fresh.peft_config) == {"default"}
 
 
@@ -281,7 +282,7 @@ def test_resident_stacks_follow_the_model_to_another_dtype(tmp_path):
     inputs = model_input("llama", batch=2)
     before = model(**inputs, adapter_names=["r0", "r1"]).logits
     model.double()
-    (bank,) = model._banks.values()
+    (bank,) = model.resident.banks.values()
     assert all(s.data.dtype == torch.float64 for s in bank.stacks.values())
     after = model(**inputs, adapter_names=["r0", "r1"]).logits
     assert after.dtype == torch.float64
@@ -319,7 +320,7 @@ def test_reserved_slots_mean_no_load_grows_or_moves_the_stores(tmp_path):
         model.reserve_resident(-1)
     model.reserve_resident(20)
     model.load_adapter(paths[1], "a1")
-    (bank,) = model._banks.values()
+    (bank,) = model.resident.banks.values()
     assert bank.capacity == 20  # the bank was made with the reserved room, not the default 8
     buffers = {n: s.data.data_ptr() for n, s in bank.stacks.items()}
     for i in range(2, 21):

@@ -377,7 +377,7 @@ def test_delete_adapter_with_modules_to_save():
     model.add_adapter("other", nora.LoraConfig(r=2, modules_to_save=["classifier"]))
     model.delete_adapter("other")
     assert list(model.peft_config) == ["default"]
-    (copy,) = model._copies().values()
+    (copy,) = model.trainable_copies().values()
     assert list(copy.copies) == ["default"] and copy.active == "default"
     model.delete_adapter("default")
     assert not model.peft_config and copy.current() is copy.original

@@ -32,7 +32,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import nora
-from nora.chain import _order, chain_apply, chain_product, terms_add, terms_apply, terms_lora_pair, terms_product
+from nora.chain import (
+    Term,
+    _order,
+    chain_apply,
+    chain_product,
+    terms_add,
+    terms_apply,
+    terms_lora_pair,
+    terms_product,
+)
 from nora.svd import BASIS_CACHE
 
 
@@ -550,10 +559,11 @@ def test_chain_order_equals_the_naive_order(case):
         assert_near(got, want.detach(), 1e-11)
         assert_near(chain_product(chain).detach(), dense[id(chain)].detach(), 1e-11)
     delta = sum(c * dense[id(ch)] for c, ch in terms)
-    assert_near(terms_product(terms).detach(), delta.detach(), 1e-11)
-    assert_near(terms_apply(terms, x).detach(), (x @ delta.T).detach(), 1e-11)
+    as_terms = [Term(c, ch) for c, ch in terms]
+    assert_near(terms_product(as_terms).detach(), delta.detach(), 1e-11)
+    assert_near(terms_apply(as_terms, x).detach(), (x @ delta.T).detach(), 1e-11)
     out = torch.randn(*x.shape[:-1], delta.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    got = terms_add(out, terms, x)
+    got = terms_add(out, as_terms, x)
     want = out + x @ delta.T
     assert_near(got.detach(), want.detach(), 1e-11)
     # gradients through the chosen (fused) order equal those through the naive one
@@ -565,7 +575,7 @@ def test_chain_order_equals_the_naive_order(case):
         for a, b in zip(g_fast, g_naive, strict=True):
             assert_near(a, b, 1e-10)
     # the exact low-rank split: B·A = ΔW, each chain cut at its narrowest inner dimension
-    B, A = terms_lora_pair([(c, [m.detach() for m in ch]) for c, ch in terms])
+    B, A = terms_lora_pair([Term(c, [m.detach() for m in ch]) for c, ch in terms])
     assert_near(B @ A, delta.detach(), 1e-11)
     widths = [min(m.shape[-1] for m in ch[:-1]) if len(ch) > 1 else ch[0].shape[-1] for _, ch in terms]
     assert A.shape[0] == B.shape[1] == sum(widths)

@@ -516,13 +516,13 @@ def test_fuzzed_files_with_the_known_header_take_the_raw_copy_path_safely(kind, 
     base = bases["llama"]
     model = nora.AdaptedModel.from_pretrained(copy.deepcopy(base), original, adapter_name="m0")
     model.load_adapter(original, "r0")
-    assert model._resident["r0"].file_layout is not None  # the raw-copy path is armed
+    assert model.resident.of["r0"].file_layout is not None  # the raw-copy path is armed
     ok, _ = settle(model.load_adapter, case, "fuzz")
     forward(model, adapter_names=["fuzz", "r0"] if ok else ["r0"])
     if mode == "same-header" and not edits:
         assert ok, "a file of a known layout, its data region any bytes, is refused"
     if ok and mode == "same-header":  # what the raw copy put in the slot is bit for bit the file's tensors
-        bank, want = model._resident["fuzz"], load(weights)
+        bank, want = model.resident.of["fuzz"], load(weights)
         for lname, stack in bank.stacks.items():
             for pname, got in stack.tensors_at(bank.slots["fuzz"]).items():
                 assert torch.equal(got.view(torch.int32), want[f"{lname}.{pname}"].view(torch.int32)), (lname, pname)
@@ -541,7 +541,7 @@ def test_unusual_layouts_of_valid_files_copy_exactly(kind, bases, saved, scratch
     with time_limit():
         model.load_adapter(case, "x1")  # makes the bank: its file layout comes from this file
         model.load_adapter(case, "x2")  # the same header bytes: copied by the layout
-    bank, want = model._resident["x1"], load(weights)
+    bank, want = model.resident.of["x1"], load(weights)
     event(f"raw-copy layout {'known' if bank.file_layout else 'not usable'}")
     for name in ("x1", "x2"):
         for lname, stack in bank.stacks.items():

@@ -53,7 +53,9 @@ def test_mixed_batch_uses_the_shared_basis_and_equals_each_adapter_alone():
     inputs = model_input("llama", batch=len(rows))
     mixed = model(**inputs, adapter_names=rows).logits
     layer = next(iter(model.layers().values()))
-    assert len(layer.stacks) == 5  # (basis r12: nora i3, nora i2), nora r8, lora-xs, svfit — "out" is not stackable
+    # one store per layout: (basis r12: nora i3, nora i2), nora r8, nora "out", lora-xs, svfit, lora; DoRA, whose
+    # output is not linear in its tensors, runs on its own rows
+    assert len(layer.stacks) == 7
     for i, name in enumerate(rows):
         row = {k: v[i : i + 1] for k, v in inputs.items()}
         torch.testing.assert_close(mixed[i : i + 1], _alone(model, name, row), rtol=1e-5, atol=1e-5)
@@ -71,7 +73,7 @@ def test_store_add_remove_keeps_the_other_adapters_unchanged():
     before = model(**inputs, adapter_names=names).logits
     layer = next(iter(model.layers().values()))
     (stack,) = layer.stacks.values()
-    assert len(stack) == 30 and stack.tensors[0].shape[0] >= 30
+    assert len(stack) == 30 and stack.capacity >= 30
     for gone in ("a3", "a17", "a29"):
         model.delete_adapter(gone)
     assert len(stack) == 27 and sorted(stack.slots.values()) == list(range(27))

@@ -1,21 +1,37 @@
 """The factored-adapter core: every method's update is a sum of scaled matrix chains.
 
-    ΔW = Σ_t  c_t · M_t1 · M_t2 · … · M_tn        (each M a matrix, or a 1-D tensor meaning a diagonal)
+    ΔW = Σ_t  c_t · L_t · C_t · R_t        L, R: frozen outer factors; C: the adapter's own core tensors
+                                           (each factor a matrix, or a 1-D tensor meaning a diagonal)
 
-From that one description the layer gets the forward on activations (evaluated in the cheapest association
-order for the number of rows, found by the classic matrix-chain dynamic programme), the dense update for
-merging, and an exact low-rank (B, A) split for exporting a standard LoRA adapter.
+From that one description every path gets what it needs: the forward on activations (evaluated in the cheapest
+association order for the number of rows, found by the classic matrix-chain dynamic programme), the mixed batch
+(`terms_apply_rows`: each row's core and coefficient gathered from a slot store, the frozen factors applied to all
+rows at once), the dense update for merging, and an exact low-rank (B, A) split for exporting a standard LoRA.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 from torch import nn
 
 Chain = list[torch.Tensor]
-Term = tuple[float, Chain]
+
+
+@dataclass(frozen=True)
+class Term:
+    """c · left · core · right. `coef` is a float, or one value per row (a vector) in a mixed batch."""
+
+    coef: float | torch.Tensor
+    core: Chain
+    left: Chain = field(default_factory=list)
+    right: Chain = field(default_factory=list)
+
+    @property
+    def chain(self) -> Chain:
+        return [*self.left, *self.core, *self.right]
 
 
 def _dims(chain: Chain) -> tuple[int, ...]:
@@ -89,11 +105,14 @@ def _ordered_apply(chain: Chain, x: torch.Tensor) -> torch.Tensor:
     return y.T.reshape(*lead, y.shape[0])
 
 
+def _scaled(y: torch.Tensor, coef: float | torch.Tensor) -> torch.Tensor:
+    return y if isinstance(coef, float | int) and coef == 1.0 else y * coef
+
+
 def terms_apply(terms: list[Term], x: torch.Tensor) -> torch.Tensor:
     out = None
-    for coef, chain in terms:
-        y = chain_apply(chain, x)
-        y = y * coef if coef != 1.0 else y
+    for term in terms:
+        y = _scaled(chain_apply(term.chain, x), term.coef)
         out = y if out is None else out + y
     assert out is not None
     return out
@@ -105,13 +124,50 @@ def terms_add(out: torch.Tensor, terms: list[Term], x: torch.Tensor) -> torch.Te
     outer projection keeps nothing of the input's size for backward)."""
     lead, d = out.shape[:-1], out.shape[-1]
     acc = out.reshape(-1, d)
-    for coef, chain in terms:
-        if len(chain) < 2 or chain[0].dim() != 2:
-            acc = acc + coef * chain_apply(chain, x).reshape(-1, d).to(acc.dtype)
+    for term in terms:
+        chain = term.chain
+        if len(chain) < 2 or chain[0].dim() != 2 or not isinstance(term.coef, float | int):
+            acc = acc + _scaled(chain_apply(chain, x), term.coef).reshape(-1, d).to(acc.dtype)
             continue
         h = chain_apply(chain[1:], x).reshape(-1, chain[0].shape[1]).to(acc.dtype)
-        acc = torch.addmm(acc, h, chain[0].to(acc.dtype).T, alpha=coef)
+        acc = torch.addmm(acc, h, chain[0].to(acc.dtype).T, alpha=term.coef)
     return acc.reshape(*lead, d)
+
+
+def _shared(m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A frozen factor on every row: h (rows × tokens × p_n) → rows × tokens × p_0."""
+    m = m.to(h.dtype)
+    return h * m if m.dim() == 1 else h @ m.T
+
+
+def _per_row(m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each row's own factor (m with a leading rows axis) on that row."""
+    m = m.to(h.dtype)
+    return h * m.unsqueeze(1) if m.dim() == 2 else torch.bmm(h, m.transpose(1, 2))
+
+
+def terms_apply_rows(terms: list[Term], x: torch.Tensor) -> torch.Tensor:
+    """ΔW_i x_i for every row i of a mixed batch: `terms` as a method gives them for a core whose tensors
+    and coefficient carry a leading rows axis (each row's own adapter). Evaluated from the input side: the frozen
+    right factors as one matmul over all rows, each row's core by a batched product, the coefficient, then the
+    frozen left factors over all rows again."""
+    rows, out = x.shape[0], None
+    for term in terms:
+        h = x.reshape(rows, -1, x.shape[-1])
+        for m in reversed(term.right):
+            h = _shared(m, h)
+        for m in reversed(term.core):
+            h = _per_row(m, h)
+        coef = term.coef
+        if isinstance(coef, torch.Tensor):
+            h = h * coef.to(h.dtype).reshape(rows, 1, 1)
+        elif coef != 1.0:
+            h = h * coef
+        for m in reversed(term.left):
+            h = _shared(m, h)
+        out = h if out is None else out + h
+    assert out is not None
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def chain_product(chain: Chain) -> torch.Tensor:
@@ -122,7 +178,7 @@ def chain_product(chain: Chain) -> torch.Tensor:
 
 
 def terms_product(terms: list[Term]) -> torch.Tensor:
-    return sum(coef * chain_product(chain) for coef, chain in terms)  # type: ignore[return-value]
+    return sum(term.coef * chain_product(term.chain) for term in terms)  # type: ignore[return-value]
 
 
 def _densify(prod: torch.Tensor) -> torch.Tensor:
@@ -132,7 +188,8 @@ def _densify(prod: torch.Tensor) -> torch.Tensor:
 def terms_lora_pair(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
     """An exact (B, A) with B @ A = ΔW, split each chain at its narrowest inner dimension; terms stack."""
     Bs, As = [], []
-    for coef, chain in terms:
+    for term in terms:
+        chain, coef = term.chain, term.coef
         dims = _dims(chain)
         cut = min(range(1, len(chain)), key=lambda i: dims[i]) if len(chain) > 1 else 1
         left = _densify(chain_product(chain[:cut]))
@@ -144,3 +201,12 @@ def terms_lora_pair(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
         Bs.append(left)
         As.append(right)
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+def detached(terms: list[Term], dtype: torch.dtype | None = None) -> list[Term]:
+    """The terms with every factor detached (and cast), e.g. for an exact float64 export."""
+
+    def conv(ms: Chain) -> Chain:
+        return [m.detach() if dtype is None else m.detach().to(dtype) for m in ms]
+
+    return [Term(t.coef, conv(t.core), conv(t.left), conv(t.right)) for t in terms]

@@ -70,12 +70,15 @@ class AdapterConfig:
         d["method"] = self.method
         return d
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__ and cls.method:  # a subclass that names its own method
+            CONFIGS[cls.method] = cls
+
     @staticmethod
     def from_dict(d: dict[str, Any]) -> AdapterConfig:
-        from .methods import get_method
-
         d = dict(d)
-        cls = get_method(d.pop("method", None)).config_cls
+        cls = config_class(d.pop("method", None))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -97,6 +100,18 @@ class AdapterConfig:
                 "invalid Unicode); fix the field, or set it to null."
             )
         return cls(**d)
+
+
+CONFIGS: dict[str, type[AdapterConfig]] = {}  # method name → its config class (each subclass registers itself)
+
+
+def config_class(method: object) -> type[AdapterConfig]:
+    if not isinstance(method, str) or method not in CONFIGS:  # a file's "method" may be any JSON value
+        raise AdapterError(
+            f"unknown adapter method {method!r}; nora knows {sorted(CONFIGS)}. If this file came from another "
+            "tool (e.g. a PEFT LoRA adapter), load it with that tool."
+        )
+    return CONFIGS[method]
 
 
 def fits_type(value: Any, hint: Any) -> bool:

@@ -2,8 +2,8 @@
 
 Each layer's ΔW is a sum of chains (chain.py), split at its narrowest inner dimension into an exact pair
 B·A = ΔW with the scale folded into B, so lora_alpha = r (scaling 1) and no approximation is made. Layers whose
-rank differs from the most common one go into PEFT's rank_pattern/alpha_pattern. DoRA exports with
-use_dora=True and its magnitude vector.
+rank differs from the most common one go into PEFT's rank_pattern/alpha_pattern. A method's own PEFT options
+and tensors (DoRA: use_dora=True and its magnitude vector) come from the method.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 
 from .atomic import atomic_replace_dir, atomic_save_safetensors
-from .chain import terms_lora_pair
-from .inject import trainable_copies
+from .chain import detached, terms_lora_pair
+from .errors import AdapterError
 from .layer import AdapterLayer, is_adaptable
+from .methods import get_method
 
 if TYPE_CHECKING:
     from .model import AdaptedModel
@@ -50,9 +50,12 @@ def _target_names(names: list[str], all_names: list[str]) -> list[str]:
 
 @torch.no_grad()
 def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.PathLike) -> None:
-    model._check_loaded(adapter_name)
-    model._materialize(adapter_name)  # a resident (slot-stored) adapter becomes per-layer modules first
+    """Write adapter `adapter_name` of `model` (a resident one is made modules first) as a PEFT LoRA directory."""
+    if adapter_name not in model.peft_config:
+        raise AdapterError(f"no adapter named {adapter_name!r}; loaded: {sorted(model.peft_config)}.")
+    model.materialize(adapter_name)
     config = model.peft_config[adapter_name]
+    method = get_method(config.method)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     transposed = False
@@ -61,17 +64,16 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
         if adapter_name not in layer.adapters:
             continue
         core = layer.adapters[adapter_name]
-        terms = core.method.terms(core, layer.basis_of(core))
-        B, A = terms_lora_pair([(c, [m.detach().double() for m in ch]) for c, ch in terms])
+        B, A = terms_lora_pair(detached(layer.terms(core), torch.float64))
         dtype = layer.base_weight().dtype if layer.base_weight().dtype != torch.float64 else torch.float32
         tensors[f"{_PREFIX}{lname}.lora_A.weight"] = A.to(dtype).contiguous()
         tensors[f"{_PREFIX}{lname}.lora_B.weight"] = B.to(dtype).contiguous()
-        if "magnitude" in core.params:
-            tensors[f"{_PREFIX}{lname}.lora_magnitude_vector"] = core["magnitude"].detach().to(dtype)
+        for suffix, t in method.peft_tensors(core).items():
+            tensors[f"{_PREFIX}{lname}.{suffix}"] = t.detach().to(dtype)
         ranks[lname] = A.shape[0]
         transposed |= layer.transposed
     saved = []
-    for mname, tc in trainable_copies(model.model).items():
+    for mname, tc in model.trainable_copies().items():
         if adapter_name in tc.copies:
             saved.append(mname)
             for pname, p in tc.copies[adapter_name].state_dict().items():
@@ -83,6 +85,8 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     ]
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    from peft import LoraConfig as PeftLoraConfig  # imported here: loading peft takes seconds
+
     peft_config = PeftLoraConfig(
         r=r,
         lora_alpha=r,
@@ -90,7 +94,7 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
         fan_in_fan_out=transposed,
-        use_dora=config.method == "dora",
+        **method.peft_options,
         modules_to_save=saved or None,
         base_model_name_or_path=config.base_model_name_or_path
         or getattr(getattr(model.model, "config", None), "_name_or_path", None),

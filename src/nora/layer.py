@@ -2,22 +2,24 @@
 
 Outer bases are kept apart from adapters (`bases` keyed by fingerprint, `adapters` by name), so adapters of the
 same method and rank share one basis. Inference-only adapters loaded from files live in `banks` instead: one row
-of a stacked buffer per adapter, no module each (see store.py). The base weight is never rewritten except by an
+of a stacked buffer per adapter, no module each (see slots.py). The base weight is never rewritten except by an
 explicit merge.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .basis import OuterBasis, SVDRequest, basis_fingerprint, compute_factors, make_basis, svd_key
+from .chain import Term, terms_add, terms_apply_rows, terms_product
 from .config import AdapterConfig
 from .errors import AdapterError
 from .methods import AdapterCore, Method
-from .store import BankStack, CoreStack, RowPlan, StackedCore
+from .slots import ModuleMirror, RowPlan, SlotStack, current_plan
 from .svd import fingerprint, weight_digest
 
 BASE = "__base__"
@@ -71,10 +73,9 @@ class AdapterLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        self._merge_cache: dict[str, object] = {}
-        self.row_plan: RowPlan | None = None  # set by AdaptedModel(..., adapter_names=) for one forward
-        self.stacks: dict[tuple, CoreStack] = {}  # module adapters' cores, stacked per (basis, method, shapes)
-        self.banks = nn.ModuleDict()  # resident inference-only adapters: one BankStack per AdapterBank
+        self._merge_cache: dict[str, Any] = {}
+        self.stacks: dict[tuple, ModuleMirror] = {}  # module adapters' tensors, stacked per layout for mixed batches
+        self.banks = nn.ModuleDict()  # resident inference-only adapters: one SlotStack per AdapterBank
         self.disabled = False
         self.weight_digest = weight_digest(self.base_weight())
         self.train(base_layer.training)
@@ -98,10 +99,16 @@ class AdapterLayer(nn.Module):
 
     # ---- adapters --------------------------------------------------------------------------------------------
     def plan(
-        self, config: AdapterConfig, method: Method, scales: torch.Tensor | None = None, r: int | None = None
+        self,
+        config: AdapterConfig,
+        method: Method,
+        scales: torch.Tensor | None = None,
+        r: int | None = None,
+        key: str | None = None,
     ) -> AdapterPlan:
         """Resolve the rank and fingerprint of a new adapter, and the SVD it needs (None if none is missing).
-        `r` overrides the config's rank rule (on load, where the file knows it)."""
+        `r` and `key` override the config's rank rule and the fingerprint (on load, where the file gives them
+        and state.check_layers has checked them)."""
         if self.merged_adapters:
             raise AdapterError(
                 f"{self.module_name}: adapters {self.merged_adapters} are merged into the weight; unmerge() "
@@ -116,9 +123,11 @@ class AdapterLayer(nn.Module):
                 "Use a smaller r, a fraction such as r=0.5, or leave this module out of target_modules."
             )
         if not method.uses_basis:
-            return AdapterPlan(r, fingerprint(method=method.name, r=r, shape=[d, k], digest=self.weight_digest))
+            return AdapterPlan(r, key or fingerprint(method=method.name, r=r, shape=[d, k], digest=self.weight_digest))
         settings = config.svd_settings
-        key = basis_fingerprint(method.name, r, method.placement(config), settings, (d, k), self.weight_digest, scales)
+        key = key or basis_fingerprint(
+            method.name, r, method.placement(config), settings, (d, k), self.weight_digest, scales
+        )
         request = None
         if "b" + key not in self.bases:
             request = SVDRequest(
@@ -169,8 +178,8 @@ class AdapterLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it.")
         core = self.adapters[name]
         del self.adapters[name]
-        for stack in self.stacks.values():
-            stack.remove(name)
+        for mirror in self.stacks.values():
+            mirror.remove(name)
         self.release_basis(core.basis_key)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -184,7 +193,7 @@ class AdapterLayer(nn.Module):
             return
         del self.bases[key]
 
-    def add_bank(self, bank_id: int, stack: BankStack) -> None:
+    def add_bank(self, bank_id: int, stack: SlotStack) -> None:
         self.banks[f"bank{bank_id}"] = stack.train(self.training)
 
     def drop_bank(self, bank_id: int) -> None:
@@ -194,113 +203,102 @@ class AdapterLayer(nn.Module):
     def basis_of(self, core: AdapterCore) -> OuterBasis | None:
         return self.bases[core.basis_key] if core.basis_key else None
 
+    def terms(self, core: AdapterCore) -> list[Term]:
+        return core.method.terms(core, self.basis_of(core))
+
     def core(self, name: str) -> AdapterCore:
-        """The adapter `name` on this layer: its module, or a detached copy of a resident adapter's slot."""
+        """The adapter `name` on this layer: its module, or a frozen copy of a resident adapter's slot."""
         if name in self.adapters:
             return self.adapters[name]
         for stack in self.banks.values():
-            slot = stack.slot_of(name)
-            if slot is not None:
-                params = {k: v.clone() for k, v in stack.tensors_at(slot).items()}
-                core = AdapterCore(stack.method, stack.config_of(name), params, stack.r, stack.basis_key)
-                core.fingerprint = stack.fingerprint
-                return core.requires_grad_(False).train(False)
+            if stack.bank is not None and name in stack.bank:
+                return stack.bank.core(self.module_name, name)
         raise KeyError(name)
 
-    def delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        core = self.core(name)
-        return core.method.delta(core, self.basis_of(core), x, base_out, self)
-
     def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW (d × k) of one adapter, for a method whose update is linear (all but DoRA)."""
-        from .chain import terms_product
-
-        core = self.core(name)
-        return terms_product(core.method.terms(core, self.basis_of(core)))
+        """ΔW (d × k) of adapter `name`, for a method whose update is linear (all but DoRA)."""
+        return terms_product(self.terms(self.core(name)))
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
-        if self.row_plan is not None:
-            return self._mixed_forward(x, out, self.row_plan)
+        plan = current_plan(self)
+        if plan is not None:
+            return self._mixed_forward(x, out, plan)
         for name in self.active_adapters:
             if name in self.adapters and name not in self.merged_adapters:
-                core = self.adapters[name]
-                out = core.method.add_to(out, core, self.basis_of(core), x, self)
+                out = self._with_adapter(self.adapters[name], x, out)
         return out
 
+    def _with_adapter(self, core: AdapterCore, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The output with one adapter applied: the training and single-adapter path."""
+        variant = core.method.variant
+        if variant is not None:
+            return variant.forward(core.method, core, core.dropout(x), out, self.base_weight(), self.bias)
+        return terms_add(out, self.terms(core), core.dropout(x))
+
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-        rows = plan.names
         if self.merged_adapters:
             raise AdapterError("adapter_names= needs unmerged adapters; call unmerge() first.")
-        if x.shape[0] % len(rows):
-            raise AdapterError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows.")
-        expand = x.shape[0] // len(rows)  # generate() with beams / several sequences repeats each row
+        if x.shape[0] % len(plan.names):
+            raise AdapterError(f"adapter_names has {len(plan.names)} entries for a batch of {x.shape[0]} rows.")
+        expand = x.shape[0] // len(plan.names)  # generate() with beams / several sequences repeats each row
         for stack in self.banks.values():
             selected = plan.select(stack.bank_id, x.device, expand)
             if selected is not None:
-                out = self._bank_rows(stack, *selected, x, out)
+                out = self._stacked_rows(stack, *selected, x, out)
         if not plan.module_rows:
             return out
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(rows):
-            if name != BASE and name in self.adapters:
-                groups.setdefault(name, []).extend(range(i * expand, (i + 1) * expand))
-        shared: dict[tuple, list[str]] = {}
-        for name, idx in groups.items():
+        mirrored: dict[tuple, list[str]] = {}
+        groups = {n: rows for n, rows in plan.module_groups(expand).items() if n in self.adapters}
+        for name, rows in groups.items():
             core = self.adapters[name]
-            parts = None if torch.is_grad_enabled() else core.method.stack_parts(core, self.basis_of(core))
-            if parts is None:
-                index = torch.tensor(idx, device=x.device)
-                delta = self.delta(name, x.index_select(0, index), out.index_select(0, index))
-                out = out.index_add(0, index, delta.to(out.dtype))
+            if torch.is_grad_enabled() or core.method.variant is not None:  # each adapter on its own rows
+                index = torch.tensor(rows, device=x.device)
+                applied = self._with_adapter(core, x.index_select(0, index), out.index_select(0, index))
+                out = out.index_copy(0, index, applied.to(out.dtype))
             else:
-                key = (core.basis_key, core.method.name, tuple(tuple(p.shape) for p in parts))
-                shared.setdefault(key, []).append(name)
-        for key, names in shared.items():
-            out = self._shared_basis_rows(key, names, groups, x, out)
+                mirrored.setdefault(ModuleMirror.key(core), []).append(name)
+        for key, names in mirrored.items():
+            mirror = self.stacks.get(key)
+            if mirror is None:
+                core = self.adapters[names[0]]
+                mirror = self.stacks[key] = ModuleMirror(core, self.param_dtype(), self.base_weight().device)
+            mirror.sync(names, self.adapters)
+            index = torch.tensor([i for n in names for i in groups[n]], device=x.device)
+            slots = torch.tensor([mirror.slots[n] for n in names for _ in groups[n]], device=x.device)
+            out = self._stacked_rows(mirror.stack, index, slots, x, out)
         return out
 
-    def _shared_basis_rows(self, key: tuple, names: list[str], groups, x, out) -> torch.Tensor:
-        """Rows of several adapters on one basis: A_o once, each row's core gathered from the store, B_o once."""
-        basis = self.bases[key[0]]
-        method = self.adapters[names[0]].method
-        stack = self.stacks.setdefault(key, CoreStack())
-        stack.sync(names, self.adapters, lambda core: [p.to(basis.A.dtype) for p in method.stack_parts(core, basis)])
-        row_idx = [i for n in names for i in groups[n]]
-        slots = [stack.slots[n] for n in names for _ in groups[n]]
-        index = torch.tensor(row_idx, device=x.device)
-        xs = x.index_select(0, index)
-        h = xs.reshape(xs.shape[0], -1, xs.shape[-1]) @ basis.A.to(x.dtype).T
-        h = method.apply_stacked(stack.gather(torch.tensor(slots, device=x.device)), h)
-        delta = (h @ basis.B.to(h.dtype).T).reshape(*xs.shape[:-1], -1)
-        return out.index_add(0, index, delta.to(out.dtype))
-
-    def _bank_rows(self, stack: BankStack, index: torch.Tensor | None, slots: torch.Tensor, x, out) -> torch.Tensor:
-        """Rows of resident adapters: A_o once, each row's core gathered from its slot and scaled, B_o once.
-        `index` None: every row of the batch, in order."""
-        basis = self.bases[stack.basis_key]
+    def _stacked_rows(
+        self, stack: SlotStack, index: torch.Tensor | None, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows whose adapters sit in `stack`: each row's core gathered from its slot, the method's terms
+        evaluated on all of them at once. `index` None: every row of the batch, in order."""
         xs = x if index is None else x.index_select(0, index)
-        h = xs.reshape(xs.shape[0], -1, xs.shape[-1]) @ basis.A.to(x.dtype).T
-        params, scales = stack.rows(slots)
-        h = stack.method.apply_stacked(stack.method.stack_parts(StackedCore(params, stack.config), basis), h)
-        h = h * scales.to(h.dtype)[:, None, None]
-        delta = (h @ basis.B.to(h.dtype).T).reshape(*xs.shape[:-1], -1).to(out.dtype)
+        basis = self.bases[stack.basis_key] if stack.basis_key else None
+        delta = terms_apply_rows(stack.method.terms(stack.view(slots), basis), xs).to(out.dtype)
         return out + delta if index is None else out.index_add(0, index, delta)
 
     # ---- merging ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight(self, core: AdapterCore) -> tuple[torch.Tensor, Any]:
+        """(the weight with `core` folded in, what unmerging it needs); the layer itself is left unchanged."""
+        W = self.base_weight()
+        variant = core.method.variant
+        if variant is not None:
+            return variant.merge(core.method, core, W)
+        return W + terms_product(self.terms(core)).to(W.dtype), None
+
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
         for name in names:
             if name in self.merged_adapters or name not in self.adapters:
                 continue
-            core = self.adapters[name]
-            W = self.base_weight()
-            merged, cache = core.method.merge(core, self.basis_of(core), W)
-            W.copy_(merged)
-            self._merge_cache[name] = cache
+            merged, self._merge_cache[name] = self.merged_weight(self.adapters[name])
+            self.base_weight().copy_(merged)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -309,9 +307,12 @@ class AdapterLayer(nn.Module):
             name = self.merged_adapters.pop()
             core = self.adapters[name]
             W = self.base_weight()
-            W.copy_(core.method.unmerge(core, self.basis_of(core), W, self._merge_cache.pop(name)))
+            variant = core.method.variant
+            if variant is not None:
+                W.copy_(variant.unmerge(core.method, core, W, self._merge_cache.pop(name)))
+            else:
+                W.copy_(W - terms_product(self.terms(core)).to(W.dtype))
 
     def extra_repr(self) -> str:
         d, k = self.shape
-        resident = sum(len(s.bank_names()) for s in self.banks.values())
-        return f"d={d}, k={k}, adapters={list(self.adapters)}, resident={resident}, active={self.active_adapters}"
+        return f"d={d}, k={k}, adapters={list(self.adapters)}, banks={len(self.banks)}, active={self.active_adapters}"

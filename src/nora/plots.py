@@ -232,7 +232,7 @@ def layer_spectra(adapted, layers: list[str] | None = None, adapter_name: str = 
         core = layer.adapters[adapter_name]
         basis = layer.basis_of(core)
         W = layer.base_weight().detach()
-        merged, _ = core.method.merge(core, basis, W)
+        merged, _ = layer.merged_weight(core)
         spectra.append(
             LayerSpectrum(
                 name=name,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import AdapterError
-from .base import AdapterCore, Method
+from .base import AdapterCore, Core, CoreView, Method, Variant
 from .dora import DoRA, DoraConfig
 from .lora import LoRA, LoraConfig
 from .lora_xs import LoRAXS, LoraXSConfig
@@ -26,6 +26,8 @@ def get_method(name: str | None) -> Method:
 __all__ = [
     "METHODS",
     "AdapterCore",
+    "Core",
+    "CoreView",
     "DoraConfig",
     "LoraConfig",
     "LoraXSConfig",
@@ -33,5 +35,6 @@ __all__ = [
     "NoraConfig",
     "PissaConfig",
     "SVFitConfig",
+    "Variant",
     "get_method",
 ]

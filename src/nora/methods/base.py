@@ -1,22 +1,71 @@
-"""What a method is: how it initialises from W0, what its core is, which tensors train.
+"""The Method contract: what one adapter method must say, and what it may.
 
-A method never touches injection, merging plumbing, saving or devices: the layer does that for all of them from
-the method's `terms` (see chain.py). Only DoRA, whose output is not linear in its parameters, overrides the
-forward and the merge.
+A method describes its update once, as a list of `Term`s (chain.py): the frozen outer factors (`left`, `right`:
+buffers of the layer's `OuterBasis`) around the adapter's own `core` tensors, times a coefficient (its scale). The
+layer derives everything else from those terms: the training forward, the single-adapter forward, the mixed batch
+(each row's core gathered from a slot store), merge, unmerge, and the exact LoRA pair of `export_lora`. A method
+never touches injection, devices, files or merging plumbing.
+
+Required (abstract):
+    name, config_cls               the registry name and the AdapterConfig subclass holding its fields
+    default_lr, default_adapter    what `nora train --method NAME` uses when the user gives no lr / adapter fields
+    init_params(config, W, basis, r, dtype)   the trainable tensors, made from W0 and the basis
+    terms(core, basis)             ΔW. Written with broadcasting only: given a core whose tensors carry a leading
+                                   slot axis and whose scale is a vector (a `CoreView` of a store), it must return
+                                   the same terms with that axis on each core element and on the coefficient.
+
+Optional (defaults here):
+    uses_basis                     False: no frozen outer factors (LoRA, DoRA)
+    rank / placement / scale       the per-layer rank, singular-value placement, and coefficient s
+    calibration(config)            (power, eps) when the method wants activation-aware SVD scales, else None
+    resident(config)               whether inference-only loads become slots of a resident bank (default: a
+                                   linear method on a frozen basis, whose core is the narrow part between them)
+    peft_options / peft_tensors    extra PEFT LoraConfig fields and tensors its `export_lora` output needs
+
+Variant (the one non-linear hook): a method whose output is not linear in its tensors (DoRA) sets `variant` to a
+`Variant`, which then owns the layer's forward, merge and unmerge for that method; such adapters serve mixed
+batches by grouping rows per adapter instead of from a slot store.
+
+Adding a method is one file defining a Method subclass (and its config) plus one line in `METHODS`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from ..chain import Term, terms_add, terms_apply, terms_product
+from ..chain import Term
 from ..config import AdapterConfig
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
+
+
+class Core(Protocol):
+    """What `terms` reads of an adapter: its tensors by name, its coefficient, its config."""
+
+    config: AdapterConfig
+
+    @property
+    def scale(self) -> float | torch.Tensor: ...
+
+    def __getitem__(self, key: str) -> torch.Tensor: ...
+
+
+@dataclass
+class CoreView:
+    """A core read from a slot store: every tensor (and the scale) with a leading slot axis."""
+
+    tensors: dict[str, torch.Tensor]
+    scale: float | torch.Tensor
+    config: AdapterConfig
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
 
 
 class AdapterCore(nn.Module):
@@ -31,6 +80,7 @@ class AdapterCore(nn.Module):
         self.r = r
         self.scale = method.scale(config, r)
         self.basis_key = basis_key
+        self.fingerprint = ""
         # Parameters sit directly on this module (no ParameterDict or Dropout submodules): a model may hold
         # thousands of adapters × every layer, and each module object costs memory and traversal time.
         for k, v in params.items():
@@ -48,10 +98,47 @@ class AdapterCore(nn.Module):
         return nn.functional.dropout(x, p, self.training) if p > 0 else x
 
 
-class Method:
+class Variant(ABC):
+    """The forward and merge of a method whose output is not linear in its tensors (the layer calls these instead
+    of evaluating the terms). `W` is the base weight (d × k), `bias` the base layer's bias."""
+
+    @abstractmethod
+    def forward(
+        self,
+        method: Method,
+        core: AdapterCore,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        W: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The layer's output with this adapter applied, given the base layer's output."""
+
+    @abstractmethod
+    def merge(self, method: Method, core: AdapterCore, W: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(the merged weight, what unmerge needs)."""
+
+    @abstractmethod
+    def unmerge(self, method: Method, core: AdapterCore, W: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The weight before `merge`."""
+
+
+class Method(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[AdapterConfig]]
-    uses_basis: ClassVar[bool] = True  # False: no frozen outer factors (LoRA, DoRA)
+    default_lr: ClassVar[float]
+    default_adapter: ClassVar[dict[str, Any]] = {}
+    uses_basis: ClassVar[bool] = True
+    variant: ClassVar[Variant | None] = None
+    peft_options: ClassVar[dict[str, Any]] = {}
+
+    @abstractmethod
+    def init_params(
+        self, config: AdapterConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]: ...
 
     def rank(self, config: AdapterConfig, W: torch.Tensor) -> int:
         return config.resolve_rank(*W.shape)
@@ -62,42 +149,15 @@ class Method:
     def scale(self, config: AdapterConfig, r: int) -> float:
         return config.scale(r)
 
-    def init_params(
-        self, config: AdapterConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
-    ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def terms(self, core: AdapterCore, basis: OuterBasis | None) -> list[Term]:
-        """ΔW as a sum of scaled chains (scale included)."""
-        raise NotImplementedError
-
-    def delta(
-        self, core: AdapterCore, basis: OuterBasis | None, x: torch.Tensor, base_out: torch.Tensor, layer
-    ) -> torch.Tensor:
-        """What the adapter adds to the base layer's output for input x."""
-        return terms_apply(self.terms(core, basis), core.dropout(x))
-
-    def add_to(
-        self, out: torch.Tensor, core: AdapterCore, basis: OuterBasis | None, x: torch.Tensor, layer
-    ) -> torch.Tensor:
-        """The layer's output with this adapter's update added (the training and single-adapter path)."""
-        return terms_add(out, self.terms(core, basis), core.dropout(x))
-
-    # ---- mixed batches over a shared basis (methods whose core sits between the frozen B_o and A_o) ----
-    def stack_parts(self, core: AdapterCore, basis: OuterBasis | None) -> list[torch.Tensor] | None:
-        """The per-adapter tensors of the core (scale folded in) to stack across adapters; None: not stackable."""
+    def calibration(self, config: AdapterConfig) -> tuple[float, float] | None:
         return None
 
-    def apply_stacked(self, parts: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        """Each row's core on h (rows × tokens × r), given `parts` gathered per row."""
-        raise NotImplementedError
+    def resident(self, config: AdapterConfig) -> bool:
+        return self.uses_basis and self.variant is None
 
-    def merge(self, core: AdapterCore, basis: OuterBasis | None, W: torch.Tensor):
-        """Return (merged weight, what unmerge needs)."""
-        return W + terms_product(self.terms(core, basis)).to(W.dtype), None
-
-    def unmerge(self, core: AdapterCore, basis: OuterBasis | None, W: torch.Tensor, cache) -> torch.Tensor:
-        return W - terms_product(self.terms(core, basis)).to(W.dtype)
+    def peft_tensors(self, core: AdapterCore) -> dict[str, torch.Tensor]:
+        """Tensors besides lora_A / lora_B that a PEFT LoRA export of this layer holds, by PEFT's name suffix."""
+        return {}
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:

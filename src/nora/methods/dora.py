@@ -1,18 +1,24 @@
 """DoRA: LoRA plus a trained per-output-row magnitude m, initialised to ‖W0‖ per row.
 
 y = m ⊙ (W0 + s·B·A) x / ‖W0 + s·B·A‖_row + b        (the norm is detached, as in the paper)
+
+Not linear in its tensors, so its forward and merge are a declared `Variant`; its ΔW terms are LoRA's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..chain import terms_apply, terms_product
 from ..config import AdapterConfig
-from .base import AdapterCore
+from .base import AdapterCore, Variant
 from .lora import LoRA
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
 
 
 @dataclass
@@ -20,35 +26,40 @@ class DoraConfig(AdapterConfig):
     method = "dora"
 
 
+class DoraVariant(Variant):
+    def _factor(self, method, core: AdapterCore, W: torch.Tensor) -> torch.Tensor:
+        """m / ‖W0 + ΔW‖_row, the per-row factor, with the norm detached."""
+        full = W.to(core["lora_A"].dtype) + terms_product(method.terms(core, None))
+        return core["magnitude"] / full.norm(dim=1).detach()
+
+    def forward(self, method, core, x, base_out, W, bias):
+        factor = self._factor(method, core, W).to(x.dtype)
+        base_nobias = base_out if bias is None else base_out - bias
+        lora = terms_apply(method.terms(core, None), core.dropout(x))
+        return base_out + ((factor - 1) * base_nobias + factor * lora).to(base_out.dtype)
+
+    def merge(self, method, core, W):
+        factor = self._factor(method, core, W)
+        merged = factor.unsqueeze(1) * (W.to(factor.dtype) + terms_product(method.terms(core, None)))
+        return merged.to(W.dtype), factor.detach()
+
+    def unmerge(self, method, core, W, cache):
+        original = W.to(cache.dtype) / cache.unsqueeze(1) - terms_product(method.terms(core, None))
+        return original.to(W.dtype)
+
+
 class DoRA(LoRA):
     name = "dora"
     config_cls = DoraConfig
+    variant = DoraVariant()
+    peft_options = {"use_dora": True}
 
-    def init_params(self, config, W, basis, r, dtype):
+    def init_params(
+        self, config: DoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         params = super().init_params(config, W, basis, r, dtype)
         params["magnitude"] = W.detach().to(dtype).norm(dim=1)
         return params
 
-    def _factor(self, core: AdapterCore, W: torch.Tensor) -> torch.Tensor:
-        """m / ‖W0 + ΔW‖_row, the per-row factor, with the norm detached."""
-        full = W.to(core["lora_A"].dtype) + terms_product(self.terms(core, None))
-        return core["magnitude"] / full.norm(dim=1).detach()
-
-    def delta(self, core, basis, x, base_out, layer):
-        factor = self._factor(core, layer.base_weight()).to(x.dtype)
-        bias = layer.base_layer.bias
-        base_nobias = base_out if bias is None else base_out - bias
-        lora = terms_apply(self.terms(core, None), core.dropout(x))
-        return (factor - 1) * base_nobias + factor * lora
-
-    def add_to(self, out, core, basis, x, layer):
-        return out + self.delta(core, basis, x, out, layer).to(out.dtype)
-
-    def merge(self, core, basis, W):
-        factor = self._factor(core, W)
-        merged = factor.unsqueeze(1) * (W.to(factor.dtype) + terms_product(self.terms(core, None)))
-        return merged.to(W.dtype), factor.detach()
-
-    def unmerge(self, core, basis, W, cache):
-        original = W.to(cache.dtype) / cache.unsqueeze(1) - terms_product(self.terms(core, None))
-        return original.to(W.dtype)
+    def peft_tensors(self, core: AdapterCore) -> dict[str, torch.Tensor]:
+        return {"lora_magnitude_vector": core["magnitude"]}

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..chain import Term
 from ..config import AdapterConfig
-from .base import AdapterCore, Method, kaiming_
+from .base import Core, Method, kaiming_
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
 
 
 @dataclass
@@ -18,14 +23,18 @@ class LoraConfig(AdapterConfig):
 class LoRA(Method):
     name = "lora"
     config_cls = LoraConfig
+    default_lr = 5e-4
+    default_adapter = {"r": 16, "alpha": 32.0}
     uses_basis = False
 
-    def init_params(self, config, W, basis, r, dtype):
+    def init_params(
+        self, config: LoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         d, k = W.shape
         return {
             "lora_A": kaiming_(torch.empty(r, k, dtype=dtype, device=W.device)),
             "lora_B": torch.zeros(d, r, dtype=dtype, device=W.device),
         }
 
-    def terms(self, core: AdapterCore, basis):
-        return [(core.scale, [core["lora_B"], core["lora_A"]])]
+    def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
+        return [Term(core.scale, [core["lora_B"], core["lora_A"]])]

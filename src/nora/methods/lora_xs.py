@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..chain import Term
 from ..config import AdapterConfig
 from ..errors import AdapterError
-from .base import AdapterCore, Method
+from .base import Core, Method
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
 
 
 @dataclass
@@ -26,18 +31,16 @@ class LoraXSConfig(AdapterConfig):
 class LoRAXS(Method):
     name = "lora-xs"
     config_cls = LoraXSConfig
+    default_lr = 2e-3
+    default_adapter = {"r": 64}
 
-    def init_params(self, config, W, basis, r, dtype):
+    def init_params(
+        self, config: LoraXSConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         R = torch.zeros(r, r, dtype=dtype, device=W.device)
         if config.core_init == "normal":
             R.normal_(0.0, 1e-5)
         return {"core": R}
 
-    def terms(self, core: AdapterCore, basis):
-        return [(core.scale, [basis.B, core["core"], basis.A])]
-
-    def stack_parts(self, core, basis):
-        return [core["core"] * core.scale]
-
-    def apply_stacked(self, parts, h):
-        return torch.bmm(h, parts[0].to(h.dtype).transpose(1, 2))
+    def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
+        return [Term(core.scale, [core["core"]], left=[basis.B], right=[basis.A])]

@@ -11,12 +11,17 @@ both inner matrices standard-normal as the authors' code does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..chain import Term
 from ..config import AdapterConfig
 from ..errors import AdapterError
-from .base import AdapterCore, Method, kaiming_
+from .base import Core, Method, kaiming_
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
 
 
 @dataclass
@@ -48,8 +53,11 @@ class NoraConfig(AdapterConfig):
 class NoRA(Method):
     name = "nora"
     config_cls = NoraConfig
+    default_lr = 2e-3
+    # s = alpha/r stays 1 (alpha = r), and the outer rank moderate: large outer ranks at this lr diverge
+    default_adapter = {"r": 128, "inner_r": 8}
 
-    def rank(self, config, W):
+    def rank(self, config: NoraConfig, W: torch.Tensor) -> int:
         r = config.resolve_rank(*W.shape)
         if config.inner_r > r:
             raise AdapterError(
@@ -58,7 +66,9 @@ class NoRA(Method):
             )
         return r
 
-    def init_params(self, config, W, basis, r, dtype):
+    def init_params(
+        self, config: NoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         width = r if config.inner == "serial" else W.shape[0]
         A_i = torch.empty(config.inner_r, width, dtype=dtype, device=W.device)
         B_i = torch.empty(width, config.inner_r, dtype=dtype, device=W.device)
@@ -70,17 +80,14 @@ class NoRA(Method):
             B_i.normal_()
         return {"inner_A": A_i, "inner_B": B_i}
 
-    def terms(self, core: AdapterCore, basis):
+    def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         B_i, A_i = core["inner_B"], core["inner_A"]
         if core.config.inner == "serial":
-            return [(core.scale, [basis.B, B_i, A_i, basis.A])]
-        return [(core.scale, [B_i, A_i, basis.B, basis.A])]
+            return [Term(core.scale, [B_i, A_i], left=[basis.B], right=[basis.A])]
+        return [Term(core.scale, [B_i, A_i], right=[basis.B, basis.A])]
 
-    def stack_parts(self, core, basis):
-        if core.config.inner != "serial":
-            return None
-        return [core["inner_A"], core["inner_B"] * core.scale]
+    def resident(self, config: NoraConfig) -> bool:
+        return config.inner == "serial"  # an "out" core is d-wide, as large as a LoRA: modules, as LoRA's are
 
-    def apply_stacked(self, parts, h):
-        A, B = (p.to(h.dtype) for p in parts)
-        return torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
+    def calibration(self, config: NoraConfig) -> tuple[float, float] | None:
+        return (config.awsvd_power, config.awsvd_eps) if config.awsvd else None

@@ -7,9 +7,16 @@ real arithmetic, keeps W0 shared with other adapters, and unloads to the untouch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
+
+from ..chain import Term
 from ..config import AdapterConfig
-from .base import AdapterCore, Method
+from .base import Core, Method
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
 
 
 @dataclass
@@ -20,13 +27,17 @@ class PissaConfig(AdapterConfig):
 class PiSSA(Method):
     name = "pissa"
     config_cls = PissaConfig
+    default_lr = 2e-4
+    default_adapter = {"r": 16, "alpha": 16.0}
 
-    def placement(self, config):
+    def placement(self, config: PissaConfig) -> str:
         return "sqrt"
 
-    def init_params(self, config, W, basis, r, dtype):
+    def init_params(
+        self, config: PissaConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         return {"lora_A": basis.A.to(dtype).clone(), "lora_B": basis.B.to(dtype).clone()}
 
-    def terms(self, core: AdapterCore, basis):
+    def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         s = core.scale
-        return [(s, [core["lora_B"], core["lora_A"]]), (-s, [basis.B, basis.A])]
+        return [Term(s, [core["lora_B"], core["lora_A"]]), Term(-s, [], right=[basis.B, basis.A])]

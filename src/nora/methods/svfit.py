@@ -8,11 +8,18 @@ smallest r keeping `energy` of the spectrum.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
+
+from ..chain import Term
 from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..svd import energy_rank
-from .base import AdapterCore, Method
+from .base import Core, Method
+
+if TYPE_CHECKING:
+    from ..basis import OuterBasis
 
 
 @dataclass
@@ -34,23 +41,22 @@ class SVFitConfig(AdapterConfig):
 class SVFit(Method):
     name = "svfit"
     config_cls = SVFitConfig
+    default_lr = 1e-2
+    default_adapter = {"r": 32}
 
-    def rank(self, config, W):
+    def rank(self, config: SVFitConfig, W: torch.Tensor) -> int:
         if config.r is None:
             return energy_rank(W, config.energy, config.energy_measure)
         return config.resolve_rank(*W.shape)
 
-    def scale(self, config, r):
+    def scale(self, config: SVFitConfig, r: int) -> float:
         return 1.0
 
-    def init_params(self, config, W, basis, r, dtype):
+    def init_params(
+        self, config: SVFitConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         return {"sigma": basis.S.to(dtype).clone()}
 
-    def terms(self, core: AdapterCore, basis):
-        return [(1.0, [basis.B, core["sigma"] - basis.S.to(core["sigma"].dtype), basis.A])]
-
-    def stack_parts(self, core, basis):
-        return [core["sigma"] - basis.S.to(core["sigma"].dtype)]
-
-    def apply_stacked(self, parts, h):
-        return h * parts[0].to(h.dtype).unsqueeze(1)
+    def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
+        sigma = core["sigma"]
+        return [Term(1.0, [sigma - basis.S.to(sigma.dtype)], left=[basis.B], right=[basis.A])]

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..layer import BASE
 from ..model import AdaptedModel
 from ..pretrained import cache_kwargs
 from . import kv_batch
@@ -65,8 +64,8 @@ def end_request(request: GenerationRequest, reason: str, error: str | None = Non
     deliver(request, Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids), error=error))
 
 
-def hf_model(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, AdaptedModel) else model
+def hf_model(model: AdaptedModel) -> nn.Module:
+    return model.model
 
 
 class DecodeBatch:
@@ -91,7 +90,7 @@ class DecodeBatch:
 
     # ---- the two kinds of step -------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, model: nn.Module, requests: list[GenerationRequest]) -> None:
+    def prefill(self, model: AdaptedModel, requests: list[GenerationRequest]) -> None:
         """Run the prompts of `requests`, pick each one's first token, and add them to the running rows."""
         device = next(model.parameters()).device
         width = max(len(r.prompt_ids) for r in requests)
@@ -123,7 +122,7 @@ class DecodeBatch:
         self._drop_finished()
 
     @torch.no_grad()
-    def step(self, model: nn.Module) -> None:
+    def step(self, model: AdaptedModel) -> None:
         """Feed every row its last token and pick the next."""
         assert self.cache is not None and self.mask is not None
         device = self.mask.device
@@ -181,7 +180,7 @@ _KEEPS_LOGITS: dict[type, bool] = {}
 
 
 def last_logits(
-    model: nn.Module,
+    model: AdaptedModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
     positions: torch.Tensor,
@@ -198,8 +197,5 @@ def last_logits(
         _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(base.forward).parameters
     if _KEEPS_LOGITS[cls]:
         kwargs["logits_to_keep"] = 1  # the prompt's other positions need no logits
-    if isinstance(model, AdaptedModel):
-        kwargs["adapter_names"] = adapters
-    elif set(adapters) != {BASE}:
-        raise RuntimeError(f"rows ask for adapters {sorted(set(adapters) - {BASE})}, but none is loaded")
+    kwargs["adapter_names"] = adapters
     return model(**kwargs).logits[:, -1, :]

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..layer import BASE
-from ..model import ADAPTER_NAME_RULE, AdaptedModel, valid_adapter_name
+from ..model import AdaptedModel, check_adapter_name
 from .decode_batch import DecodeBatch, end_request, hf_model
 from .errors import BadRequest, Busy, Conflict, GenerationFailed, LimitExceeded, NotFound
 from .events import Completion, Event, EventStream, GenerationRequest
@@ -69,11 +69,13 @@ _WAKE = object()
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, config: EngineConfig | None = None) -> None:
-        self.model = model.eval()
+        """`model`: an AdaptedModel, or a bare base model (wrapped here, with no adapter yet)."""
+        self.model = (model if isinstance(model, AdaptedModel) else AdaptedModel(model)).eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self._reserve()
-        hf = hf_model(model)
+        if self.config.reserve_adapters:
+            self.model.reserve_resident(self.config.reserve_adapters)
+        hf = hf_model(self.model)
         text_config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
         self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
         self.vocab_size: int = hf.get_input_embeddings().num_embeddings
@@ -83,7 +85,7 @@ class Engine:
         self._batch = DecodeBatch(tokenizer, self.eos_ids, int(pad or 0))
         self._lock = threading.Lock()
         now = int(time.time())
-        names = list(model.peft_config) if isinstance(model, AdaptedModel) else []
+        names = list(self.model.peft_config)
         self._adapters: dict[str, AdapterInfo] = {n: AdapterInfo(n, None, now) for n in names}
         self._changing: set[str] = set()  # names with a load or unload under way
         self._open = 0  # requests accepted and not yet finished
@@ -130,8 +132,10 @@ class Engine:
     def request_load(self, name: str, path: str) -> Future:
         """Load the adapter saved in `path` as `name` between two decode steps; the future gives the load time
         in milliseconds."""
-        if not valid_adapter_name(name):
-            raise BadRequest(f"adapter name {name!r} {ADAPTER_NAME_RULE}", "name")
+        try:
+            check_adapter_name(name)
+        except AdapterError as e:
+            raise BadRequest(str(e), "name") from e
         with self._lock:
             self._refuse_if_closing()
             if name in self._adapters or name in self._changing:
@@ -338,26 +342,16 @@ class Engine:
         assert path is not None
         start = time.perf_counter()
         try:
-            if isinstance(self.model, AdaptedModel):
-                # inference-only: frozen, in eval mode, and a resident slot where the method allows (O(1))
-                self.model.load_adapter(path, name)
-            else:
-                self.model = AdaptedModel.from_pretrained(self.model, path, name).eval()
-                self._reserve()
+            # inference-only: frozen, in eval mode, and a resident slot where the method allows (O(1))
+            self.model.load_adapter(path, name)
+            self.model.eval_mode_frozen()
         except AdapterError as e:
             raise BadRequest(str(e), "path") from e
         return (time.perf_counter() - start) * 1000
 
-    def _reserve(self) -> None:
-        """Resident slots up front, once the model can hold resident adapters (a bare base cannot, until its first
-        load makes it an AdaptedModel)."""
-        if isinstance(self.model, AdaptedModel) and self.config.reserve_adapters:
-            self.model.reserve_resident(self.config.reserve_adapters)
-
     @torch.no_grad()
     def _unload(self, name: str) -> float:
         start = time.perf_counter()
-        assert isinstance(self.model, AdaptedModel)
         self.model.delete_adapter(name)
         self.model.eval_mode_frozen()
         return (time.perf_counter() - start) * 1000

@@ -44,13 +44,11 @@ def load_base(
     return model.to(resolve_device(device)).eval(), tok
 
 
-def attach_adapters(model: nn.Module, adapters: dict[str, Path]) -> nn.Module:
-    """`model` with every adapter of `adapters` loaded (an AdaptedModel), or unchanged when there are none."""
+def attach_adapters(model: nn.Module, adapters: dict[str, Path]) -> AdaptedModel:
+    """`model` wrapped as an AdaptedModel with every adapter of `adapters` loaded for inference (all alike:
+    resident slots where the method allows); none given: the bare base, wrapped."""
+    adapted = AdaptedModel(model)
     for name, path in adapters.items():
-        if isinstance(model, AdaptedModel):
-            model.load_adapter(path, name)
-        else:
-            model = AdaptedModel.from_pretrained(model, path, name)
-    if isinstance(model, AdaptedModel):
-        model.eval_mode_frozen()
-    return model.eval()
+        adapted.load_adapter(path, name)
+    adapted.eval_mode_frozen()
+    return adapted.eval()

@@ -28,7 +28,8 @@ from torch import nn
 from ..accel import compile_model, enable_adapter_checkpointing, enable_fused_kernels
 from ..atomic import atomic_write_json
 from ..errors import AdapterError
-from ..io import adapter_payload, apply_tensors, read_adapter, write_adapter
+from ..io import read_adapter, write_adapter
+from ..state import adapter_payload, apply_tensors
 from ..model import AdaptedModel, get_peft_model
 from ..pretrained import check_model_source, load_model, load_tokenizer
 from .checkpoint import (

@@ -1,0 +1,175 @@
+"""Adapter state ↔ tensors: what an adapter of a model is as named tensors (and per-layer metadata), and the
+reverse; and the check that a file's layers belong to a model, made before anything is built or computed.
+
+Works on an AdaptedModel through its public surface (layers(), trainable_copies(), resident_bank()); the file
+format itself is io.py's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .basis import basis_fingerprint
+from .config import AdapterConfig
+from .errors import AdapterError
+from .io import FORMAT_VERSION, SAVE_PREFIX, check_keys, check_shape, nora_version
+from .layer import AdapterLayer, is_adaptable, oriented_weight
+from .methods import get_method
+from .svd import fingerprint, weight_digest
+
+if TYPE_CHECKING:
+    from .model import AdaptedModel
+    from .slots import AdapterBank
+
+
+def adapter_state(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    bank = model.resident_bank(name)
+    if bank is not None:
+        return _resident_state(model, bank, name)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for lname, layer in model.layers().items():
+        if name not in layer.adapters:
+            continue
+        core = layer.adapters[name]
+        for pname, p in core.params.items():
+            tensors[f"{lname}.{pname}"] = p.detach()
+        basis = layer.basis_of(core)
+        if basis is not None and basis.scales is not None:
+            tensors[f"{lname}.awsvd_scale"] = basis.scales
+        layers[lname] = {
+            "r": core.r, "shape": list(layer.shape), "fingerprint": core.fingerprint, "weight": layer.weight_digest
+        }  # fmt: skip
+    for mname, tc in model.trainable_copies().items():
+        if name in tc.copies:
+            for pname, p in tc.copies[name].state_dict().items():
+                tensors[f"{SAVE_PREFIX}{mname}.{pname}"] = p.detach()
+    meta = {"format_version": FORMAT_VERSION, "version": nora_version(), "layers": layers}
+    return tensors, meta
+
+
+def _resident_state(model: AdaptedModel, bank: AdapterBank, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """adapter_state of a resident adapter, read from its slot (copies: a slot is reused once freed)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    slot = bank.slots[name]
+    for lname, layer in model.layers().items():
+        stack = bank.stacks.get(lname)
+        if stack is None:
+            continue
+        for pname, t in stack.tensors_at(slot).items():
+            tensors[f"{lname}.{pname}"] = t.clone()
+        scales = layer.bases[stack.basis_key].scales
+        if scales is not None:
+            tensors[f"{lname}.awsvd_scale"] = scales
+        layers[lname] = {
+            "r": stack.r, "shape": list(layer.shape), "fingerprint": stack.fingerprint, "weight": layer.weight_digest
+        }  # fmt: skip
+    meta = {"format_version": FORMAT_VERSION, "version": nora_version(), "layers": layers}
+    return tensors, meta
+
+
+def adapter_payload(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and adapter_config.json of adapter `name`. With FSDP-sharded parameters this gathers each
+    tensor in full: a collective, so every process calls it (and one writes)."""
+    config = model.peft_config[name]
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None)
+    tensors, meta = adapter_state(model, name)
+    tensors = {k: _full(v) for k, v in tensors.items()}
+    payload = config.to_dict()
+    payload["nora"] = meta
+    return tensors, payload
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard (FSDP) → the whole tensor
+
+
+def check_layers(
+    model: nn.Module, config: AdapterConfig, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where
+) -> tuple[list[str], dict[str, int], dict[str, str]]:
+    """Match the file's layers to the model's, refusing another base before any SVD is computed. Returns the
+    layer names, and each one's rank and basis fingerprint (checked here, so not computed again)."""
+    method = get_method(config.method)
+    names, ranks, keys = [], {}, {}
+    for lname, info in meta["layers"].items():
+        try:
+            module = model.get_submodule(lname)
+        except AttributeError:
+            module = None
+        if module is None:
+            raise AdapterError(
+                f"adapter {where} targets module {lname!r}, which this model does not have: it was made for "
+                f"another architecture (base: {config.base_model_name_or_path})."
+            )
+        if not (isinstance(module, AdapterLayer) or is_adaptable(module)) or lname.endswith("base_layer"):
+            raise AdapterError(
+                f"adapter {where} targets module {lname!r}, a {type(module).__name__} of this model that takes no "
+                "adapter (only nn.Linear / Conv1D layers do): its adapter_config.json was edited, or it was made for "
+                "another architecture."
+            )
+        r, shape = info.get("r"), info.get("shape")
+        whole = [r, *shape] if isinstance(shape, list) and len(shape) == 2 else [None]
+        if any(type(n) is not int for n in whole) or r < 1 or not isinstance(info.get("fingerprint"), str):
+            raise AdapterError(
+                f"adapter {where}: the metadata of layer {lname!r} ({repr(info)[:80]}) does not give its rank r, shape "
+                "and fingerprint; its adapter_config.json was edited or damaged: save the adapter again."
+            )
+        weight = oriented_weight(module)
+        if list(weight.shape) != info["shape"]:
+            raise AdapterError(
+                f"adapter {where}: module {lname!r} is {list(weight.shape)} here but {info['shape']} in the "
+                f"adapter; it was made for another base model ({config.base_model_name_or_path})."
+            )
+        digest = module.weight_digest if isinstance(module, AdapterLayer) else weight_digest(weight)
+        scales = tensors.get(f"{lname}.awsvd_scale")
+        if method.uses_basis:
+            expected = basis_fingerprint(
+                method.name, r, method.placement(config), config.svd_settings, tuple(weight.shape), digest, scales
+            )
+        else:
+            expected = fingerprint(method=method.name, r=r, shape=list(weight.shape), digest=digest)
+        if expected != info["fingerprint"] and info.get("weight") == digest:
+            raise AdapterError(
+                f"adapter {where}: the settings recorded for {lname!r} (r={r}, placement, SVD options) are not those "
+                "it was saved with, though the base weights match: its adapter_config.json was edited or damaged "
+                "after saving. Restore the file (or save the adapter again)."
+            )
+        if expected != info["fingerprint"]:
+            edited = "" if "weight" in info else " (or its adapter_config.json was edited after saving)"
+            message = (
+                f"adapter {where} was made for a different base model{edited}: the weights of {lname!r} differ "
+                f"from those it was trained on (base recorded: {config.base_model_name_or_path}). Load it onto "
+                "that base model."
+            )
+            if method.uses_basis:
+                raise AdapterError(message + " Its outer SVD basis would not match, so it is refused.")
+            warnings.warn(message + " Loading anyway: a plain LoRA update does not depend on W0.", stacklevel=3)
+        names.append(lname)
+        ranks[lname], keys[lname] = r, expected
+    return names, ranks, keys
+
+
+def apply_tensors(model: AdaptedModel, name: str, tensors: dict[str, torch.Tensor], where) -> None:
+    expected, _ = adapter_state(model, name)
+    check_keys(expected, tensors, where)
+    with torch.no_grad():
+        for lname, layer in model.layers().items():
+            if name not in layer.adapters:
+                continue
+            for pname, p in layer.adapters[name].params.items():
+                _copy(p, tensors[f"{lname}.{pname}"], f"{lname}.{pname}", where)
+        for mname, tc in model.trainable_copies().items():
+            if name in tc.copies:
+                for pname, p in tc.copies[name].state_dict().items():
+                    _copy(p, tensors[f"{SAVE_PREFIX}{mname}.{pname}"], f"{mname}.{pname}", where)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, key: str, where) -> None:
+    check_shape(tuple(dst.shape), src, key, where)
+    dst.copy_(src)
