@@ -4,8 +4,8 @@
 
 Both adapters are trained by nora's own engine (`nora.training.train`, what `nora train` runs) on one mixture of
 the commonsense train sets present under --data-dir (boolq, ARC-Easy, ARC-Challenge, openbookqa; causal LM, the
-prompt masked out of the loss), with the same steps, batch, max_length, seed and examples, each with nora's default
-learning rate and adapter shape for its method (DEFAULT_LR / DEFAULT_ADAPTER) unless a flag overrides them. A small
+prompt masked out of the loss), with the same steps, batch, max_length, seed and examples, each with its method's
+default learning rate and adapter shape (Method.default_lr / default_adapter) unless a flag overrides them. A small
 seeded held-out share of the mixture (--eval-fraction) gives the loss before and after training.
 
 Every model is then scored with `nora.evaluation.evaluate_tasks` on the commonsense test sets present, on the same
@@ -63,7 +63,7 @@ def train_files(data_dir: Path) -> list[Path]:
 
 
 def adapter_options(method: str, args) -> dict[str, Any]:
-    """Overrides of nora's per-method adapter defaults (DEFAULT_ADAPTER); empty keeps them."""
+    """Overrides of nora's per-method adapter defaults (Method.default_adapter); empty keeps them."""
     if method == "lora" and args.lora_r is not None:
         return {"r": args.lora_r, "alpha": 2.0 * args.lora_r}
     if method == "nora":
@@ -194,12 +194,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--eval-fraction", type=float, default=0.003, help="held-out share of the train mixture")
-    parser.add_argument("--lr-nora", type=float, default=None, help="default: nora.training.DEFAULT_LR['nora']")
-    parser.add_argument("--lr-lora", type=float, default=None, help="default: nora.training.DEFAULT_LR['lora']")
+    parser.add_argument("--lr-nora", type=float, default=None, help="default: the method's default_lr")
+    parser.add_argument("--lr-lora", type=float, default=None, help="default: the method's default_lr")
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
-    parser.add_argument("--nora-r", type=int, default=None, help="NoRA outer rank (default: DEFAULT_ADAPTER)")
-    parser.add_argument("--nora-inner-r", type=int, default=None, help="NoRA inner rank (default: DEFAULT_ADAPTER)")
-    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank, alpha = 2r (default: DEFAULT_ADAPTER)")
+    parser.add_argument("--nora-r", type=int, default=None, help="NoRA outer rank (default: its default_adapter)")
+    parser.add_argument("--nora-inner-r", type=int, default=None, help="NoRA inner rank (default: its default_adapter)")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank, alpha = 2r (default: its default_adapter)")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

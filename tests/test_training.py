@@ -163,10 +163,14 @@ def _write_yaml(path: Path, cfg: dict) -> Path:
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_path):
+    # 12 steps an epoch (48 examples / 4), so the resumed part crosses epochs; the kill comes at the checkpoint a
+    # third of the way in, which leaves the run most of its steps to still be going when SIGKILL arrives
+    max_steps, save_steps = 24, 4
+    kill_at = max_steps // 3 // save_steps * save_steps
     common = dict(
-        model=str(llm_dir), data=str(data_file), output_dir=str(tmp_path / "killed"), batch_size=4, max_steps=150,
-        save_steps=10, logging_steps=10, progress=False, plot=False, method="nora", adapter={"r": 8, "inner_r": 4},
-        lr_scheduler="cosine", warmup_steps=5,
+        model=str(llm_dir), data=str(data_file), output_dir=str(tmp_path / "killed"), batch_size=4,
+        max_steps=max_steps, save_steps=save_steps, logging_steps=2, progress=False, plot=False, method="nora",
+        adapter={"r": 8, "inner_r": 4}, lr_scheduler="cosine", warmup_steps=5,
     )  # fmt: skip
     common["adapter"]["dropout"] = 0.1  # exercises the RNG state too
     yaml_file = _write_yaml(tmp_path / "run.yaml", common)
@@ -174,10 +178,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_
         [sys.executable, "-m", "nora", "train", "--config", str(yaml_file)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
+    # the uninterrupted run trains here meanwhile, in less time than that process takes to import and start
+    fresh = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "fresh")}))
     ckpt_root = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if ckpt_root.is_dir() and any(p.name == "checkpoint-00000020" for p in ckpt_root.iterdir()):
+        if ckpt_root.is_dir() and any(p.name == f"checkpoint-{kill_at:08d}" for p in ckpt_root.iterdir()):
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -185,11 +191,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (tmp_path / "killed" / "adapter").exists()
     resumed = train(TrainConfig(**{**common, "resume": "latest"}))
-    assert resumed.summary["steps"] == 150
-    fresh = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "fresh")}))
+    assert resumed.summary["steps"] == max_steps
     _assert_same_adapter(resumed.run_dir, fresh.run_dir)
     steps = [json.loads(line)["step"] for line in (resumed.run_dir / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps[-1] == 150  # no duplicated steps from before the kill
+    assert steps == sorted(steps) and steps[-1] == max_steps  # no duplicated steps from before the kill
 
 
 def test_two_process_ddp_matches_single_process(llm_dir, data_file, tmp_path):

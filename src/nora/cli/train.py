@@ -1,23 +1,47 @@
-"""`nora train`: fine-tune an adapter from the command line; every option can also come from a YAML file."""
+"""`nora train`: fine-tune an adapter from the command line; every option can also come from a YAML file.
+
+OPTIONS is the command: each row declares one option (its type, flags and help) and what it sets, a TrainConfig
+field or a field of the method's adapter config ("adapter.r"). `nora train`'s signature is built from it, and
+build_config follows it from the command line's values to the TrainConfig.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import AdapterError
+from ..methods import METHODS
+from ..training.config import TrainConfig, load_yaml
+from ..training.tasks import TASKS
 from . import app
 
 Opt = typer.Option
 
 
-def _adapter_options(pairs: list[str] | None) -> dict[str, Any]:
+def _same(value: Any) -> Any:
+    return value
+
+
+def _rank(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value  # --rank 8 is a rank; --rank 0.25 a fraction
+
+
+def _zero_is_off(value: float) -> float | None:
+    return None if value == 0 else value
+
+
+def _adapter_options(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
     options: dict[str, Any] = {}
-    for pair in pairs or []:
+    for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise typer.BadParameter(f"--adapter-option {pair!r}: write KEY=VALUE, e.g. --adapter-option inner=out.")
@@ -25,114 +49,173 @@ def _adapter_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def build_config(config_file: Path | None, cli: dict[str, Any]):
-    """TrainConfig from defaults, then the YAML file, then the options given on the command line."""
-    from ..training import TrainConfig, load_yaml
+@dataclass(frozen=True)
+class CliOption:
+    """One option of `nora train`: its parameter name (the flag is --name-with-dashes unless `option` names
+    others), its type (every option defaults to None: not given), and what it sets."""
 
+    name: str
+    type: Any
+    sets: str | None  # a TrainConfig field; "adapter.FIELD" or "adapter" (KEY=VALUE pairs); None: the command's own
+    option: Any  # typer.Option(...): the flags and help
+    parse: Callable[[Any], Any] = _same  # the command line's value → the field's
+
+    @property
+    def annotation(self) -> Any:
+        return Annotated[self.type | None, self.option]
+
+
+def _choices(names: Iterable[str], default: str) -> str:
+    """Help text listing `names`: "nora (default), lora, ... or svfit." """
+    listed = [f"{default} (default)", *(name for name in names if name != default)]
+    return (", ".join(listed[:-1]) + " or " if len(listed) > 1 else "") + f"{listed[-1]}."
+
+
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+OPTIONS: tuple[CliOption, ...] = (
+    CliOption("config", Path, None, Opt(help="YAML file of options (keys as below, e.g. learning_rate: 1e-3).")),
+    CliOption("model", str, "model", Opt(help="Base model: a Hugging Face hub id or a local directory.")),
+    CliOption("task", str, "task", Opt(help=_choices(TASKS, _DEFAULT["task"]))),
+    CliOption("data", str, "data", Opt(help="Training data: .json/.jsonl/.csv/.tsv/.txt, a directory, a hub name.")),
+    CliOption("eval_data", str, "eval_data", Opt(help="Evaluation data, same formats.")),
+    CliOption("eval_fraction", float, "eval_fraction", Opt(help="Hold out this fraction of --data for evaluation.")),
+    CliOption("output_dir", str, "output_dir", Opt("--output-dir", "-o", help="Run directory (default runs/nora).")),
+    CliOption("method", str, "method", Opt(help=_choices(METHODS, _DEFAULT["method"]))),
+    CliOption("rank", float, "adapter.r", Opt(help="Adapter (NoRA: outer) rank r; a value < 1 is a fraction."), _rank),
+    CliOption("inner_rank", int, "adapter.inner_r", Opt(help="NoRA's inner rank r'.")),
+    CliOption("alpha", float, "adapter.alpha", Opt(help="Scale numerator: the update is scaled by alpha/r.")),
+    CliOption("dropout", float, "adapter.dropout", Opt(help="Adapter input dropout.")),
+    CliOption(
+        "adapter_option",
+        list[str],
+        "adapter",
+        Opt(help="Any other adapter field, KEY=VALUE; repeat."),
+        _adapter_options,
+    ),
+    CliOption(
+        "target_modules", list[str], "target_modules", Opt(help="Module names/regex to adapt (default all-linear).")
+    ),
+    CliOption("gguf_file", str, "gguf_file", Opt(help="Load this GGUF file from the --model directory.")),
+    CliOption("max_length", int, "max_length", Opt(help="Longest sequence in tokens; longer ones are truncated.")),
+    CliOption("mask_prompt", bool, "mask_prompt", Opt(help="Loss on the response tokens only (instruction data).")),
+    CliOption("text_column", str, "text_column", Opt(help="Column holding the text.")),
+    CliOption("text_pair_column", str, "text_pair_column", Opt(help="Column holding the second sentence of a pair.")),
+    CliOption(
+        "label_column",
+        str,
+        "label_column",
+        Opt(help="Column holding the class label (seq-cls; default label, or GLUE's own)."),
+    ),
+    CliOption("labels", str, "labels", Opt(help="Comma-separated label set, in id order (seq-cls).")),
+    CliOption("max_examples", int, "max_examples", Opt(help="Use only the first N examples of --data.")),
+    CliOption("batch_size", int, "batch_size", Opt(help="Examples per device per micro-batch.")),
+    CliOption("grad_accum", int, "grad_accum", Opt(help="Micro-batches accumulated per optimizer step.")),
+    CliOption(
+        "learning_rate",
+        float,
+        "learning_rate",
+        Opt("--learning-rate", "--lr", help="Peak LR (default per method)."),
+    ),
+    CliOption("lr_scheduler", str, "lr_scheduler", Opt(help="linear, cosine, constant or constant_with_warmup.")),
+    CliOption("warmup_ratio", float, "warmup_ratio", Opt(help="Warmup as a fraction of all steps.")),
+    CliOption("warmup_steps", int, "warmup_steps", Opt(help="Warmup steps (overrides --warmup-ratio).")),
+    CliOption("epochs", float, "epochs", Opt(help="Passes over the data (default 1).")),
+    CliOption("max_steps", int, "max_steps", Opt(help="Optimizer steps; overrides --epochs.")),
+    CliOption("weight_decay", float, "weight_decay", Opt(help="AdamW weight decay.")),
+    CliOption("max_grad_norm", float, "max_grad_norm", Opt(help="Gradient clipping norm (0: off)."), _zero_is_off),
+    CliOption("seed", int, "seed", Opt(help="Seed for adapter init and data order.")),
+    CliOption("precision", str, "precision", Opt(help="fp32, bf16 or fp16 (mixed precision).")),
+    CliOption(
+        "gradient_checkpointing",
+        bool,
+        "gradient_checkpointing",
+        Opt(help="Recompute the base model's activations in backward; keep the adapters' narrow ones."),
+    ),
+    CliOption("liger", bool, "liger", Opt(help="Liger's fused kernels (CUDA; falls back, saying why).")),
+    CliOption("compile", bool, "compile", Opt(help="torch.compile the model (CUDA; falls back, saying why).")),
+    CliOption("fsdp", bool, "fsdp", Opt(help="Shard the model over the processes (FSDP2) instead of DDP.")),
+    CliOption("logging_steps", int, "logging_steps", Opt(help="Log loss, LR and tokens/s every N steps.")),
+    CliOption("eval_steps", int, "eval_steps", Opt(help="Evaluate every N steps (and always at the end).")),
+    CliOption("save_steps", int, "save_steps", Opt(help="Write a checkpoint every N steps.")),
+    CliOption("save_total_limit", int, "save_total_limit", Opt(help="Keep the newest K checkpoints.")),
+    CliOption("resume", str, "resume", Opt(help="'latest' or a checkpoint directory to continue from.")),
+    CliOption("overwrite", bool, "overwrite", Opt(help="Start over in an output dir that holds a run.")),
+    CliOption("plot", bool, "plot", Opt(help="Write curves.png at the end.")),
+    CliOption("progress", bool, "progress", Opt(help="Show a progress bar.")),
+    CliOption("eval_tasks", str, "eval_tasks", Opt(help="After training, evaluate these tasks (see `nora eval`).")),
+    CliOption("eval_data_dir", str, "eval_data_dir", Opt(help="Where --eval-tasks finds its data.")),
+    CliOption("eval_limit", int, "eval_limit", Opt(help="At most N items per --eval-tasks task.")),
+    CliOption(
+        "threads",
+        int,
+        None,
+        Opt(min=1, help="CPU threads for torch (default: torch's choice; 1 on a busy machine)."),
+    ),
+)
+_OPTION = {option.name: option for option in OPTIONS}
+
+
+def _listed(value: Any) -> Any:
+    return [s.strip() for s in value.split(",")] if isinstance(value, str) else value
+
+
+def _one_or_many(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+# Fields a YAML file and the command line alike may spell loosely: "a,b" for a list, one target module unlisted.
+_SPELLINGS: dict[str, Callable[[Any], Any]] = {"labels": _listed, "eval_tasks": _listed, "target_modules": _one_or_many}
+
+
+def build_config(config_file: Path | None, cli: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from defaults, then the YAML file, then the options given on the command line (`cli`: the
+    values of OPTIONS by name; None is not given)."""
+    unknown = sorted(set(cli) - set(_OPTION))
+    if unknown:
+        raise AdapterError(f"unknown training options {unknown}; `nora train --help` lists them all.")
     values = load_yaml(config_file) if config_file else {}
+    adapter = _yaml_adapter(values)
+    for option in OPTIONS:  # in table order: --adapter-option KEY=VALUE comes after (and beats) --rank & co
+        value = cli.get(option.name)
+        if value is None or option.sets is None:
+            continue
+        value = option.parse(value)
+        if option.sets == "adapter":
+            adapter.update(value)
+        elif option.sets.startswith("adapter."):
+            adapter[option.sets.removeprefix("adapter.")] = value
+        else:
+            values[option.sets] = value
+    values = {key: _SPELLINGS.get(key, _same)(value) for key, value in values.items()}
+    return TrainConfig.from_dict({**values, "adapter": adapter})
+
+
+def _yaml_adapter(values: dict[str, Any]) -> dict[str, Any]:
+    """The YAML file's adapter fields, taken out of `values`: its `adapter` mapping, then the flat spellings of the
+    adapter options (rank: 8 as --rank 8 sets it)."""
     adapter = values.pop("adapter", None) or {}
     if not isinstance(adapter, dict):
         raise AdapterError(f"option adapter={adapter!r} must be dict: the adapter's fields, e.g. adapter: {{r: 8}}.")
     adapter = dict(adapter)
-    for key in ("rank", "alpha", "inner_rank", "dropout"):
-        if key in values:  # flat YAML spellings of the adapter shortcuts
-            adapter[{"rank": "r", "inner_rank": "inner_r"}.get(key, key)] = values.pop(key)
-    for key, field in (("rank", "r"), ("alpha", "alpha"), ("inner_rank", "inner_r"), ("dropout", "dropout")):
-        if cli.get(key) is not None:
-            adapter[field] = cli[key]
-    adapter.update(_adapter_options(cli.pop("adapter_option", None)))
-    for key in ("rank", "alpha", "inner_rank", "dropout"):
-        cli.pop(key, None)
-    values.update({k: v for k, v in cli.items() if v is not None})
-    if isinstance(values.get("target_modules"), list) and len(values["target_modules"]) == 1:
-        values["target_modules"] = values["target_modules"][0]
-    if isinstance(values.get("labels"), str):
-        values["labels"] = [s.strip() for s in values["labels"].split(",")]
-    if isinstance(values.get("eval_tasks"), str):
-        values["eval_tasks"] = [s.strip() for s in values["eval_tasks"].split(",")]
-    values["adapter"] = adapter
-    return TrainConfig.from_dict(values)
+    for option in OPTIONS:
+        if option.sets is not None and option.sets.startswith("adapter.") and option.name in values:
+            adapter[option.sets.removeprefix("adapter.")] = values.pop(option.name)
+    return adapter
 
 
-@app.command("train")
-def train_command(
-    config: Annotated[Path | None, Opt(help="YAML file of options (keys as below, e.g. learning_rate: 1e-3).")] = None,
-    model: Annotated[str | None, Opt(help="Base model: a Hugging Face hub id or a local directory.")] = None,
-    task: Annotated[str | None, Opt(help="causal-lm (default) or seq-cls.")] = None,
-    data: Annotated[
-        str | None, Opt(help="Training data: .json/.jsonl/.csv/.tsv/.txt, a directory, a hub name.")
-    ] = None,
-    eval_data: Annotated[str | None, Opt(help="Evaluation data, same formats.")] = None,
-    eval_fraction: Annotated[float | None, Opt(help="Hold out this fraction of --data for evaluation.")] = None,
-    output_dir: Annotated[str | None, Opt("--output-dir", "-o", help="Run directory (default runs/nora).")] = None,
-    method: Annotated[str | None, Opt(help="nora (default), svfit, lora, pissa, lora-xs or dora.")] = None,
-    rank: Annotated[float | None, Opt(help="Adapter (NoRA: outer) rank r; a value < 1 is a fraction.")] = None,
-    inner_rank: Annotated[int | None, Opt(help="NoRA's inner rank r'.")] = None,
-    alpha: Annotated[float | None, Opt(help="Scale numerator: the update is scaled by alpha/r.")] = None,
-    dropout: Annotated[float | None, Opt(help="Adapter input dropout.")] = None,
-    adapter_option: Annotated[list[str] | None, Opt(help="Any other adapter field, KEY=VALUE; repeat.")] = None,
-    target_modules: Annotated[list[str] | None, Opt(help="Module names/regex to adapt (default all-linear).")] = None,
-    gguf_file: Annotated[str | None, Opt(help="Load this GGUF file from the --model directory.")] = None,
-    max_length: Annotated[int | None, Opt(help="Longest sequence in tokens; longer ones are truncated.")] = None,
-    mask_prompt: Annotated[bool | None, Opt(help="Loss on the response tokens only (instruction data).")] = None,
-    text_column: Annotated[str | None, Opt(help="Column holding the text.")] = None,
-    text_pair_column: Annotated[str | None, Opt(help="Column holding the second sentence of a pair.")] = None,
-    label_column: Annotated[
-        str | None, Opt(help="Column holding the class label (seq-cls; default label, or GLUE's own).")
-    ] = None,
-    labels: Annotated[str | None, Opt(help="Comma-separated label set, in id order (seq-cls).")] = None,
-    max_examples: Annotated[int | None, Opt(help="Use only the first N examples of --data.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Examples per device per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, Opt(help="Micro-batches accumulated per optimizer step.")] = None,
-    learning_rate: Annotated[float | None, Opt("--learning-rate", "--lr", help="Peak LR (default per method).")] = None,
-    lr_scheduler: Annotated[str | None, Opt(help="linear, cosine, constant or constant_with_warmup.")] = None,
-    warmup_ratio: Annotated[float | None, Opt(help="Warmup as a fraction of all steps.")] = None,
-    warmup_steps: Annotated[int | None, Opt(help="Warmup steps (overrides --warmup-ratio).")] = None,
-    epochs: Annotated[float | None, Opt(help="Passes over the data (default 1).")] = None,
-    max_steps: Annotated[int | None, Opt(help="Optimizer steps; overrides --epochs.")] = None,
-    weight_decay: Annotated[float | None, Opt(help="AdamW weight decay.")] = None,
-    max_grad_norm: Annotated[float | None, Opt(help="Gradient clipping norm (0: off).")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for adapter init and data order.")] = None,
-    precision: Annotated[str | None, Opt(help="fp32, bf16 or fp16 (mixed precision).")] = None,
-    gradient_checkpointing: Annotated[
-        bool | None, Opt(help="Recompute the base model's activations in backward; keep the adapters' narrow ones.")
-    ] = None,
-    liger: Annotated[bool | None, Opt(help="Liger's fused kernels (CUDA; falls back, saying why).")] = None,
-    compile: Annotated[bool | None, Opt(help="torch.compile the model (CUDA; falls back, saying why).")] = None,
-    fsdp: Annotated[bool | None, Opt(help="Shard the model over the processes (FSDP2) instead of DDP.")] = None,
-    logging_steps: Annotated[int | None, Opt(help="Log loss, LR and tokens/s every N steps.")] = None,
-    eval_steps: Annotated[int | None, Opt(help="Evaluate every N steps (and always at the end).")] = None,
-    save_steps: Annotated[int | None, Opt(help="Write a checkpoint every N steps.")] = None,
-    save_total_limit: Annotated[int | None, Opt(help="Keep the newest K checkpoints.")] = None,
-    resume: Annotated[str | None, Opt(help="'latest' or a checkpoint directory to continue from.")] = None,
-    overwrite: Annotated[bool | None, Opt(help="Start over in an output dir that holds a run.")] = None,
-    plot: Annotated[bool | None, Opt(help="Write curves.png at the end.")] = None,
-    progress: Annotated[bool | None, Opt(help="Show a progress bar.")] = None,
-    eval_tasks: Annotated[str | None, Opt(help="After training, evaluate these tasks (see `nora eval`).")] = None,
-    eval_data_dir: Annotated[str | None, Opt(help="Where --eval-tasks finds its data.")] = None,
-    eval_limit: Annotated[int | None, Opt(help="At most N items per --eval-tasks task.")] = None,
-    threads: Annotated[
-        int | None, Opt(min=1, help="CPU threads for torch (default: torch's choice; 1 on a busy machine).")
-    ] = None,
-) -> None:
+def train_command(**options: Any) -> None:
     """Fine-tune an adapter on a causal LM (instruction or plain text) or a sequence classifier."""
-    cli = dict(locals())
-    config_file = cli.pop("config")
-    threads = cli.pop("threads")
-    if cli["rank"] is not None and float(cli["rank"]).is_integer():
-        cli["rank"] = int(cli["rank"])  # --rank 8 is a rank; --rank 0.25 a fraction
-    if cli["max_grad_norm"] == 0:
-        cli["max_grad_norm"] = None
     from rich.console import Console
 
     from ..training import train
 
-    if threads is not None:
+    if options["threads"] is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(options["threads"])
     try:
-        train_config = build_config(config_file, cli)
+        train_config = build_config(options["config"], options)
         result = train(train_config)
     except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
@@ -141,6 +224,14 @@ def train_command(
     except KeyboardInterrupt:
         raise SystemExit("interrupted; continue from the last checkpoint with --resume latest.") from None
     print_summary(Console(), result.summary, result.adapter_dir)
+
+
+# typer reads the options from the signature: one keyword parameter per row of OPTIONS
+train_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=o.annotation) for o in OPTIONS]
+)
+train_command.__annotations__ = {o.name: o.annotation for o in OPTIONS}
+app.command("train")(train_command)
 
 
 def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:

@@ -1,11 +1,31 @@
 """Training: `nora.training.train(TrainConfig(...))`, the engine behind `nora train` and `nora demo`."""
 
-from .config import DEFAULT_ADAPTER, DEFAULT_LR, TrainConfig, load_yaml
-from .trainer import TrainingError, TrainResult, load_model_and_tokenizer, train
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import TrainConfig, load_yaml
+from .tasks import TASKS, Task
+
+if TYPE_CHECKING:
+    from .trainer import TrainingError, TrainResult, load_model_and_tokenizer, train
+
+_ENGINE = ("TrainResult", "TrainingError", "load_model_and_tokenizer", "train")
+
+
+def __getattr__(name: str) -> Any:
+    # The engine (Accelerate, rich) loads on first use: the CLI reads TASKS and TrainConfig for its option table
+    # at start-up, and every `nora` command would otherwise pay for it.
+    if name in _ENGINE:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "DEFAULT_ADAPTER",
-    "DEFAULT_LR",
+    "TASKS",
+    "Task",
     "TrainConfig",
     "TrainResult",
     "TrainingError",

@@ -13,24 +13,10 @@ from typing import Any
 from ..config import AdapterConfig, fits_type
 from ..errors import AdapterError
 from ..methods import METHODS, get_method
+from .tasks import TASKS
 
-TASKS = ("causal-lm", "seq-cls")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-
-# Learning rates that train without diverging out of the box (measured on the demo task and TinyStories; see
-# README). The frozen-outer methods train few, well-conditioned parameters and take larger steps than LoRA.
-DEFAULT_LR = {"lora": 5e-4, "pissa": 2e-4, "dora": 5e-4, "lora-xs": 2e-3, "nora": 2e-3, "svfit": 1e-2}
-# Adapter settings per method when the user gives none: NoRA's scale s = alpha/r stays 1 (alpha = r) and its outer
-# rank is kept moderate, as large outer ranks with a high learning rate diverge.
-DEFAULT_ADAPTER = {
-    "lora": {"r": 16, "alpha": 32.0},
-    "pissa": {"r": 16, "alpha": 16.0},
-    "dora": {"r": 16, "alpha": 32.0},
-    "lora-xs": {"r": 64},
-    "nora": {"r": 128, "inner_r": 8},
-    "svfit": {"r": 32},
-}
 
 
 @dataclass
@@ -87,25 +73,37 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        self._check_choices()
+        self._check_counts()
+        self._check_optimisation()
+        self._check_data_options()
+        self._check_parallelism()
+        self.adapter_config()  # validates the method's fields now, not after the model has loaded
+
+    def _check_choices(self) -> None:
         if self.task not in TASKS:
-            raise AdapterError(f"task={self.task!r}: choose one of {TASKS}.")
+            raise AdapterError(f"task={self.task!r}: choose one of {tuple(TASKS)}.")
         if self.method not in METHODS:
             raise AdapterError(f"method={self.method!r}: choose one of {sorted(METHODS)}.")
+        if self.learning_rate is None:
+            default_lr(self.method)  # a method without one is refused now, not when training starts
         if self.precision not in PRECISIONS:
             raise AdapterError(f"precision={self.precision!r}: choose one of {PRECISIONS}.")
         if self.lr_scheduler not in SCHEDULES:
             raise AdapterError(f"lr_scheduler={self.lr_scheduler!r}: choose one of {SCHEDULES}.")
+
+    def _check_counts(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
         for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
+
+    def _check_optimisation(self) -> None:
         if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise AdapterError(
-                f"learning_rate={self.learning_rate} must be a positive number (e.g. 1e-3); leave it unset for "
-                f"{self.method}'s default {DEFAULT_LR[self.method]:g}."
-            )
+            hint = _default_lr_hint(self.method)
+            raise AdapterError(f"learning_rate={self.learning_rate} must be a positive number (e.g. 1e-3){hint}.")
         if not math.isfinite(self.epochs) or (self.max_steps is None and self.epochs <= 0):
             raise AdapterError(f"epochs={self.epochs} must be positive (or give max_steps).")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -118,14 +116,20 @@ class TrainConfig:
             raise AdapterError(f"max_grad_norm={self.max_grad_norm} must be positive (0 on the command line: off).")
         if not 0 <= self.seed < 2**32:
             raise AdapterError(f"seed={self.seed} must lie in [0, 2^32).")
+
+    def _check_data_options(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise AdapterError(f"eval_fraction={self.eval_fraction} must lie in [0, 1).")
         if self.eval_fraction and self.eval_data:
             raise AdapterError("give eval_data or eval_fraction, not both: the held-out set would be ambiguous.")
-        if self.labels is not None:
-            self.labels = [str(label) for label in self.labels]
-        if self.labels is not None and self.task != "seq-cls":
-            raise AdapterError("labels fix a classifier's label set: they need --task seq-cls.")
+        if self.labels is None:
+            return
+        self.labels = [str(label) for label in self.labels]
+        if not TASKS[self.task].has_label_set:
+            classifiers = " or ".join(f"--task {name}" for name, task in TASKS.items() if task.has_label_set)
+            raise AdapterError(f"labels fix a classifier's label set: they need {classifiers}.")
+
+    def _check_parallelism(self) -> None:
         if self.fsdp and self.precision == "fp16":
             raise AdapterError("fsdp with fp16 is not supported (no sharded grad scaler); use precision bf16 or fp32.")
         if self.fsdp and self.eval_tasks:
@@ -133,25 +137,24 @@ class TrainConfig:
                 "eval_tasks runs on one process and cannot use an FSDP-sharded model; evaluate the "
                 "saved adapter with `nora eval RUN_DIR/adapter` instead."
             )
-        self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+        return self.learning_rate if self.learning_rate is not None else default_lr(self.method)
 
     def adapter_config(self) -> AdapterConfig:
-        fields = {**DEFAULT_ADAPTER[self.method], **self.adapter}
+        method = get_method(self.method)
+        fields = {**method.default_adapter, **self.adapter}
         if "r" not in self.adapter:
             fields["clamp_rank"] = True  # the default rank must fit every model: narrower layers take min(d, k)
         if self.target_modules is not None:
             fields["target_modules"] = self.target_modules
-        cls = get_method(self.method).config_cls
+        cls = method.config_cls
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise AdapterError(f"adapter options {unknown} are not fields of {cls.__name__}; it takes {sorted(known)}.")
-        if self.task == "seq-cls" and "modules_to_save" not in fields:
-            fields["modules_to_save"] = ["classifier", "score", "pooler"]  # head (+ BERT's pooler) trains in full
+        fields = {**TASKS[self.task].adapter_defaults, **fields}
         if "alpha" in fields and fields["alpha"] is not None:
             fields["alpha"] = float(fields["alpha"])
         try:
@@ -182,6 +185,21 @@ class TrainConfig:
         if unknown:
             raise AdapterError(f"unknown training options {unknown}; `nora train --help` lists them all.")
         return cls(**values)
+
+
+def default_lr(method: str) -> float:
+    """The learning rate `method` trains with when none is given: the method's own `default_lr`."""
+    lr = getattr(get_method(method), "default_lr", None)
+    if lr is None:
+        raise AdapterError(
+            f"method {method!r} declares no default learning rate (default_lr): give learning_rate (--learning-rate)."
+        )
+    return lr
+
+
+def _default_lr_hint(method: str) -> str:
+    lr = getattr(get_method(method), "default_lr", None)
+    return f"; leave it unset for {method}'s default {lr:g}" if lr is not None else ""
 
 
 def _check_types(config: TrainConfig) -> None:

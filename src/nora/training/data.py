@@ -244,24 +244,23 @@ def _str(row: dict[str, Any], column: str, source: str) -> str:
     return str(value)
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, and labels (-100 on padding) or label ids."""
+def pad_inputs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and their attention_mask."""
     width = max(len(e["input_ids"]) for e in examples)
-    n = len(examples)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
-    if "labels" in examples[0]:
-        labels = torch.full((n, width), IGNORE, dtype=torch.long)
-        for i, e in enumerate(examples):
-            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-        batch["labels"] = labels
-    else:
-        batch["labels"] = torch.tensor([e["label"] for e in examples])
-    return batch
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def pad_token_labels(examples: list[dict[str, Any]], width: int) -> torch.Tensor:
+    """Per-token labels right-padded to `width` with -100 (no loss on padding)."""
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+    return labels
 
 
 def split_eval(examples: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:

@@ -2,7 +2,8 @@
 resumed run (and a run on more processes with the same global batch) takes exactly the same steps.
 
 Every step's loss is the sum over the whole global batch (all micro-batches, all processes) divided by its number
-of targets, so gradients do not depend on how the batch is split across processes or accumulation steps.
+of targets, so gradients do not depend on how the batch is split across processes or accumulation steps. What the
+loss is, and how data becomes batches, is the run's Task's (tasks.py).
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch import nn
 
 from ..accel import compile_model, enable_adapter_checkpointing, enable_fused_kernels
 from ..atomic import atomic_write_json
+from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..io import read_adapter, write_adapter
-from ..state import adapter_payload, apply_tensors
 from ..model import AdaptedModel, get_peft_model
 from ..pretrained import check_model_source, load_model, load_tokenizer
+from ..state import adapter_payload, apply_tensors
 from .checkpoint import (
     check_resumable,
     checkpoints,
@@ -43,14 +44,25 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .data import IGNORE, collate, encode_causal, encode_classification, load_records, split_eval
+from .data import Encoded, load_records, split_eval
 from .progress import ProgressBar
+from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(AdapterError):
     """Training cannot go on (diverged, no data, unusable output directory)."""
+
+
+@dataclass
+class _LogWindow:
+    """The steps since the last log line: the tokens seen and the time at its start, and their summed loss."""
+
+    tokens: int
+    start: float
+    loss: float = 0.0
+    steps: int = 0
 
 
 @dataclass
@@ -74,9 +86,10 @@ def load_base_model(config: TrainConfig, num_labels: int | None = None) -> nn.Mo
     dtype = None
     if config.precision != "fp32" and torch.cuda.is_available():
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    kind = TASKS[config.task].model_kind
     return _loading(
         config.model,
-        lambda: load_model(config.model, config.task, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file),
+        lambda: load_model(config.model, kind, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file),
     )
 
 
@@ -92,15 +105,6 @@ def prepare_tokenizer(tokenizer, model: nn.Module) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def encode(config: TrainConfig, tokenizer, rows: list[dict[str, Any]], source: str, labels: list[str] | None = None):
-    if config.task == "seq-cls":
-        return encode_classification(
-            rows, tokenizer, config.max_length, labels, source,
-            config.text_column, config.text_pair_column, config.label_column,
-        )  # fmt: skip
-    return encode_causal(rows, tokenizer, config.max_length, config.mask_prompt, source, config.text_column)
 
 
 def read_data(config: TrainConfig, source: str) -> list[dict[str, Any]]:
@@ -141,6 +145,16 @@ def _occupied(config: TrainConfig) -> bool:
     return occupied
 
 
+def _warn_truncated(encoded: Encoded | None, name: str, max_length: int) -> None:
+    if encoded is not None and (encoded.truncated or encoded.dropped):
+        warnings.warn(
+            f"{encoded.truncated} {name} example(s) were longer than max_length={max_length} tokens and were "
+            f"truncated ({encoded.dropped} dropped: their prompt alone filled it); raise --max-length to keep them "
+            "whole.",
+            stacklevel=4,
+        )
+
+
 def _prepare_run_dir(config: TrainConfig, is_main: bool) -> Path:
     run_dir = Path(config.output_dir).expanduser()
     if is_main:
@@ -170,38 +184,50 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 class Run:
-    """One training run in progress; `train()` builds it and calls `run()`."""
+    """One training run in progress, built in stages (data → model → optimiser) before `run()` loops over the steps;
+    `train()` builds it and calls `run()`. What depends on the kind of training is asked of its `Task`."""
 
     def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         self.config = config
+        self.task = TASKS[config.task]
         check_inputs(config, model is not None)
         train_rows = read_data(config, config.data)
         eval_rows = read_data(config, config.eval_data) if config.eval_data else None
-        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+        self._start_processes()
+        if tokenizer is None:  # before the model: a classifier's head size comes from the data's label set
+            tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
+        self.tokenizer = tokenizer
+        self._build_data(train_rows, eval_rows)
+        self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        self._build_model(model)
+        self._build_optimizer()
+        self._wrap_model()
+        self._reset_progress()
+
+    def _start_processes(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.config.precision]
         # cpu=True where there is no GPU: Accelerate then forms a gloo group under torchrun / accelerate launch
         self.acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = self.acc.num_processes
-        set_seed(config.seed)
-        if tokenizer is None:  # first: seq-cls needs the label count before the model loads
-            tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
-        self.train_set = encode(config, tokenizer, train_rows, config.data, config.labels)
-        labels = self.train_set.labels or None
-        self.eval_set = encode(config, tokenizer, eval_rows, config.eval_data, labels) if eval_rows else None
-        if labels:
-            self.acc.print(f"labels: {len(labels)} classes, ids 0..{len(labels) - 1} = {labels}")
-        for name, encoded in (("training", self.train_set), ("evaluation", self.eval_set)):
-            if encoded is not None and (encoded.truncated or encoded.dropped):
-                warnings.warn(
-                    f"{encoded.truncated} {name} example(s) were longer than max_length={config.max_length} tokens and "
-                    f"were truncated ({encoded.dropped} dropped: their prompt alone filled it); raise --max-length "
-                    "to keep them whole.",
-                    stacklevel=2,
-                )
-        examples, held = split_eval(self.train_set.examples, config.eval_fraction, config.seed)
-        self.train_examples = examples
+        set_seed(self.config.seed)
+
+    # ---- stage 1: data ------------------------------------------------------------------------------------------
+    def _build_data(self, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]] | None) -> None:
+        config = self.config
+        self.train_set = self.task.encode(config, self.tokenizer, train_rows, config.data, config.labels)
+        self.labels = self.train_set.labels or None
+        self.eval_set = None
+        if eval_rows:
+            self.eval_set = self.task.encode(config, self.tokenizer, eval_rows, config.eval_data, self.labels)
+        if self.labels:
+            self.acc.print(f"labels: {len(self.labels)} classes, ids 0..{len(self.labels) - 1} = {self.labels}")
+        _warn_truncated(self.train_set, "training", config.max_length)
+        _warn_truncated(self.eval_set, "evaluation", config.max_length)
+        self.train_examples, held = split_eval(self.train_set.examples, config.eval_fraction, config.seed)
         self.eval_examples = self.eval_set.examples if self.eval_set else held
         if not self.train_examples:
             raise TrainingError(f"no usable training examples in {config.data} (all were empty or over max_length).")
@@ -212,56 +238,29 @@ class Run:
                 f"{len(self.train_examples)} training examples do not fill one global batch of {self.global_batch} "
                 "(batch size × gradient accumulation × processes); lower --batch-size or --grad-accum."
             )
-        self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
-        self.acc.wait_for_everyone()
-        if model is None:  # the tokenizer is loaded already (above)
-            model = load_base_model(config, num_labels=len(labels) if labels else None)
-        if config.task == "seq-cls" and labels:
-            model.config.id2label = dict(enumerate(labels))
-            model.config.label2id = {label: i for i, label in enumerate(labels)}
-        prepare_tokenizer(tokenizer, model)
-        self.tokenizer = tokenizer
-        adapter_config = config.adapter_config()
-        if adapter_config.base_model_name_or_path is None and config.model is not None:
-            local = Path(config.model).expanduser()
-            adapter_config.base_model_name_or_path = str(local.resolve()) if local.exists() else config.model
-        model = model.to(self.acc.device)
-        self.adapted = get_peft_model(model, adapter_config)
+
+    # ---- stage 2: model -----------------------------------------------------------------------------------------
+    def _build_model(self, model: nn.Module | None) -> None:
+        if model is None:  # the tokenizer is loaded already
+            model = load_base_model(self.config, num_labels=len(self.labels) if self.labels else None)
+        self.task.prepare_model(model, self.labels)
+        prepare_tokenizer(self.tokenizer, model)
+        self.adapted = get_peft_model(model.to(self.acc.device), self._adapter_config())
         for p in self.adapted.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
-        self.accelerations = self._accelerate(config)
+        self.accelerations = self._accelerate(self.config)
         self.adapted.train()
-        self.checkpoint = self._resume_point()
-        self.resumed: dict[str, Any] | None = None
-        if self.checkpoint is not None:  # the adapter's weights go in before any wrapping or sharding
-            self.resumed = read_checkpoint(self.checkpoint, self.acc.process_index)
-            _, tensors, _ = read_adapter(self.resumed["adapter"])
-            apply_tensors(self.adapted, self.adapted.active_adapter, tensors, self.resumed["adapter"])
-        if config.fsdp:
+        self._load_checkpoint_adapter()  # before any wrapping or sharding
+        if self.config.fsdp:
             _shard(self.adapted, self.world)
-        params = [p for p in self.adapted.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        self.scheduler = _scheduler(config, self.optimizer, self.total_steps)
-        if config.fsdp:
-            self.model = self.adapted  # sharded in place; the optimizer works on the local shards
-        else:
-            self.model, self.optimizer = self.acc.prepare(self.adapted, self.optimizer)
-        if config.compile:
-            if self.acc.device.type == "cuda":
-                self.model, self.accelerations["compile"] = compile_model(self.model)
-            else:
-                self.accelerations["compile"] = "off (no CUDA device: compiling for CPU training rarely pays)"
-        for feature, status in self.accelerations.items():
-            if status.startswith("off"):
-                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=2)
-        self.step = 0
-        self.tokens_seen = 0
-        self.first_loss: float | None = None
-        self.initial_eval: dict[str, float] = {}
-        self.part_start = time.perf_counter()
-        self.earlier: dict[str, Any] = {"wall_time_s": 0.0, "first_loss": None, "initial_eval": {}}
+
+    def _adapter_config(self) -> AdapterConfig:
+        adapter_config = self.config.adapter_config()
+        if adapter_config.base_model_name_or_path is None and self.config.model is not None:
+            local = Path(self.config.model).expanduser()
+            adapter_config.base_model_name_or_path = str(local.resolve()) if local.exists() else self.config.model
+        return adapter_config
 
     def _accelerate(self, config: TrainConfig) -> dict[str, str]:
         """The accelerations applied before wrapping, each "on" or the reason it is off (summary.json records them;
@@ -273,6 +272,47 @@ class Run:
             enable_adapter_checkpointing(self.adapted)
             report["gradient_checkpointing"] = "on (base recomputed, adapter activations kept)"
         return report
+
+    def _load_checkpoint_adapter(self) -> None:
+        """The adapter weights of the checkpoint resumed from; `resume_state` restores the rest of it later."""
+        self.checkpoint = self._resume_point()
+        self.resumed: dict[str, Any] | None = None
+        if self.checkpoint is not None:
+            self.resumed = read_checkpoint(self.checkpoint, self.acc.process_index)
+            _, tensors, _ = read_adapter(self.resumed["adapter"])
+            apply_tensors(self.adapted, self.adapted.active_adapter, tensors, self.resumed["adapter"])
+
+    # ---- stage 3: optimiser -------------------------------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        config = self.config
+        params = [p for p in self.adapted.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.scheduler = _scheduler(config, self.optimizer, self.total_steps)
+
+    def _wrap_model(self) -> None:
+        """DDP (or, under FSDP, the sharded model as it is), then torch.compile where asked and possible."""
+        if self.config.fsdp:
+            self.model = self.adapted  # sharded in place; the optimizer works on the local shards
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.adapted, self.optimizer)
+        if self.config.compile:
+            if self.acc.device.type == "cuda":
+                self.model, self.accelerations["compile"] = compile_model(self.model)
+            else:
+                self.accelerations["compile"] = "off (no CUDA device: compiling for CPU training rarely pays)"
+        for feature, status in self.accelerations.items():
+            if status.startswith("off"):
+                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=3)
+
+    # ---- stage 4: the loop's state ------------------------------------------------------------------------------
+    def _reset_progress(self) -> None:
+        self.step = 0
+        self.tokens_seen = 0
+        self.first_loss: float | None = None
+        self.initial_eval: dict[str, float] = {}
+        self.part_start = time.perf_counter()
+        self.earlier: dict[str, Any] = {"wall_time_s": 0.0, "first_loss": None, "initial_eval": {}}
 
     # ---- data order: a pure function of (seed, step), so resuming needs only the step ---------------------------
     def _global_batch(self, step: int) -> list[dict[str, Any]]:
@@ -286,54 +326,26 @@ class Run:
         share = self.config.batch_size * self.config.grad_accum
         mine = self._global_batch(step)[self.acc.process_index * share : (self.acc.process_index + 1) * share]
         bs = self.config.batch_size
-        pad = self.tokenizer.pad_token_id
-        return [collate(mine[i : i + bs], pad) for i in range(0, len(mine), bs)]
+        return [self._batch(mine[i : i + bs]) for i in range(0, len(mine), bs)]
 
-    def _targets(self, batch: dict[str, torch.Tensor]) -> int:
-        if self.config.task == "seq-cls":
-            return batch["labels"].numel()
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-    def _loss_sum_over(self, batch: dict[str, torch.Tensor], total: int) -> torch.Tensor:
-        """This micro-batch's summed loss divided by the global batch's target count."""
-        if self.config.task == "seq-cls":
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / total
-        return self.model(**batch, num_items_in_batch=total).loss
+    def _batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.task.collate(examples, self.tokenizer.pad_token_id)
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> float:
-        batches = [{k: v.to(self.acc.device) for k, v in b.items()} for b in self._micro_batches(self.step)]
-        local = torch.tensor([sum(self._targets(b) for b in batches)], device=self.acc.device)
+        batches = self._micro_batches(self.step)
+        local = torch.tensor([sum(self.task.count_targets(b) for b in batches)], device=self.acc.device)
         total = int(self.acc.gather(local).sum())
         loss_sum = torch.zeros((), device=self.acc.device)
         for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            if self.config.fsdp:
-                self.model.set_requires_gradient_sync(last)
-                ctx = nullcontext()
-            else:
-                ctx = self.acc.no_sync(self.model) if not last else nullcontext()
-            with ctx, self.acc.autocast():
-                loss = self._loss_sum_over(batch, total)
+            with self._gradient_sync(last=i == len(batches) - 1), self.acc.autocast():
+                loss = self.task.loss(self.model, batch, total).value  # over the global batch's target count
                 self.acc.backward(loss * self.world)  # DDP averages over processes; undo that
             loss_sum += loss.detach().float()
         step_loss = float(self.acc.gather(loss_sum.reshape(1)).sum())
-        if not math.isfinite(step_loss):
-            saved = checkpoints(self.run_dir)
-            keep = (
-                f"the last good checkpoint is {saved[-1]} (resume it with --resume)" if saved else "no checkpoint yet"
-            )
-            lr = self.scheduler.get_last_lr()[0]
-            raise TrainingError(
-                f"the loss became {step_loss} at step {self.step + 1} (learning rate {lr:.3g}); training stopped and "
-                f"nothing was overwritten: {keep}. Lower --learning-rate or the adapter's alpha, or add warmup."
-            )
-        if self.config.max_grad_norm and self.config.fsdp:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)  # DTensor-aware: the global norm
-        elif self.config.max_grad_norm:
-            self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
+        self._stop_if_diverged(step_loss)
+        self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -342,9 +354,38 @@ class Run:
         self.step += 1
         return step_loss
 
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced over the processes on the last micro-batch of a step only."""
+        if self.config.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return self.acc.no_sync(self.model) if not last else nullcontext()
+
+    def _stop_if_diverged(self, step_loss: float) -> None:
+        if math.isfinite(step_loss):
+            return
+        saved = checkpoints(self.run_dir)
+        keep = f"the last good checkpoint is {saved[-1]} (resume it with --resume)" if saved else "no checkpoint yet"
+        lr = self.scheduler.get_last_lr()[0]
+        raise TrainingError(
+            f"the loss became {step_loss} at step {self.step + 1} (learning rate {lr:.3g}); training stopped and "
+            f"nothing was overwritten: {keep}. Lower --learning-rate or the adapter's alpha, or add warmup."
+        )
+
+    def _clip_gradients(self) -> None:
+        if not self.config.max_grad_norm:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.config.fsdp:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)  # DTensor-aware: the global norm
+        else:
+            self.acc.clip_grad_norm_(params, self.config.max_grad_norm)
+
     # ---- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """eval_loss (summed over every target of the held-out set, divided by their count) and the task's
+        metrics, over all processes."""
         if not self.eval_examples:
             return {}
         was_training = self.model.training
@@ -352,30 +393,19 @@ class Run:
         mine = self.eval_examples[self.acc.process_index :: self.world]
         loss_sum = torch.zeros((), device=self.acc.device, dtype=torch.float64)
         count = torch.zeros((), device=self.acc.device, dtype=torch.float64)
-        gold: list[int] = []
-        pred: list[int] = []
+        records: list[Any] = []
         for i in range(0, len(mine), self.config.batch_size):
-            chunk = collate(mine[i : i + self.config.batch_size], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.acc.device) for k, v in chunk.items()}
-            n = self._targets(batch)
+            batch = self._batch(mine[i : i + self.config.batch_size])
             with self.acc.autocast():
-                if self.config.task == "seq-cls":
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").double()
-                    gold += batch["labels"].tolist()
-                    pred += logits.argmax(-1).tolist()
-                else:
-                    loss_sum += self.model(**batch, num_items_in_batch=max(n, 1)).loss.double() * n
-            count += n
+                loss = self.task.loss(self.model, batch, 1)
+            loss_sum += loss.value.double()
+            count += self.task.count_targets(batch)
+            records += self.task.eval_records(batch, loss.output)
         self.model.train(was_training)
         totals = self.acc.gather(torch.stack([loss_sum, count]).reshape(1, 2)).sum(0)
         metrics = {"eval_loss": float(totals[0] / totals[1].clamp(min=1))}
-        if self.config.task == "seq-cls":
-            from ..evaluation import classification_metrics
-
-            scores = classification_metrics(gather_object(gold), gather_object(pred))
-            metrics.update({f"eval_{k}": float(v) for k, v in scores.items() if k not in ("n", "correct")})
-        return metrics
+        task_metrics = self.task.metrics(gather_object(records))
+        return metrics | {f"eval_{name}": value for name, value in task_metrics.items()}
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _raw_optimizer(self) -> torch.optim.Optimizer:
@@ -418,7 +448,8 @@ class Run:
         return path
 
     def resume_state(self) -> None:
-        """Optimizer, scheduler, RNG and position from the checkpoint whose adapter __init__ loaded."""
+        """Optimizer, scheduler, RNG and position from the checkpoint whose adapter `_load_checkpoint_adapter`
+        applied."""
         ckpt = self.resumed
         if ckpt is None:
             return
@@ -464,43 +495,15 @@ class Run:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        config = self.config
         self.resume_state()
         if self.acc.is_main_process:
-            atomic_write_json(config.resolved(), self.run_dir / "train_config.json")
+            atomic_write_json(self.config.resolved(), self.run_dir / "train_config.json")
         trainable, total = self.acc.unwrap_model(self.model).get_nb_trainable_parameters()
         start = self.part_start = time.perf_counter()
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, self.tokens_seen, start
-        last_loss = None
-        eval_metrics: dict[str, float] = {}
         self.initial_eval = self.evaluate() if self.step == 0 else {}
         if self.initial_eval:
             self._log({"step": 0, **self.initial_eval})
-        bar = ProgressBar(self.total_steps, self.step, enabled=config.progress and self.acc.is_main_process)
-        with bar:
-            while self.step < self.total_steps:
-                loss = self.train_step()
-                self.first_loss = loss if self.first_loss is None else self.first_loss
-                last_loss = loss
-                window_loss += loss
-                window_steps += 1
-                lr = self.scheduler.get_last_lr()[0]
-                if self.step % config.logging_steps == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    rate = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
-                    self._log({
-                        "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-                        "loss": window_loss / window_steps, "lr": lr, "tokens_per_s": rate,
-                    })  # fmt: skip
-                    bar.update(self.step, loss=window_loss / window_steps, lr=lr, tokens_per_s=rate)
-                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, self.tokens_seen, now
-                else:
-                    bar.update(self.step)
-                if config.eval_steps and self.step % config.eval_steps == 0 and self.step < self.total_steps:
-                    eval_metrics = self.evaluate()
-                    self._log({"step": self.step, **eval_metrics})
-                if config.save_steps and self.step % config.save_steps == 0 and self.step < self.total_steps:
-                    self.save()
+        last_loss = self._loop()
         wall = self.earlier["wall_time_s"] + time.perf_counter() - start
         eval_metrics = self.evaluate()
         if eval_metrics:
@@ -508,6 +511,42 @@ class Run:
         progress = self._progress()
         initial = {f"initial_{k}": v for k, v in progress["initial_eval"].items()}
         return self._finish(trainable, total, wall, progress["first_loss"], last_loss, {**initial, **eval_metrics})
+
+    def _loop(self) -> float | None:
+        """Steps until total_steps, logging, evaluating and checkpointing on the way; the last step's loss."""
+        last_loss = None
+        window = _LogWindow(self.tokens_seen, self.part_start)
+        with ProgressBar(self.total_steps, self.step, enabled=self.config.progress and self.acc.is_main_process) as bar:
+            while self.step < self.total_steps:
+                last_loss = self.train_step()
+                self.first_loss = last_loss if self.first_loss is None else self.first_loss
+                window.loss += last_loss
+                window.steps += 1
+                if self.step % self.config.logging_steps == 0 or self.step == self.total_steps:
+                    window = self._log_window(window, bar)
+                else:
+                    bar.update(self.step)
+                if self._due(self.config.eval_steps):
+                    self._log({"step": self.step, **self.evaluate()})
+                if self._due(self.config.save_steps):
+                    self.save()
+        return last_loss
+
+    def _log_window(self, window: _LogWindow, bar: ProgressBar) -> _LogWindow:
+        """Log the mean loss and token rate of the steps since the last log line; the window that starts now."""
+        now = time.perf_counter()
+        rate = (self.tokens_seen - window.tokens) / max(now - window.start, 1e-9)
+        loss, lr = window.loss / window.steps, self.scheduler.get_last_lr()[0]
+        self._log({
+            "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+            "loss": loss, "lr": lr, "tokens_per_s": rate,
+        })  # fmt: skip
+        bar.update(self.step, loss=loss, lr=lr, tokens_per_s=rate)
+        return _LogWindow(self.tokens_seen, now)
+
+    def _due(self, every: int | None) -> bool:
+        """Whether a periodic evaluation or checkpoint falls on this step (the end has its own)."""
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
 
     def _finish(self, trainable, total, wall, first_loss, last_loss, eval_metrics) -> TrainResult:
         adapted = self.acc.unwrap_model(self.model)

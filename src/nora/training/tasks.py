@@ -1,0 +1,151 @@
+"""Kinds of training: each `Task` turns data rows into examples, examples into batches, and batches into a loss
+(and evaluation metrics). The run (trainer.py) knows none of this; it asks `TASKS[config.task]`.
+
+Adding a kind of training is one `Task` subclass and one line in `TASKS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, Encoded, encode_causal, encode_classification, pad_inputs, pad_token_labels
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+Example = dict[str, Any]
+Batch = dict[str, torch.Tensor]
+
+
+class Loss(NamedTuple):
+    """A task's loss on one batch, and the model output it came from (for the metrics)."""
+
+    value: torch.Tensor
+    output: Any
+
+
+class Task(ABC):
+    """One kind of training.
+
+    Required:
+        name                    the `--task` name (its key in `TASKS`)
+        model_kind              the kind of pretrained model it trains (`nora.pretrained.load_model`'s `task`)
+        encode(...)             data rows → tokenised examples (`Encoded`), with what was truncated or dropped
+        collate(...)            examples → one padded batch of tensors: its targets under "labels", and an
+                                "attention_mask" (the run counts the tokens it has seen from it)
+        count_targets(batch)    how many targets the batch's loss sums over (a step divides by the global count)
+        loss(model, batch, n)   the batch's loss summed over its targets, divided by n
+
+    Optional (defaults here):
+        has_label_set           False; True where examples are classes of a label set (`labels`, the head's size)
+        adapter_defaults        {}; adapter fields the task sets unless the user does (e.g. a head to train in full)
+        prepare_model(...)      nothing; adjust the loaded model to the data (e.g. record the label names)
+        eval_records(...)       []; what one evaluation batch contributes to `metrics` (gathered over processes)
+        metrics(records)        {}; evaluation metrics besides the loss, named without the `eval_` prefix
+    """
+
+    name: ClassVar[str]
+    model_kind: ClassVar[str]
+    has_label_set: ClassVar[bool] = False
+    adapter_defaults: ClassVar[dict[str, Any]] = {}
+
+    @abstractmethod
+    def encode(
+        self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
+    ) -> Encoded:
+        """`rows` of `source` as examples; `labels` is the label set fixed so far (None: infer it)."""
+
+    @abstractmethod
+    def collate(self, examples: list[Example], pad_id: int) -> Batch: ...
+
+    @abstractmethod
+    def count_targets(self, batch: Batch) -> int: ...
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss: ...
+
+    def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
+        return None
+
+    def eval_records(self, batch: Batch, output: Any) -> list[Any]:
+        return []
+
+    def metrics(self, records: list[Any]) -> dict[str, float]:
+        return {}
+
+
+class CausalLMTask(Task):
+    """Next-token prediction on instruction, prompt/completion or plain-text data (data.encode_causal)."""
+
+    name = "causal-lm"
+    model_kind = "causal"
+
+    def encode(
+        self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
+    ) -> Encoded:
+        return encode_causal(rows, tokenizer, config.max_length, config.mask_prompt, source, config.text_column)
+
+    def collate(self, examples: list[Example], pad_id: int) -> Batch:
+        batch = pad_inputs(examples, pad_id)
+        batch["labels"] = pad_token_labels(examples, batch["input_ids"].shape[1])
+        return batch
+
+    def count_targets(self, batch: Batch) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())  # each token predicts the next
+
+    def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
+        # the model's own loss: fused kernels (Liger) compute it without materialising the logits
+        output = model(**batch, num_items_in_batch=num_items)
+        return Loss(output.loss, output)
+
+
+class SequenceClassificationTask(Task):
+    """One label per text (or text pair), predicted by a classification head (data.encode_classification)."""
+
+    name = "seq-cls"
+    model_kind = "seq-cls"
+    has_label_set = True
+    adapter_defaults = {"modules_to_save": ["classifier", "score", "pooler"]}  # head (+ BERT's pooler) trains in full
+
+    def encode(
+        self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
+    ) -> Encoded:
+        return encode_classification(
+            rows, tokenizer, config.max_length, labels, source,
+            config.text_column, config.text_pair_column, config.label_column,
+        )  # fmt: skip
+
+    def collate(self, examples: list[Example], pad_id: int) -> Batch:
+        batch = pad_inputs(examples, pad_id)
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+        return batch
+
+    def count_targets(self, batch: Batch) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return Loss(F.cross_entropy(output.logits.float(), batch["labels"], reduction="sum") / num_items, output)
+
+    def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
+        if labels:
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {label: i for i, label in enumerate(labels)}
+
+    def eval_records(self, batch: Batch, output: Any) -> list[tuple[int, int]]:
+        return list(zip(batch["labels"].tolist(), output.logits.argmax(-1).tolist(), strict=True))
+
+    def metrics(self, records: list[tuple[int, int]]) -> dict[str, float]:
+        from ..evaluation import classification_metrics
+
+        gold, predicted = zip(*records, strict=True)
+        scores = classification_metrics(list(gold), list(predicted))
+        return {k: float(v) for k, v in scores.items() if k not in ("n", "correct")}
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), SequenceClassificationTask())}
