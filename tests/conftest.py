@@ -81,11 +81,11 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 2):
+def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
+    cfg = dict(
         vocab_size=64,
         hidden_size=32,
         num_hidden_layers=2,
@@ -94,7 +94,8 @@ def tiny_bert(seed: int = 0, num_labels: int = 2):
         num_labels=num_labels,
         max_position_embeddings=64,
     )
-    return BertForSequenceClassification(cfg).eval()
+    cfg.update(overrides)
+    return BertForSequenceClassification(BertConfig(**cfg)).eval()
 
 
 def tiny_vit(seed: int = 0):

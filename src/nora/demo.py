@@ -97,19 +97,22 @@ def run_demo(
     per_word: int = len(TEMPLATES),
     progress: bool = True,
     overwrite: bool = True,
+    eval_steps: int | None = None,
 ) -> list[DemoRow]:
-    """Train each method for the same number of steps on the generated task; report held-out accuracy."""
+    """Train each method for the same number of steps on the generated task; report held-out accuracy (before,
+    every `eval_steps` steps, by default a fifth of the run, and after)."""
     from .training import TrainConfig, train
 
     output_dir = Path(output_dir)
     train_file, test_file = make_task(output_dir / "data", per_word=per_word)
     model = str(minilm_dir())
     rows = []
+    eval_steps = max(steps // 5, 1) if eval_steps is None else eval_steps
     for method in methods:
         config = TrainConfig(
             model=model, task="seq-cls", data=str(train_file), eval_data=str(test_file), method=method,
             output_dir=str(output_dir / method), batch_size=batch_size, max_steps=steps, max_length=64,
-            warmup_ratio=0.1, logging_steps=10, eval_steps=max(steps // 5, 1), progress=progress, overwrite=overwrite,
+            warmup_ratio=0.1, logging_steps=10, eval_steps=eval_steps, progress=progress, overwrite=overwrite,
             labels=list(TOPICS),
         )  # fmt: skip
         s: dict[str, Any] = train(config).summary
