@@ -270,3 +270,27 @@ def test_a_slow_init_stays_quiet_off_a_terminal(monkeypatch):
     _slow_solves(monkeypatch, 0.03)
     compute_factors(_requests(5), SVDSettings())
     assert buf.getvalue() == ""  # not a TTY: tqdm's disable=None keeps logs clean
+
+
+def test_a_basis_cache_file_with_one_flipped_bit_is_recomputed_not_used(tmp_path):
+    """The header, shapes and finiteness all still check out: only the checksum written with the data can tell."""
+    import warnings
+    from pathlib import Path
+
+    from conftest import tiny_llama
+
+    config = nora.NoraConfig(r=8, inner_r=2, basis_cache_dir=str(tmp_path))
+    first = nora.get_peft_model(tiny_llama(), config)
+    bases = {n: next(iter(layer.bases.values())) for n, layer in first.layers().items()}
+    BASIS_CACHE.clear()
+    files = sorted(Path(tmp_path).glob("*.safetensors"))
+    raw = bytearray(files[3].read_bytes())
+    raw[-3] ^= 0x01  # a low mantissa bit of the last tensor's last value: still a finite float
+    files[3].write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = nora.get_peft_model(tiny_llama(), config)
+    assert any("does not match the checksum" in str(w.message) for w in caught)
+    for name, layer in again.layers().items():
+        basis = next(iter(layer.bases.values()))
+        assert torch.equal(basis.A, bases[name].A) and torch.equal(basis.B, bases[name].B)

@@ -278,7 +278,8 @@ class BasisCache:
         cpu = {k: v.detach().cpu().contiguous() for k, v in factors.items()}
         self._remember(key, cpu)
         if directory is not None:
-            atomic_save_safetensors(cpu, Path(directory) / f"{key}.safetensors", metadata={_KEY_FIELD: key})
+            meta = {_KEY_FIELD: key, _DIGEST_FIELD: _data_digest(cpu)}
+            atomic_save_safetensors(cpu, Path(directory) / f"{key}.safetensors", metadata=meta)
 
     def _remember(self, key: str, factors: dict[str, torch.Tensor]) -> None:
         self._mem[key] = factors
@@ -291,13 +292,23 @@ class BasisCache:
 
 
 _KEY_FIELD = "nora_basis_key"
+_DIGEST_FIELD = "nora_basis_sha256"  # of the tensors' bytes: a damaged file is recomputed, never used
+
+
+def _data_digest(factors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(factors):
+        h.update(name.encode())
+        h.update(factors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _read_cached(path: Path, key: str, expect: tuple[dict, torch.dtype] | None) -> dict[str, torch.Tensor] | None:
     """A basis cache file's factors, or None (with a warning) where it is damaged or not this key's."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            written_for = (f.metadata() or {}).get(_KEY_FIELD)
+            meta = f.metadata() or {}
+            written_for = meta.get(_KEY_FIELD)
             factors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         why = f"it cannot be read ({e})"
@@ -309,6 +320,8 @@ def _read_cached(path: Path, key: str, expect: tuple[dict, torch.dtype] | None) 
             why = f"its tensors are {[(k, list(t.shape)) for k, t in factors.items()]}, not {shapes}"
         elif any((dtype is not None and t.dtype != dtype) or not torch.isfinite(t).all() for t in factors.values()):
             why = "its tensors are not finite values of the compute dtype"
+        elif meta.get(_DIGEST_FIELD) != _data_digest(factors):
+            why = "its data does not match the checksum written with it (damaged, or written by an older nora)"
         else:
             return factors
     warnings.warn(f"basis cache file {path} is not usable: {why}; recomputing that basis.", stacklevel=4)
