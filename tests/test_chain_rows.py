@@ -19,13 +19,15 @@ CONFIGS = {
     "lora-xs": lambda r, alpha: nora.LoraXSConfig(r=r, alpha=alpha),
     "nora": lambda r, alpha: nora.NoraConfig(r=r, inner_r=max(1, r // 2), alpha=alpha),
     "nora-out": lambda r, alpha: nora.NoraConfig(r=r, inner_r=max(1, r // 2), alpha=alpha, inner="out"),
+    "nora-diag": lambda r, alpha: nora.NoraConfig.authors(r=r, inner_r=max(1, r // 2), alpha=alpha),
+    "nora-diag-out": lambda r, alpha: nora.NoraConfig.authors(r=r, inner_r=max(1, r // 2), alpha=alpha, inner="out"),
     "svfit": lambda r, alpha: nora.SVFitConfig(r=r),
 }
 
 
 def test_every_linear_method_is_covered():
     linear = {name for name, m in METHODS.items() if m.variant is None}
-    assert linear <= {c.split("-out")[0] for c in CONFIGS}, "add the new method to CONFIGS"
+    assert linear <= {c.split("-")[0] if c.startswith("nora") else c for c in CONFIGS}, "add it to CONFIGS"
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,11 +1,16 @@
-"""NoRA, nested low-rank adaptation (arXiv 2408.10280): a trainable inner LoRA nested in a frozen outer SVD.
+"""NoRA, nested low-rank adaptation (arXiv 2408.10280): a trainable inner core nested in a frozen outer SVD.
 
-    serial (default):  ΔW = s · B_o · (B_i A_i) · A_o      B_i (r×r'), A_i (r'×r)
-    out (paper "W_b"): ΔW = s · (B_i A_i) · B_o · A_o      B_i (d×r'), A_i (r'×d)
+    serial (default):  ΔW = s · B_o · C · A_o      C (r×r)
+    out (paper "W_b"): ΔW = s · C · B_o · A_o      C (d×d)
+
+    inner_core="lora" (default):  C = B_i A_i               B_i (·×r'), A_i (r'×·)
+    inner_core="diag" (the authors' released code):  C = R_A diag(λ) R_B    R_A (·×r'), λ (r'), R_B (r'×·)
 
 B_o, A_o are the rank-r (activation-aware) SVD factors of W0 with the chosen singular-value placement; s = alpha/r
-with r the outer rank. inner_init="kaiming" (A_i Kaiming, B_i = 0) is an exact identity at init; "randn" leaves
-both inner matrices standard-normal as the authors' code does.
+with r the outer rank (alpha/√r with use_rslora). inner_init="kaiming" (A_i Kaiming, B_i = 0) is an exact
+identity at init; "randn" leaves both inner matrices standard-normal as the authors' code does; the diag core
+takes "orthogonal" (R_A, R_B orthogonal, λ = lambda_init: 0.1 in the authors' code, 0.0 for an identity at init).
+`NoraConfig.authors()` is the whole released-code form (METHODS.md).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..chain import Term
 from ..config import AdapterConfig
@@ -30,7 +36,9 @@ class NoraConfig(AdapterConfig):
     r: int | float = 128
     inner_r: int = 8
     inner: str = "serial"  # "serial" | "out"
-    inner_init: str = "kaiming"  # "kaiming" | "randn"
+    inner_core: str = "lora"  # "lora": B_i A_i | "diag": R_A diag(λ) R_B (the authors' released code)
+    inner_init: str | None = None  # lora: "kaiming" (default) | "randn"; diag: "orthogonal"; None: the default
+    lambda_init: float = 0.1  # the diag core's λ at init (0.0: an exact identity at init)
     awsvd: bool = False
     awsvd_power: float = 1.0
     awsvd_eps: float = 1e-6
@@ -39,8 +47,15 @@ class NoraConfig(AdapterConfig):
         super().__post_init__()
         if self.inner not in ("serial", "out"):
             raise AdapterError(f"inner={self.inner!r}: use 'serial' (C = B_i A_i) or 'out' (the paper's W_b).")
-        if self.inner_init not in ("kaiming", "randn"):
-            raise AdapterError(f"inner_init={self.inner_init!r}: use 'kaiming' (identity at init) or 'randn'.")
+        inits = _INITS.get(self.inner_core)
+        if inits is None:
+            raise AdapterError(f"inner_core={self.inner_core!r}: use 'lora' (B_i A_i) or 'diag' (R_A diag(λ) R_B).")
+        if self.inner_init is None:
+            self.inner_init = inits[0]
+        if self.inner_init not in inits:
+            raise AdapterError(
+                f"inner_init={self.inner_init!r} does not initialise a {self.inner_core!r} core: use one of {inits}."
+            )
         if self.inner_r < 1:
             raise AdapterError(f"inner_r={self.inner_r} must be a positive rank.")
         if isinstance(self.r, int) and self.inner_r > self.r:
@@ -48,6 +63,21 @@ class NoraConfig(AdapterConfig):
                 f"inner_r={self.inner_r} is larger than the outer rank r={self.r}; the inner LoRA must be "
                 "narrower than the outer factorisation (NoRA uses r' < r)."
             )
+
+    @classmethod
+    def authors(cls, r: int | float = 0.8, inner_r: int = 7, **overrides) -> NoraConfig:
+        """NoRA as the authors' released code does it (lliai/LoRA-Zoo, nora/loralib/layers.py): outer B_o = U_r Σ_r
+        and A_o = V_rᵀ from a randomized SVD (10 power iterations, seed 42), the core R_A diag(λ) R_B
+        orthogonal-initialised with λ = 0.1, scale alpha/√r, input dropout 0.25, alpha 1 and r = 0.8·min(d, k) as
+        in their CLIP runs; inner_r is their hard-coded λ length. Any field can be overridden."""
+        fields = dict(
+            r=r, inner_r=inner_r, inner_core="diag", inner_init="orthogonal", lambda_init=0.1, use_rslora=True,
+            alpha=1.0, dropout=0.25, placement="out", svd="randomized", niter=10, seed=42,
+        )  # fmt: skip
+        return cls(**{**fields, **overrides})
+
+
+_INITS = {"lora": ("kaiming", "randn"), "diag": ("orthogonal",)}  # the first is each core's default
 
 
 class NoRA(Method):
@@ -70,6 +100,11 @@ class NoRA(Method):
         self, config: NoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         width = r if config.inner == "serial" else W.shape[0]
+        if config.inner_core == "diag":
+            R_A = nn.init.orthogonal_(torch.empty(width, config.inner_r, dtype=dtype, device=W.device))
+            R_B = nn.init.orthogonal_(torch.empty(config.inner_r, width, dtype=dtype, device=W.device))
+            lam = torch.full((config.inner_r,), config.lambda_init, dtype=dtype, device=W.device)
+            return {"inner_RA": R_A, "inner_lambda": lam, "inner_RB": R_B}
         A_i = torch.empty(config.inner_r, width, dtype=dtype, device=W.device)
         B_i = torch.empty(width, config.inner_r, dtype=dtype, device=W.device)
         if config.inner_init == "kaiming":
@@ -81,10 +116,13 @@ class NoRA(Method):
         return {"inner_A": A_i, "inner_B": B_i}
 
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
-        B_i, A_i = core["inner_B"], core["inner_A"]
+        if core.config.inner_core == "diag":
+            inner = [core["inner_RA"], core["inner_lambda"], core["inner_RB"]]
+        else:
+            inner = [core["inner_B"], core["inner_A"]]
         if core.config.inner == "serial":
-            return [Term(core.scale, [B_i, A_i], left=[basis.B], right=[basis.A])]
-        return [Term(core.scale, [B_i, A_i], right=[basis.B, basis.A])]
+            return [Term(core.scale, inner, left=[basis.B], right=[basis.A])]
+        return [Term(core.scale, inner, right=[basis.B, basis.A])]
 
     def resident(self, config: NoraConfig) -> bool:
         return config.inner == "serial"  # an "out" core is d-wide, as large as a LoRA: modules, as LoRA's are
