@@ -27,6 +27,7 @@ IGNORE = -100
 _TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String")
 _PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String")
 _LABEL_COLUMNS = ("label", "Quality")
+_TARGET_COLUMNS = ("label", "score")  # STS-B's similarity score
 
 
 def load_records(source: str, split: str = "train") -> list[Row]:
@@ -170,11 +171,9 @@ def encode_classification(
 ) -> Encoded:
     """input_ids/label per row. `labels` fixes the label set (and ids, in order); None infers it from the rows.
     A row without a label is an error naming it, never a class of its own."""
-    text_column = text_column or next((c for c in _TEXT_COLUMNS if c in rows[0]), "text")
-    label_column = label_column or next((c for c in _LABEL_COLUMNS if c in rows[0]), "label")
-    if text_pair_column is None and text_column in ("sentence1", "question", "#1 String"):
-        text_pair_column = next((c for c in _PAIR_COLUMNS + ("sentence",) if c in rows[0]), None)
-    _require(rows, (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()), source)
+    text_column, text_pair_column, label_column = _columns(
+        rows, text_column, text_pair_column, label_column, _LABEL_COLUMNS, source
+    )
     raw = [_label(r, label_column, source) for r in rows]
     label_set = list(labels) if labels is not None else sorted(set(raw), key=_label_order)
     if labels is None:
@@ -187,13 +186,66 @@ def encode_classification(
             f"{_where(row, source)}: label {label!r} is outside the label set {label_set} ({len(unknown)} such "
             "row(s)); fix the data or pass the full set with --labels."
         )
+    return _encode_texts(
+        rows, tokenizer, max_length, text_column, text_pair_column, [ids[x] for x in raw], source, label_set
+    )
+
+
+def encode_regression(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    max_length: int,
+    source: str = "data",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+) -> Encoded:
+    """input_ids/label per row, the label a finite number (STS-B's similarity score). A label that does not parse
+    is an error naming its row and column, never skipped."""
+    text_column, text_pair_column, label_column = _columns(
+        rows, text_column, text_pair_column, label_column, _TARGET_COLUMNS, source
+    )
+    targets = []
+    for row in rows:
+        label = _label(row, label_column, source)
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise AdapterError(
+                f"{_where(row, source)}: label {label!r} in column {label_column!r} is not a finite number; "
+                "--task regression learns numeric targets: fix the row, or choose the column with --label-column."
+            )
+        targets.append(value)
+    return _encode_texts(rows, tokenizer, max_length, text_column, text_pair_column, targets, source, [])
+
+
+def _columns(
+    rows: list[dict[str, Any]],
+    text_column: str | None,
+    text_pair_column: str | None,
+    label_column: str | None,
+    label_columns: tuple[str, ...],
+    source: str,
+) -> tuple[str, str | None, str]:
+    """The text, pair and label columns: as given, else the first of the usual names present; all must exist."""
+    text_column = text_column or next((c for c in _TEXT_COLUMNS if c in rows[0]), "text")
+    label_column = label_column or next((c for c in label_columns if c in rows[0]), "label")
+    if text_pair_column is None and text_column in ("sentence1", "question", "#1 String"):
+        text_pair_column = next((c for c in _PAIR_COLUMNS + ("sentence",) if c in rows[0]), None)
+    _require(rows, (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()), source)
+    return text_column, text_pair_column, label_column
+
+
+def _encode_texts(rows, tokenizer, max_length, text_column, text_pair_column, targets, source, labels) -> Encoded:
     texts = [_str(r, text_column, source) for r in rows]
     pairs = [_str(r, text_pair_column, source) for r in rows] if text_pair_column else None
     full = tokenizer(texts, pairs, truncation=False)["input_ids"]
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
-    out = Encoded([], labels=label_set)
+    out = Encoded([], labels=labels)
     out.truncated = sum(len(f) > max_length for f in full)
-    out.examples = [{"input_ids": e, "label": ids[label]} for e, label in zip(enc, raw, strict=True)]
+    out.examples = [{"input_ids": e, "label": t} for e, t in zip(enc, targets, strict=True)]
     return out
 
 
@@ -218,8 +270,8 @@ def _refuse_continuous(raw: list[str], rows: list[dict[str, Any]], column: str, 
         if math.isfinite(value) and value != int(value):
             raise AdapterError(
                 f"{_where(row, source)}: label {label!r} in column {column!r} is a number with a fraction, a "
-                "regression target (as in STS-B), not a class; --task seq-cls learns classes. Give class labels, "
-                "or pass the classes explicitly with --labels if these numbers are class names."
+                "regression target (as in STS-B), not a class; --task seq-cls learns classes: train it with --task "
+                "regression, give class labels, or pass the classes with --labels if these numbers are class names."
             )
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, Encoded, encode_causal, encode_classification, pad_inputs, pad_token_labels
+from .data import IGNORE, Encoded, encode_causal, encode_classification, encode_regression, pad_inputs, pad_token_labels
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -44,6 +44,7 @@ class Task(ABC):
     Optional (defaults here):
         has_label_set           False; True where examples are classes of a label set (`labels`, the head's size)
         adapter_defaults        {}; adapter fields the task sets unless the user does (e.g. a head to train in full)
+        num_labels(labels)      the head's width: len(labels) for a label set, else the model's default
         prepare_model(...)      nothing; adjust the loaded model to the data (e.g. record the label names)
         eval_records(...)       []; what one evaluation batch contributes to `metrics` (gathered over processes)
         metrics(records)        {}; evaluation metrics besides the loss, named without the `eval_` prefix
@@ -68,6 +69,9 @@ class Task(ABC):
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss: ...
+
+    def num_labels(self, labels: list[str] | None) -> int | None:
+        return len(labels) if labels else None
 
     def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
         return None
@@ -148,4 +152,47 @@ class SequenceClassificationTask(Task):
         return {k: float(v) for k, v in scores.items() if k not in ("n", "correct")}
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), SequenceClassificationTask())}
+class RegressionTask(SequenceClassificationTask):
+    """One number per text (or text pair), e.g. STS-B's similarity: a one-output head, mean squared error, and
+    Pearson and Spearman correlations (data.encode_regression)."""
+
+    name = "regression"
+    has_label_set = False
+
+    def encode(
+        self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
+    ) -> Encoded:
+        return encode_regression(
+            rows, tokenizer, config.max_length, source, config.text_column, config.text_pair_column, config.label_column
+        )
+
+    def collate(self, examples: list[Example], pad_id: int) -> Batch:
+        batch = pad_inputs(examples, pad_id)
+        batch["labels"] = torch.tensor([float(e["label"]) for e in examples])
+        return batch
+
+    def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        predicted = output.logits.float().squeeze(-1)
+        return Loss(F.mse_loss(predicted, batch["labels"].float(), reduction="sum") / num_items, output)
+
+    def num_labels(self, labels: list[str] | None) -> int:
+        return 1
+
+    def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
+        model.config.problem_type = "regression"
+
+    def eval_records(self, batch: Batch, output: Any) -> list[tuple[float, float]]:
+        predicted = output.logits.float().squeeze(-1)
+        return list(zip(batch["labels"].tolist(), predicted.tolist(), strict=True))
+
+    def metrics(self, records: list[tuple[float, float]]) -> dict[str, float]:
+        from scipy.stats import pearsonr, spearmanr
+
+        gold, predicted = (list(v) for v in zip(*records, strict=True))
+        if len(records) < 2 or len(set(predicted)) < 2 or len(set(gold)) < 2:
+            return {}  # a correlation is undefined for constant values (or one pair)
+        return {"pearson": float(pearsonr(gold, predicted)[0]), "spearman": float(spearmanr(gold, predicted)[0])}
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), SequenceClassificationTask(), RegressionTask())}

@@ -242,7 +242,7 @@ class Run:
     # ---- stage 2: model -----------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | None) -> None:
         if model is None:  # the tokenizer is loaded already
-            model = load_base_model(self.config, num_labels=len(self.labels) if self.labels else None)
+            model = load_base_model(self.config, num_labels=self.task.num_labels(self.labels))
         self.task.prepare_model(model, self.labels)
         prepare_tokenizer(self.tokenizer, model)
         self.adapted = get_peft_model(model.to(self.acc.device), self._adapter_config())
