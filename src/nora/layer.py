@@ -246,7 +246,7 @@ class AdapterLayer(nn.Module):
             raise AdapterError(f"adapter_names has {len(plan.names)} entries for a batch of {x.shape[0]} rows.")
         expand = x.shape[0] // len(plan.names)  # generate() with beams / several sequences repeats each row
         for stack in self.banks.values():
-            selected = plan.select(stack.bank_id, x.device, expand)
+            selected = plan.select(stack.bank.id, x.device, expand)
             if selected is not None:
                 out = self._stacked_rows(stack, *selected, x, out)
         if not plan.module_rows:

@@ -21,7 +21,7 @@ from .errors import AdapterError
 from .io import AdapterFile, check_keys, check_shape
 from .layer import AdapterLayer
 from .methods import AdapterCore, Method, get_method
-from .slots import SCALE_ONLY, AdapterBank, make_layout
+from .slots import AdapterBank, core_fields, make_layout
 from .state import check_layers
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -166,10 +166,7 @@ class ResidentAdapters:
 
 def bank_key(config: AdapterConfig, meta: dict) -> str:
     """Adapters with equal keys share a bank: same method and core settings, same layers, ranks and bases."""
-    fields = config.to_dict()
-    for name in SCALE_ONLY:
-        fields.pop(name, None)
-    return json.dumps([fields, meta["layers"]], sort_keys=True, default=str)
+    return json.dumps([core_fields(config), meta["layers"]], sort_keys=True, default=str)
 
 
 def _offset(header: dict, key: str) -> int:
@@ -234,9 +231,9 @@ def fill_slot(bank: AdapterBank, slot: int, file: AdapterFile, where) -> None:
     tensors = file.tensors()
     check_keys(bank.expected_keys, tensors, where)
     for lname, stack in bank.stacks.items():
-        row = stack.data[slot]
-        for pname, start, shape in stack.layout:
+        own = {}
+        for pname, _, shape in stack.layout:
             key = f"{lname}.{pname}"
             check_shape(shape, tensors[key], key, where)
-            row[start : start + tensors[key].numel()].view(shape).copy_(tensors[key])
-        row[0] = scales[stack.r]
+            own[pname] = tensors[key]
+        stack.write(slot, own, scales[stack.r])

@@ -83,7 +83,6 @@ class SlotStack(nn.Module):
         self.fingerprint = fingerprint
         self.layout = layout
         self.bank: AdapterBank | None = None  # the AdapterBank whose slots these are (None: a ModuleMirror's)
-        self.bank_id: int | None = None
         width = 1 + sum(_numel(shape) for _, _, shape in layout)
         self.register_buffer("data", torch.empty(capacity, width, dtype=dtype, device=device), persistent=False)
 
@@ -185,8 +184,12 @@ class ModuleMirror(SlotTable):
 
     @staticmethod
     def key(core: AdapterCore) -> tuple:
-        shapes = tuple((n, tuple(p.shape)) for n, p in core.params.items())
-        return (core.basis_key, core.method.name, core_fields(core.config), shapes)
+        """The layout a core mirrors into; computed once per core (a mixed forward asks for it every layer)."""
+        key = core.__dict__.get("_mirror_key")
+        if key is None:
+            shapes = tuple((n, tuple(p.shape)) for n, p in core.params.items())
+            key = core.__dict__["_mirror_key"] = (core.basis_key, core.method.name, core_fields(core.config), shapes)
+        return key
 
     @torch.no_grad()
     def sync(self, names: list[str], cores: dict[str, AdapterCore]) -> None:
@@ -225,7 +228,7 @@ class AdapterBank(SlotTable):
 
     def new_stack(self, basis_key, r, fingerprint, layout, dtype, device) -> SlotStack:
         stack = SlotStack(self.method, self.config, basis_key, r, fingerprint, layout, self.capacity, dtype, device)
-        stack.bank, stack.bank_id = self, self.id
+        stack.bank = self
         return stack
 
     def allocate(self, name: str, config: AdapterConfig | None = None) -> int:  # type: ignore[override]
