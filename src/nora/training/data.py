@@ -238,7 +238,17 @@ def _columns(
     return text_column, text_pair_column, label_column
 
 
-def _encode_texts(rows, tokenizer, max_length, text_column, text_pair_column, targets, source, labels) -> Encoded:
+def _encode_texts(
+    rows: list[dict[str, Any]],
+    tokenizer,
+    max_length: int,
+    text_column: str,
+    text_pair_column: str | None,
+    targets: list[int] | list[float],
+    source: str,
+    labels: list[str],
+) -> Encoded:
+    """Tokenise each row's text (and pair) with its target, counting what truncation cut."""
     texts = [_str(r, text_column, source) for r in rows]
     pairs = [_str(r, text_pair_column, source) for r in rows] if text_pair_column else None
     full = tokenizer(texts, pairs, truncation=False)["input_ids"]
