@@ -81,7 +81,8 @@ def test_a_method_defined_in_a_test_file_merges_saves_loads_exports_and_mixes(st
     models[0].merge()
     torch.testing.assert_close(models[0](input_ids=ids).logits, logits[0], rtol=1e-4, atol=1e-4)
     models[0].unmerge()
-    torch.testing.assert_close(models[0](input_ids=ids).logits, logits[0], rtol=0, atol=1e-5)
+    # unmerge subtracts ΔW again: W + ΔW − ΔW rounds in float32, and the error grows through the layers
+    torch.testing.assert_close(models[0](input_ids=ids).logits, logits[0], rtol=1e-5, atol=5e-5)
 
     # save → load (module and resident), then one batch mixing both adapters and the base
     for i, m in enumerate(models):

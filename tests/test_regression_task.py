@@ -1,5 +1,6 @@
 """`--task regression` (GLUE STS-B style): a one-output head on the real MiniLM encoder, mean squared error, and
-Pearson / Spearman in the run's metrics; a label that is not a number stops the run naming its row and column."""
+Pearson / Spearman in the run's metrics and from `nora eval`; a label that is not a number stops the run naming its
+row and column."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import random
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from nora.cli import app
 from nora.errors import AdapterError
 from nora.training import TrainConfig, train
 
@@ -54,6 +57,14 @@ def test_regression_trains_and_reports_pearson_and_spearman(tmp_path):
     assert s["eval_pearson"] > s["initial_eval_pearson"] + 0.3, s
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["modules_to_save"]  # the one-output head trained in full, as for classification
+    assert config["nora"]["head"] == {"task": "regression"}
+    out = tmp_path / "eval.json"
+    args = ["eval", str(tmp_path / "run" / "adapter"), "--tasks", str(tmp_path / "dev.json"), "-o", str(out)]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (scores,) = json.loads(out.read_text())["results"]["regression"]["tasks"].values()
+    assert scores["n"] == 48  # the same dev set, scored by nora eval on the merged model
+    assert abs(scores["pearson"] - s["eval_pearson"]) < 1e-4 and abs(scores["spearman"] - s["eval_spearman"]) < 1e-4
 
 
 def test_a_label_that_is_not_a_number_names_its_row_and_column(tmp_path):

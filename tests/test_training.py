@@ -170,9 +170,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_
     common = dict(
         model=str(llm_dir), data=str(data_file), output_dir=str(tmp_path / "killed"), batch_size=4,
         max_steps=max_steps, save_steps=save_steps, logging_steps=2, progress=False, plot=False, method="nora",
-        adapter={"r": 8, "inner_r": 4}, lr_scheduler="cosine", warmup_steps=5,
+        adapter={"r": 8, "inner_r": 4}, lr_scheduler="cosine", warmup_steps=5, group_by_length=True,
     )  # fmt: skip
-    common["adapter"]["dropout"] = 0.1  # exercises the RNG state too
+    common["adapter"]["dropout"] = 0.1  # exercises the RNG state too (and group_by_length the epoch order)
     yaml_file = _write_yaml(tmp_path / "run.yaml", common)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nora", "train", "--config", str(yaml_file)],
@@ -195,6 +195,30 @@ def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_
     _assert_same_adapter(resumed.run_dir, fresh.run_dir)
     steps = [json.loads(line)["step"] for line in (resumed.run_dir / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == max_steps  # no duplicated steps from before the kill
+
+
+def test_group_by_length_batches_similar_lengths_and_still_takes_every_example_once(llm_dir, tmp_path):
+    from nora.training.trainer import Run
+
+    rows = [{"text": "word " * n} for n in [1, 30, 2, 25, 3, 20, 4, 15, 5, 10, 6, 40] * 8]  # 96 examples
+    (tmp_path / "lengths.json").write_text(json.dumps(rows))
+    runs = {}
+    for grouped in (False, True):
+        cfg = config(llm_dir, tmp_path / "lengths.json", tmp_path / f"run{grouped}", eval_data=None, batch_size=4,
+                     group_by_length=grouped, max_length=64)  # fmt: skip
+        runs[grouped] = Run(cfg)
+    run = runs[True]
+    padded = {}
+    for grouped, r in runs.items():
+        order = r._epoch_order(0)
+        assert sorted(order) == list(range(96))  # every example once an epoch
+        widths = [max(len(r.train_examples[i]["input_ids"]) for i in order[s : s + 4]) for s in range(0, 96, 4)]
+        padded[grouped] = sum(widths) * 4
+    assert padded[True] < 0.7 * padded[False], padded
+    assert run._epoch_order(1) != run._epoch_order(0)  # reshuffled each epoch
+    again = Run(config(llm_dir, tmp_path / "lengths.json", tmp_path / "again", eval_data=None, batch_size=4,
+                       group_by_length=True, max_length=64))  # fmt: skip
+    assert again._epoch_order(1) == run._epoch_order(1)  # a function of (seed, epoch): resume continues exactly
 
 
 def test_two_process_ddp_matches_single_process(llm_dir, data_file, tmp_path):

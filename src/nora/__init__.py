@@ -4,7 +4,7 @@ from .calibrate import calibrate
 from .config import AdapterConfig
 from .errors import AdapterError
 from .layer import BASE, AdapterLayer
-from .methods import DoraConfig, LoraConfig, LoraXSConfig, NoraConfig, PissaConfig, SVFitConfig
+from .methods import DoraConfig, HeadOnlyConfig, LoraConfig, LoraXSConfig, NoraConfig, PissaConfig, SVFitConfig
 from .model import AdaptedModel, get_peft_model
 from .svd import BASIS_CACHE, SVDSettings
 
@@ -16,6 +16,7 @@ __all__ = [
     "AdapterError",
     "AdapterLayer",
     "DoraConfig",
+    "HeadOnlyConfig",
     "LoraConfig",
     "LoraXSConfig",
     "NoraConfig",

@@ -20,6 +20,12 @@ from typing import Any
 from .errors import AdapterError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+# the usual column names, GLUE's own included (MRPC's "#1 String", QQP's question1/is_duplicate, MNLI's gold_label)
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "question1", "#1 String")
+PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "#2 String")
+LABEL_COLUMNS = ("label", "Quality", "is_duplicate", "gold_label")
+TARGET_COLUMNS = ("label", "score")  # STS-B's similarity score
+_PAIRED = ("sentence1", "question", "question1", "#1 String")  # a text column whose pair follows
 
 
 class Row(dict):
@@ -177,3 +183,43 @@ def _json_lines(text: str, path: Path) -> list[Row]:
             raise AdapterError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; fix that line.")
         rows.append(Row(record, f"{path}:{number}"))
     return rows
+
+
+def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise AdapterError(
+            f"data {source} lacks column(s) {missing}; it has {sorted(rows[0])}. Rename them, or choose the columns "
+            "with --text-column / --label-column."
+        )
+
+
+def pick_columns(
+    rows: list[dict[str, Any]],
+    text_column: str | None,
+    text_pair_column: str | None,
+    label_column: str | None,
+    label_columns: tuple[str, ...],
+    source: str,
+) -> tuple[str, str | None, str]:
+    """The text, pair and label columns: as given, else the first of the usual names present; all must exist."""
+    text_column = text_column or next((c for c in TEXT_COLUMNS if c in rows[0]), "text")
+    label_column = label_column or next((c for c in label_columns if c in rows[0]), "label")
+    if text_pair_column is None and text_column in _PAIRED:
+        text_pair_column = next((c for c in PAIR_COLUMNS + ("sentence",) if c in rows[0]), None)
+    require_columns(rows, (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()), source)
+    return text_column, text_pair_column, label_column
+
+
+def row_label(row: dict[str, Any], column: str, source: str) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise AdapterError(
+            f"{where_of(row, source)}: no label in column {column!r} (the row is {str(dict(row))[:200]}). Every row "
+            "needs one: fix or remove the row."
+        )
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def where_of(row: dict[str, Any], source: str) -> str:
+    return getattr(row, "where", None) or source

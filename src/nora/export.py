@@ -56,6 +56,12 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     model.materialize(adapter_name)
     config = model.peft_config[adapter_name]
     method = get_method(config.method)
+    if not method.adapts_layers:
+        raise AdapterError(
+            f"adapter {adapter_name!r} ({config.method}) adapts no layer, and PEFT's LoRA format needs at least one "
+            "(PEFT refuses a LoRA config that targets nothing). Save the model with the head instead: "
+            "model.merge_and_unload().save_pretrained(DIR) (nora merge does the same)."
+        )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     transposed = False

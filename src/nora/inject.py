@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import re
 
+import torch
 from torch import nn
 
 from .errors import AdapterError
 from .layer import AdapterLayer, is_adaptable
+from .slots import active_plan
 
 
 def _matches(name: str, spec: str | list[str] | None) -> bool:
@@ -123,7 +125,38 @@ class TrainableCopy(nn.Module):
         return self.copies[self.active] if self.active in self.copies else self.original  # noqa: SIM401
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        plan = active_plan()
+        if plan is None:
+            return self.current()(*args, **kwargs)
+        return self._mixed_forward(plan.names, *args, **kwargs)
+
+    def _mixed_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A mixed batch: each row through the copy of its own adapter (the original for the base model's rows and
+        for adapters that train no copy of this module)."""
+        if x.shape[0] % len(names):
+            raise AdapterError(f"a mixed batch names {len(names)} adapters for {x.shape[0]} rows; give one per row.")
+        expand = x.shape[0] // len(names)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            key = name if name in self.copies else ""
+            groups.setdefault(key, []).extend(range(i * expand, (i + 1) * expand))
+        modules = {key: self.copies[key] if key else self.original for key in groups}
+        if len(groups) == 1:
+            return modules[next(iter(groups))](x, *args, **kwargs)
+        out = None
+        for key, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            part = modules[key](x.index_select(0, index), *args, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise AdapterError(
+                    f"a mixed batch over adapters with their own copy of a {type(self.original).__name__} needs it "
+                    f"to return a tensor, and it returned {type(part).__name__}: run those adapters in separate "
+                    "batches."
+                )
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out.index_copy_(0, index, part)
+        return out
 
     def __getattr__(self, name: str):
         try:

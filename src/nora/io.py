@@ -23,6 +23,7 @@ from safetensors.torch import load, load_file
 from .atomic import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .config import AdapterConfig
 from .errors import AdapterError
+from .methods import get_method
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,7 +146,7 @@ def _read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     if not isinstance(meta, dict) or "layers" not in meta:
         raise AdapterError(f"{cfg_path} lacks nora's per-layer metadata; it was not written by nora.")
     layers, version = meta["layers"], meta.get("format_version", 0)
-    if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise AdapterError(
             f"{cfg_path}: its per-layer metadata (nora.layers) is not an object of layers; the file was edited or "
             "damaged: save the adapter again."
@@ -155,6 +156,11 @@ def _read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     if version > FORMAT_VERSION:
         raise AdapterError(f"{directory} uses adapter format {meta['format_version']}; upgrade nora to load it.")
     config = AdapterConfig.from_dict(payload)
+    if not layers and get_method(config.method).adapts_layers:
+        raise AdapterError(
+            f"{cfg_path}: its per-layer metadata (nora.layers) lists no layer, and a {config.method} adapter adapts "
+            "some; the file was edited or damaged: save the adapter again."
+        )
     if not w_path.is_file():
         raise AdapterError(f"{directory} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
     return config, meta, w_path

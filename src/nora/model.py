@@ -151,9 +151,12 @@ class AdaptedModel(nn.Module):
         """Inject a new adapter. AwSVD scales come from `scales`, or are measured on `calibration_data`."""
         self._check_new_name(adapter_name)
         method = get_method(config.method)
-        names = layer_names or find_targets(
-            self.model, config.target_modules, config.exclude_modules, config.modules_to_save
-        )
+        if not method.adapts_layers:
+            names = []
+        elif layer_names is not None:
+            names = layer_names
+        else:
+            names = find_targets(self.model, config.target_modules, config.exclude_modules, config.modules_to_save)
         calibration = method.calibration(config)
         if calibration is not None and scales is None and layer_names is None:
             if calibration_data is None:

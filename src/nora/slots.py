@@ -310,6 +310,11 @@ def rows_context(plan: RowPlan) -> Iterator[None]:
         _ROW_PLAN.reset(token)
 
 
+def active_plan() -> RowPlan | None:
+    """The plan of the mixed batch being run, if any (modules trained whole read it: they are not layers)."""
+    return _ROW_PLAN.get()
+
+
 def current_plan(layer: nn.Module) -> RowPlan | None:
     plan = _ROW_PLAN.get()
     return plan if plan is not None and plan.covers(layer) else None

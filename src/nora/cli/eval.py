@@ -1,5 +1,6 @@
 """`nora eval`: a base model, a merged model or an adapter on the commonsense suite (log-likelihood and generation
-protocols) or on GLUE classification tasks; a table on the terminal and, with --output, JSON. See
+protocols), on GLUE classification tasks, or, for an adapter that trained a head, on any labelled file scored with
+that head's label set (or as regression); a table on the terminal and, with --output, JSON. See
 docs/evaluation.md."""
 
 from __future__ import annotations
@@ -60,13 +61,23 @@ def evaluate(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
     log_samples: Annotated[bool, typer.Option(help="Keep each example's prediction in the JSON.")] = False,
+    text_column: Annotated[
+        str | None, typer.Option(help="Labelled files: the text column (default: text, sentence, sentence1, ...).")
+    ] = None,
+    text_pair_column: Annotated[
+        str | None, typer.Option(help="Labelled files: the second text of a pair (default: sentence2, ...).")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Labelled files: the label column (default: label, Quality, score).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate MODEL on --tasks and print accuracy per task and on average."""
-    from ..evaluation import evaluate_tasks, resolve_tasks
-    from ..evaluation.loading import load_for_eval, resolve_target
+    from ..evaluation import Columns, evaluate_tasks, resolve_tasks
+    from ..evaluation.loading import adapter_head, load_for_eval, resolve_target
     from ..evaluation.report import print_results, write_results
     from ..evaluation.runner import PROTOCOLS
+    from ..evaluation.tasks import no_head_message
     from ..pretrained import check_model_source, parse_dtype, resolve_device
 
     if threads is not None:
@@ -80,14 +91,21 @@ def evaluate(
         resolve_device(device)
         if output is not None and output.is_dir():
             raise AdapterError(f"--output {output} is a directory; give a file path such as {output / 'results.json'}.")
-        specs = resolve_tasks(_split(tasks, ["commonsense"]), data_dir)
+        target = resolve_target(model, adapter, base)
+        head = adapter_head(target)
+        specs = resolve_tasks(_split(tasks, ["glue" if head else "commonsense"]), data_dir, labelled=head is not None)
         kinds = {spec.kind for spec in specs}
         if len(kinds) > 1:
             raise AdapterError("commonsense tasks need a causal LM and GLUE tasks a classifier: evaluate them apart.")
-        target = resolve_target(model, adapter, base)
+        unscorable = next((spec for spec in specs if spec.kind == "classification" and not spec.layout), None)
+        if unscorable is not None and head is None:
+            raise AdapterError(no_head_message(unscorable))
         recorded = "the base model the adapter records (pass --base for another)"
         check_model_source(target.base, gguf_file, "--base" if base else recorded if target.adapter else "MODEL")
-        num_labels = max((spec.layout.num_labels for spec in specs if spec.layout), default=None)
+        if head is not None:
+            num_labels = head.num_labels
+        else:
+            num_labels = max((spec.layout.num_labels for spec in specs if spec.layout), default=None)
         task_kind = "seq-cls" if kinds == {"classification"} else "causal"
         start = time.perf_counter()
         loaded, tokenizer = load_for_eval(target, task_kind, num_labels, dtype, device, merge, gguf_file)
@@ -105,6 +123,8 @@ def evaluate(
             max_length=max_length,
             progress=progress,
             log_samples=log_samples,
+            head=head,
+            columns=Columns(text_column, text_pair_column, label_column),
         )
     except (AdapterError, OSError) as e:
         raise typer.BadParameter(str(e)) from e

@@ -110,6 +110,12 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("labels", str, "labels", Opt(help="Comma-separated label set, in id order (seq-cls).")),
     CliOption("max_examples", int, "max_examples", Opt(help="Use only the first N examples of --data.")),
     CliOption("batch_size", int, "batch_size", Opt(help="Examples per device per micro-batch.")),
+    CliOption(
+        "group_by_length",
+        bool,
+        "group_by_length",
+        Opt(help="Batch examples of similar length together (less padding; still shuffled each epoch)."),
+    ),
     CliOption("grad_accum", int, "grad_accum", Opt(help="Micro-batches accumulated per optimizer step.")),
     CliOption(
         "learning_rate",

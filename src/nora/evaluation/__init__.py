@@ -4,19 +4,30 @@ from nora.evaluation import evaluate_tasks
 results = evaluate_tasks(model, tokenizer, ["commonsense"], ["loglik", "generate"], data_dir="data", limit=200)
 """
 
-from .classification import classification_metrics, predict_labels
+from .classification import classification_metrics, predict_labels, predict_scores, regression_metrics
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import ANSWER_PREFIX, CommonsenseItem, extract_answer, parse_item
 from .runner import PROTOCOLS, best, best_per_char, evaluate_tasks, score_commonsense
-from .tasks import COMMONSENSE_TASKS, GLUE_TASKS, TaskSpec, load_classification, load_commonsense, resolve_tasks
+from .tasks import (
+    COMMONSENSE_TASKS,
+    GLUE_TASKS,
+    Columns,
+    Head,
+    TaskSpec,
+    load_classification,
+    load_commonsense,
+    resolve_tasks,
+)
 
 __all__ = [
     "ANSWER_PREFIX",
     "COMMONSENSE_TASKS",
     "GLUE_TASKS",
     "PROTOCOLS",
+    "Columns",
     "CommonsenseItem",
+    "Head",
     "LoglikRequest",
     "TaskSpec",
     "best",
@@ -30,6 +41,8 @@ __all__ = [
     "load_commonsense",
     "parse_item",
     "predict_labels",
+    "predict_scores",
+    "regression_metrics",
     "resolve_tasks",
     "score_commonsense",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..model import AdaptedModel
 from ..pretrained import load_model, load_tokenizer, parse_dtype, resolve_device
+from .tasks import Head
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -53,6 +54,28 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
     return EvalTarget(base, adapter, kind)
 
 
+def adapter_head(target: EvalTarget) -> Head | None:
+    """The head a nora adapter records (`nora train --task seq-cls / regression` writes it): its label set, or
+    regression. None for a base model, a PEFT adapter, or an adapter that trained no head."""
+    if target.adapter is None or target.adapter_kind != "nora":
+        return None
+    config = _adapter_config(target.adapter)
+    head = (config.get("nora") or {}).get("head") if isinstance(config.get("nora"), dict) else None
+    if head is None:
+        return None
+    where = target.adapter / ADAPTER_CONFIG
+    task, labels = (head.get("task"), head.get("labels", [])) if isinstance(head, dict) else (None, None)
+    valid_labels = (
+        isinstance(labels, list) and all(isinstance(x, str) for x in labels) and len(set(labels)) == len(labels)
+    )
+    if task not in ("seq-cls", "regression") or not valid_labels or (task == "seq-cls" and len(labels) < 2):
+        raise AdapterError(
+            f"{where}: the head it records ({str(head)[:120]}) is not a task (seq-cls or regression) with a label set "
+            "of distinct names; the file was edited or damaged: save the adapter again."
+        )
+    return Head(task, tuple(labels))
+
+
 def load_for_eval(
     target: EvalTarget,
     task_kind: Literal["causal", "seq-cls"] = "causal",
@@ -67,6 +90,13 @@ def load_for_eval(
     resolved = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
     model = load_model(target.base, task_kind, dtype=torch_dtype, num_labels=num_labels, gguf_file=gguf_file)
+    head = adapter_head(target)
+    if head is not None and getattr(model, "config", None) is not None:
+        if head.task == "regression":
+            model.config.problem_type = "regression"
+        else:
+            model.config.id2label = dict(enumerate(head.labels))
+            model.config.label2id = {label: i for i, label in enumerate(head.labels)}
     model = _with_adapter(model.to(resolved), target, merge)
     if target.adapter and (target.adapter / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(target.adapter)

@@ -14,7 +14,8 @@ METRICS = {
     "loglik": ("acc", "acc_norm"),
     "loglik-label": ("acc",),
     "generate": ("acc", "unparsed"),
-    "classification": ("acc", "macro_f1", "mcc"),
+    "classification": ("acc", "f1", "macro_f1", "mcc"),
+    "regression": ("pearson", "spearman"),
 }
 
 

@@ -5,7 +5,8 @@ Commonsense protocols:
                 highest, `acc_norm` the highest per character of the choice.
   loglik-label  the log-likelihood of the trained response for each label (`the correct answer is answer2`).
   generate      LLM-Adapters/DoRA: decode a response, extract the first label it names, exact match.
-Classification tasks (GLUE TSVs, for sequence-classification models) report acc, macro_f1 and mcc.
+Classification tasks (GLUE TSVs, or any labelled file scored with a trained head's label set) report acc, f1 (two
+classes), macro_f1 and mcc; a regression head's tasks report pearson, spearman and mse.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any
 from torch import nn
 
 from ..errors import AdapterError
-from .classification import classification_metrics, predict_labels
+from .classification import classification_metrics, predict_labels, predict_scores, regression_metrics
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import CommonsenseItem, extract_answer
-from .tasks import TaskSpec, load_classification, load_commonsense, resolve_tasks
+from .tasks import Columns, Head, TaskSpec, load_classification, load_commonsense, resolve_tasks
 
 PROTOCOLS = ("loglik", "loglik-label", "generate")
-AVERAGED = ("acc", "acc_norm", "macro_f1", "mcc")
+AVERAGED = ("acc", "acc_norm", "f1", "macro_f1", "mcc", "pearson", "spearman")
 
 
 def evaluate_tasks(
@@ -43,27 +44,43 @@ def evaluate_tasks(
     max_length: int | None = None,
     progress: bool = False,
     log_samples: bool = False,
+    head: Head | None = None,
+    columns: Columns | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate `model` (a transformers model, or a nora AdaptedModel) on `tasks`.
 
-    Returns {protocol: {"tasks": {task: metrics}, "average": metrics}}, with "classification" as the protocol of
-    GLUE tasks. Metrics hold `n` (examples scored), `correct` and the rates; `limit` draws that many examples per
-    task with `seed` (the same draw for every protocol and model). The model's train/eval mode is restored."""
+    Returns {protocol: {"tasks": {task: metrics}, "average": metrics}}, with "classification" (or "regression") as
+    the protocol of labelled files. Metrics hold `n` (examples scored), `correct` and the rates; `limit` draws that
+    many examples per task with `seed` (the same draw for every protocol and model). `head` is what a trained
+    classifier predicts (its label set, or regression: `nora.evaluation.loading.adapter_head`); with it, any
+    labelled file is scored, its columns found by name or given as `columns`. The model's train/eval mode is
+    restored."""
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
         raise AdapterError(f"protocols {unknown or '[]'}: choose from {list(PROTOCOLS)}.")
     options = dict(batch_size=batch_size, max_length=max_length, progress=progress)
     results: dict[str, dict[str, Any]] = {}
-    for spec in resolve_tasks(tasks, data_dir):
+    for spec in resolve_tasks(tasks, data_dir, labelled=head is not None):
         if spec.kind == "classification":
             start = time.perf_counter()
-            examples = load_classification(spec, limit, seed)
-            predicted = predict_labels(model, tokenizer, examples, desc=spec.name, **options)
-            metrics = classification_metrics([e.label for e in examples], predicted)
+            examples = load_classification(spec, limit, seed, head, columns)
+            gold = [e.label for e in examples]
+            if head is not None and head.task == "regression":
+                protocol, predicted = (
+                    "regression",
+                    predict_scores(model, tokenizer, examples, desc=spec.name, **options),
+                )
+                metrics = regression_metrics(gold, predicted)
+            else:
+                protocol, predicted = (
+                    "classification",
+                    predict_labels(model, tokenizer, examples, desc=spec.name, **options),
+                )
+                metrics = classification_metrics(gold, predicted)
             metrics["seconds"] = round(time.perf_counter() - start, 2)
             if log_samples:
-                metrics["samples"] = [{"gold": e.label, "pred": p} for e, p in zip(examples, predicted, strict=True)]
-            results.setdefault("classification", {})[spec.name] = metrics
+                metrics["samples"] = [{"gold": g, "pred": p} for g, p in zip(gold, predicted, strict=True)]
+            results.setdefault(protocol, {})[spec.name] = metrics
             continue
         items = load_commonsense(spec, limit, seed)
         scored = score_commonsense(

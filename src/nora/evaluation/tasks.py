@@ -8,6 +8,7 @@ Commonsense tasks are LLM-Adapters JSON test sets, found at `<data_dir>/commonse
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -15,7 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..datafiles import GLUE_LAYOUTS, GlueLayout, read_table
+from ..datafiles import (
+    GLUE_LAYOUTS,
+    LABEL_COLUMNS,
+    TARGET_COLUMNS,
+    GlueLayout,
+    pick_columns,
+    read_rows,
+    read_table,
+    require_columns,
+    row_label,
+    where_of,
+)
 from ..errors import AdapterError
 from .records import CommonsenseItem, parse_item
 
@@ -32,6 +44,7 @@ COMMONSENSE_TASKS = (
 
 
 GLUE_TASKS = GLUE_LAYOUTS  # the GLUE TSVs nora knows by name
+_FILE_SUFFIXES = (".json", ".jsonl", ".tsv", ".csv")
 SUITES = {"commonsense": COMMONSENSE_TASKS, "glue": tuple(GLUE_TASKS)}
 _ALIASES = {
     **{name.lower(): name for name in (*COMMONSENSE_TASKS, *GLUE_TASKS)},
@@ -56,12 +69,37 @@ class TaskSpec:
 @dataclass(frozen=True)
 class ClassificationExample:
     texts: tuple[str, ...]
-    label: int
+    label: int | float  # a class id, or a regression target
 
 
-def resolve_tasks(names: Sequence[str | os.PathLike | TaskSpec], data_dir: str | os.PathLike | None) -> list[TaskSpec]:
+@dataclass(frozen=True)
+class Head:
+    """What a trained head predicts, as its adapter records it: class i is `labels[i]`, or one number."""
+
+    task: Literal["seq-cls", "regression"]
+    labels: tuple[str, ...] = ()
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.task == "regression" else len(self.labels)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns of a labelled file, where not the usual names (text/sentence/..., label/score/...)."""
+
+    text: str | None = None
+    pair: str | None = None
+    label: str | None = None
+
+
+def resolve_tasks(
+    names: Sequence[str | os.PathLike | TaskSpec], data_dir: str | os.PathLike | None, labelled: bool = False
+) -> list[TaskSpec]:
     """Task names (`boolq`, `arc-e`, `sst2`, the suites `commonsense` and `glue`) or file paths → task files.
-    A suite takes the tasks present under `data_dir`; a task named on its own must be present."""
+    A suite takes the tasks present under `data_dir`; a task named on its own must be present. A file is a
+    commonsense test set (.json) or a labelled text file (.tsv, .csv, .jsonl; and .json too when `labelled`: the
+    model is a trained classifier or regressor)."""
     specs: list[TaskSpec] = []
     for entry in names:
         if isinstance(entry, TaskSpec):
@@ -75,13 +113,15 @@ def resolve_tasks(names: Sequence[str | os.PathLike | TaskSpec], data_dir: str |
                     "Pass --data-dir (or NORA_DATA_DIR) pointing at the data folder."
                 )
             specs.extend(present)
-        elif Path(entry).suffix in (".json", ".tsv") and Path(entry).is_file():
-            specs.append(_from_file(Path(entry)))
+        elif Path(entry).suffix in _FILE_SUFFIXES and Path(entry).is_file():
+            specs.append(_from_file(Path(entry), labelled))
         else:
             task = _ALIASES.get(str(entry).lower())
             if task is None:
                 known = ", ".join((*SUITES, *COMMONSENSE_TASKS, *GLUE_TASKS))
-                raise AdapterError(f"unknown task {str(entry)!r}: use one of {known}, or a .json / .tsv file path.")
+                raise AdapterError(
+                    f"unknown task {str(entry)!r}: use one of {known}, or a file path ({' '.join(_FILE_SUFFIXES)})."
+                )
             spec = _find(task, data_dir)
             if spec is None:
                 tried = ", ".join(str(p) for p in _candidates(task, data_dir))
@@ -104,27 +144,79 @@ def load_commonsense(spec: TaskSpec, limit: int | None = None, seed: int = 0) ->
     return [parse_item(records[i], f"{spec.path}#{i}") for i in subsample(len(records), limit, seed)]
 
 
-def load_classification(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[ClassificationExample]:
-    """A GLUE TSV read as GLUE reads it (nora.datafiles.read_table: tabs, no quoting, every row checked)."""
-    layout = spec.layout
-    assert layout is not None
-    rows = read_table(spec.path, "\t", layout.columns)
-    if rows:
-        missing = [c for c in (layout.label, *layout.texts) if c not in rows[0]]
-        if missing:
-            raise AdapterError(
-                f"{spec.path}: the header {sorted(rows[0])} lacks column(s) {missing} of the {spec.name} layout."
-            )
+def load_classification(
+    spec: TaskSpec, limit: int | None = None, seed: int = 0, head: Head | None = None, columns: Columns | None = None
+) -> list[ClassificationExample]:
+    """A labelled text file: a GLUE TSV read as GLUE reads it (nora.datafiles.read_table: tabs, no quoting), or any
+    data file with its columns found as training finds them. Labels are class ids of the GLUE layout, or, with a
+    trained `head`, names of its label set (or numbers, for regression). A row whose label does not fit is an
+    error naming the row, the column and the fix."""
+    where, columns = str(spec.path), columns or Columns()
+    if spec.layout is not None:
+        layout = spec.layout
+        rows = read_table(spec.path, "\t", layout.columns)
+        text, pair, label = (columns.text or layout.texts[0]), columns.pair, (columns.label or layout.label)
+        if pair is None and columns.text is None and len(layout.texts) > 1:
+            pair = layout.texts[1]
+        if rows:
+            require_columns(rows, (text, label) + ((pair,) if pair else ()), where)
+    else:
+        if head is None:
+            raise AdapterError(no_head_message(spec))
+        rows = read_rows(spec.path)
+        defaults = TARGET_COLUMNS if head.task == "regression" else LABEL_COLUMNS
+        text, pair, label = pick_columns(rows, columns.text, columns.pair, columns.label, defaults, where)
     examples = []
     for row in rows:
-        value = row[layout.label].strip()
-        if not value.lstrip("-").isdigit() or not 0 <= int(value) < layout.num_labels:
-            raise AdapterError(
-                f"{row.where}: label {value!r} in column {layout.label!r} is not a class id 0..{layout.num_labels - 1}"
-                f" of {spec.name}; fix or remove the row."
-            )
-        examples.append(ClassificationExample(tuple(row[c] for c in layout.texts), int(value)))
+        value = row_label(row, label, where)
+        texts = tuple(_text(row, c, where) for c in (text, pair) if c)
+        examples.append(ClassificationExample(texts, _target(value, row, label, spec, head)))
     return [examples[i] for i in subsample(len(examples), limit, seed)]
+
+
+def no_head_message(spec: TaskSpec) -> str:
+    return (
+        f"{spec.path}: not a GLUE task nora knows by name ({', '.join(GLUE_TASKS)}), so its labels are read with "
+        "the label set a trained head records: evaluate an adapter trained by `nora train --task seq-cls` (or "
+        "regression), whose adapter_config.json records it, or put a GLUE file in a folder named after its task."
+    )
+
+
+def _target(value: str, row, column: str, spec: TaskSpec, head: Head | None) -> int | float:
+    where = where_of(row, str(spec.path))
+    if head is not None and head.task == "regression":
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise AdapterError(
+                f"{where}: label {value!r} in column {column!r} is not a finite number, and this adapter's head is a "
+                "regressor; fix the row, or choose the column with --label-column."
+            )
+        return number
+    if head is not None:
+        if value not in head.labels:
+            raise AdapterError(
+                f"{where}: label {value!r} in column {column!r} is not in the label set the adapter's head was "
+                f"trained on {list(head.labels)}; fix the row, choose the column with --label-column, or evaluate "
+                "an adapter trained on these labels."
+            )
+        return head.labels.index(value)
+    count = spec.layout.num_labels if spec.layout else 0
+    if not value.lstrip("-").isdigit() or not 0 <= int(value) < count:
+        raise AdapterError(
+            f"{where}: label {value!r} in column {column!r} is not a class id 0..{count - 1} of {spec.name}; fix or "
+            "remove the row."
+        )
+    return int(value)
+
+
+def _text(row, column: str, where: str) -> str:
+    value = row.get(column)
+    if value is None:
+        raise AdapterError(f"{where_of(row, where)}: no value in column {column!r}; fix or remove the row.")
+    return str(value)
 
 
 def subsample(count: int, limit: int | None, seed: int) -> list[int]:
@@ -155,14 +247,11 @@ def _find(task: str, data_dir: str | os.PathLike | None) -> TaskSpec | None:
     return TaskSpec(task, path, "commonsense")
 
 
-def _from_file(path: Path) -> TaskSpec:
-    name = path.parent.name if path.stem in ("test", "dev", "train", "validation") else path.stem
-    if path.suffix == ".json":
+def _from_file(path: Path, labelled: bool) -> TaskSpec:
+    name = path.parent.name if path.stem in ("test", "dev", "dev_matched", "train", "validation") else path.stem
+    if path.suffix == ".json" and not labelled:
         return TaskSpec(name, path, "commonsense")
     task = _ALIASES.get(name.lower())
-    if task not in GLUE_TASKS:
-        raise AdapterError(
-            f"{path}: nora reads the GLUE TSV layouts {sorted(GLUE_TASKS)}; put the file in a folder named after "
-            "its task (e.g. SST-2/dev.tsv)."
-        )
-    return TaskSpec(task, path, "classification", GLUE_TASKS[task])
+    if path.suffix == ".tsv" and task in GLUE_TASKS:
+        return TaskSpec(task, path, "classification", GLUE_TASKS[task])
+    return TaskSpec(name, path, "classification")  # columns found by name, labels from the trained head

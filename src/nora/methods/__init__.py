@@ -5,13 +5,14 @@ from __future__ import annotations
 from ..errors import AdapterError
 from .base import AdapterCore, Core, CoreView, Method, Variant
 from .dora import DoRA, DoraConfig
+from .head_only import HeadOnly, HeadOnlyConfig
 from .lora import LoRA, LoraConfig
 from .lora_xs import LoRAXS, LoraXSConfig
 from .nora import NoRA, NoraConfig
 from .pissa import PiSSA, PissaConfig
 from .svfit import SVFit, SVFitConfig
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), PiSSA(), DoRA(), LoRAXS(), NoRA(), SVFit())}
+METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), PiSSA(), DoRA(), LoRAXS(), NoRA(), SVFit(), HeadOnly())}
 
 
 def get_method(name: str | None) -> Method:
@@ -29,6 +30,7 @@ __all__ = [
     "Core",
     "CoreView",
     "DoraConfig",
+    "HeadOnlyConfig",
     "LoraConfig",
     "LoraXSConfig",
     "Method",

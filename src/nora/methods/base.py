@@ -16,6 +16,7 @@ Required (abstract):
 
 Optional (defaults here):
     uses_basis                     False: no frozen outer factors (LoRA, DoRA)
+    adapts_layers                  True; False for a method that trains modules_to_save alone (head-only)
     rank / placement / scale       the per-layer rank, singular-value placement, and coefficient s
     calibration(config)            (power, eps) when the method wants activation-aware SVD scales, else None
     resident(config)               whether inference-only loads become slots of a resident bank (default: a
@@ -129,6 +130,7 @@ class Method(ABC):
     default_lr: ClassVar[float]
     default_adapter: ClassVar[dict[str, Any]] = {}
     uses_basis: ClassVar[bool] = True
+    adapts_layers: ClassVar[bool] = True
     variant: ClassVar[Variant | None] = None
     peft_options: ClassVar[dict[str, Any]] = {}
 

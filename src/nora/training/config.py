@@ -43,6 +43,7 @@ class TrainConfig:
     max_examples: int | None = None
     # optimisation
     batch_size: int = 8
+    group_by_length: bool = False  # each epoch's shuffled order sorted by length within chunks of 50 global batches
     grad_accum: int = 1
     learning_rate: float | None = None
     lr_scheduler: str = "linear"

@@ -16,7 +16,17 @@ from typing import Any
 
 import torch
 
-from ..datafiles import SUFFIXES, Row, read_rows
+from ..datafiles import (
+    LABEL_COLUMNS,
+    SUFFIXES,
+    TARGET_COLUMNS,
+    Row,
+    pick_columns,
+    read_rows,
+    require_columns,
+    row_label,
+    where_of,
+)
 from ..errors import AdapterError
 from ..pretrained import looks_local
 from ..prompts import format_prompt
@@ -24,10 +34,6 @@ from ..prompts import format_prompt
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-_TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String")
-_PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String")
-_LABEL_COLUMNS = ("label", "Quality")
-_TARGET_COLUMNS = ("label", "score")  # STS-B's similarity score
 
 
 def load_records(source: str, split: str = "train") -> list[Row]:
@@ -77,19 +83,10 @@ class Encoded:
     labels: list[str] = field(default_factory=list)
 
 
-def _require(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str) -> None:
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise AdapterError(
-            f"data {source} lacks column(s) {missing}; it has {sorted(rows[0])}. Rename them, or choose the columns "
-            "with --text-column / --label-column."
-        )
-
-
 def causal_kind(rows: list[dict[str, Any]], source: str, text_column: str | None = None) -> str:
     columns = set(rows[0])
     if text_column:
-        _require(rows, (text_column,), source)
+        require_columns(rows, (text_column,), source)
         return "text"
     if {"instruction", "output"} <= columns:
         return "instruction"
@@ -171,10 +168,10 @@ def encode_classification(
 ) -> Encoded:
     """input_ids/label per row. `labels` fixes the label set (and ids, in order); None infers it from the rows.
     A row without a label is an error naming it, never a class of its own."""
-    text_column, text_pair_column, label_column = _columns(
-        rows, text_column, text_pair_column, label_column, _LABEL_COLUMNS, source
+    text_column, text_pair_column, label_column = pick_columns(
+        rows, text_column, text_pair_column, label_column, LABEL_COLUMNS, source
     )
-    raw = [_label(r, label_column, source) for r in rows]
+    raw = [row_label(r, label_column, source) for r in rows]
     label_set = list(labels) if labels is not None else sorted(set(raw), key=_label_order)
     if labels is None:
         _refuse_continuous(raw, rows, label_column, source)
@@ -183,7 +180,7 @@ def encode_classification(
     if unknown:
         label, row = unknown[0]
         raise AdapterError(
-            f"{_where(row, source)}: label {label!r} is outside the label set {label_set} ({len(unknown)} such "
+            f"{where_of(row, source)}: label {label!r} is outside the label set {label_set} ({len(unknown)} such "
             "row(s)); fix the data or pass the full set with --labels."
         )
     return _encode_texts(
@@ -202,40 +199,23 @@ def encode_regression(
 ) -> Encoded:
     """input_ids/label per row, the label a finite number (STS-B's similarity score). A label that does not parse
     is an error naming its row and column, never skipped."""
-    text_column, text_pair_column, label_column = _columns(
-        rows, text_column, text_pair_column, label_column, _TARGET_COLUMNS, source
+    text_column, text_pair_column, label_column = pick_columns(
+        rows, text_column, text_pair_column, label_column, TARGET_COLUMNS, source
     )
     targets = []
     for row in rows:
-        label = _label(row, label_column, source)
+        label = row_label(row, label_column, source)
         try:
             value = float(label)
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
             raise AdapterError(
-                f"{_where(row, source)}: label {label!r} in column {label_column!r} is not a finite number; "
+                f"{where_of(row, source)}: label {label!r} in column {label_column!r} is not a finite number; "
                 "--task regression learns numeric targets: fix the row, or choose the column with --label-column."
             )
         targets.append(value)
     return _encode_texts(rows, tokenizer, max_length, text_column, text_pair_column, targets, source, [])
-
-
-def _columns(
-    rows: list[dict[str, Any]],
-    text_column: str | None,
-    text_pair_column: str | None,
-    label_column: str | None,
-    label_columns: tuple[str, ...],
-    source: str,
-) -> tuple[str, str | None, str]:
-    """The text, pair and label columns: as given, else the first of the usual names present; all must exist."""
-    text_column = text_column or next((c for c in _TEXT_COLUMNS if c in rows[0]), "text")
-    label_column = label_column or next((c for c in label_columns if c in rows[0]), "label")
-    if text_pair_column is None and text_column in ("sentence1", "question", "#1 String"):
-        text_pair_column = next((c for c in _PAIR_COLUMNS + ("sentence",) if c in rows[0]), None)
-    _require(rows, (text_column, label_column) + ((text_pair_column,) if text_pair_column else ()), source)
-    return text_column, text_pair_column, label_column
 
 
 def _encode_texts(
@@ -252,21 +232,14 @@ def _encode_texts(
     texts = [_str(r, text_column, source) for r in rows]
     pairs = [_str(r, text_pair_column, source) for r in rows] if text_pair_column else None
     full = tokenizer(texts, pairs, truncation=False)["input_ids"]
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     out = Encoded([], labels=labels)
     out.truncated = sum(len(f) > max_length for f in full)
-    out.examples = [{"input_ids": e, "label": t} for e, t in zip(enc, targets, strict=True)]
+    out.examples = [{"input_ids": e, "label": t} for e, t in zip(enc["input_ids"], targets, strict=True)]
+    if pairs is not None and "token_type_ids" in enc:  # BERT tells a pair's two texts apart by segment ids
+        for example, types in zip(out.examples, enc["token_type_ids"], strict=True):
+            example["token_type_ids"] = types
     return out
-
-
-def _label(row: dict[str, Any], column: str, source: str) -> str:
-    value = row.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise AdapterError(
-            f"{_where(row, source)}: no label in column {column!r} (the row is {str(dict(row))[:200]}). Every row "
-            "needs one: fix or remove the row."
-        )
-    return value.strip() if isinstance(value, str) else str(value)
 
 
 def _refuse_continuous(raw: list[str], rows: list[dict[str, Any]], column: str, source: str) -> None:
@@ -279,14 +252,10 @@ def _refuse_continuous(raw: list[str], rows: list[dict[str, Any]], column: str, 
             continue
         if math.isfinite(value) and value != int(value):
             raise AdapterError(
-                f"{_where(row, source)}: label {label!r} in column {column!r} is a number with a fraction, a "
+                f"{where_of(row, source)}: label {label!r} in column {column!r} is a number with a fraction, a "
                 "regression target (as in STS-B), not a class; --task seq-cls learns classes: train it with --task "
                 "regression, give class labels, or pass the classes with --labels if these numbers are class names."
             )
-
-
-def _where(row: dict[str, Any], source: str) -> str:
-    return getattr(row, "where", None) or source
 
 
 def _label_order(label: str) -> tuple[int, float | str]:
@@ -300,21 +269,26 @@ def _str(row: dict[str, Any], column: str, source: str) -> str:
     value = row.get(column)
     if value is None:
         raise AdapterError(
-            f"{_where(row, source)}: no value in column {column!r} (the row is {str(dict(row))[:200]}); fix or "
+            f"{where_of(row, source)}: no value in column {column!r} (the row is {str(dict(row))[:200]}); fix or "
             "remove the row."
         )
     return str(value)
 
 
 def pad_inputs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids and their attention_mask."""
+    """Right-padded input_ids, their attention_mask and, where the examples have them, token_type_ids."""
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = torch.zeros_like(input_ids)
+        for i, e in enumerate(examples):
+            batch["token_type_ids"][i, : len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
+    return batch
 
 
 def pad_token_labels(examples: list[dict[str, Any]], width: int) -> torch.Tensor:

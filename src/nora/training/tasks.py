@@ -48,6 +48,8 @@ class Task(ABC):
         prepare_model(...)      nothing; adjust the loaded model to the data (e.g. record the label names)
         eval_records(...)       []; what one evaluation batch contributes to `metrics` (gathered over processes)
         metrics(records)        {}; evaluation metrics besides the loss, named without the `eval_` prefix
+        head(labels)            None; what the adapter file records of the head it trains (`nora eval` reads it:
+                                {"task": "seq-cls", "labels": [...]} or {"task": "regression"})
     """
 
     name: ClassVar[str]
@@ -81,6 +83,9 @@ class Task(ABC):
 
     def metrics(self, records: list[Any]) -> dict[str, float]:
         return {}
+
+    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+        return None
 
 
 class CausalLMTask(Task):
@@ -133,7 +138,7 @@ class SequenceClassificationTask(Task):
         return batch["labels"].numel()
 
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        output = model(**_inputs(batch))
         return Loss(F.cross_entropy(output.logits.float(), batch["labels"], reduction="sum") / num_items, output)
 
     def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
@@ -150,6 +155,9 @@ class SequenceClassificationTask(Task):
         gold, predicted = zip(*records, strict=True)
         scores = classification_metrics(list(gold), list(predicted))
         return {k: float(v) for k, v in scores.items() if k not in ("n", "correct")}
+
+    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+        return {"task": self.name, "labels": list(labels or [])}
 
 
 class RegressionTask(SequenceClassificationTask):
@@ -172,7 +180,7 @@ class RegressionTask(SequenceClassificationTask):
         return batch
 
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        output = model(**_inputs(batch))
         predicted = output.logits.float().squeeze(-1)
         return Loss(F.mse_loss(predicted, batch["labels"].float(), reduction="sum") / num_items, output)
 
@@ -193,6 +201,14 @@ class RegressionTask(SequenceClassificationTask):
         if len(records) < 2 or len(set(predicted)) < 2 or len(set(gold)) < 2:
             return {}  # a correlation is undefined for constant values (or one pair)
         return {"pearson": float(pearsonr(gold, predicted)[0]), "spearman": float(spearmanr(gold, predicted)[0])}
+
+    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+        return {"task": self.name}
+
+
+def _inputs(batch: Batch) -> Batch:
+    """What a classifier reads of a batch: its tokens, mask, and (BERT's text pairs) segment ids."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), SequenceClassificationTask(), RegressionTask())}

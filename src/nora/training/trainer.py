@@ -308,6 +308,7 @@ class Run:
     # ---- stage 4: the loop's state ------------------------------------------------------------------------------
     def _reset_progress(self) -> None:
         self.step = 0
+        self._order_cache: tuple[int, list[int]] | None = None
         self.tokens_seen = 0
         self.first_loss: float | None = None
         self.initial_eval: dict[str, float] = {}
@@ -317,10 +318,29 @@ class Run:
     # ---- data order: a pure function of (seed, step), so resuming needs only the step ---------------------------
     def _global_batch(self, step: int) -> list[dict[str, Any]]:
         epoch, index = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.train_examples), generator=g)
-        chosen = order[index * self.global_batch : (index + 1) * self.global_batch].tolist()
+        order = self._epoch_order(epoch)
+        chosen = order[index * self.global_batch : (index + 1) * self.global_batch]
         return [self.train_examples[i] for i in chosen]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The examples of `epoch` in the order its steps take them: a seeded shuffle, a function of (seed, epoch)
+        alone so a resumed run continues exactly. With group_by_length, each chunk of 50 global batches is sorted
+        by length and cut into batches, and the batches are shuffled (HF's LengthGroupedSampler, less padding)."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_examples), generator=g).tolist()
+        if self.config.group_by_length:
+            size, chunk = self.global_batch, 50 * self.global_batch
+            length = [len(e["input_ids"]) for e in self.train_examples]
+            grouped = []
+            for start in range(0, self.steps_per_epoch * size, chunk):
+                part = sorted(order[start : min(start + chunk, self.steps_per_epoch * size)], key=lambda i: -length[i])
+                batches = [part[i : i + size] for i in range(0, len(part), size)]
+                grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+            order = grouped
+        self._order_cache = (epoch, order)
+        return order
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         share = self.config.batch_size * self.config.grad_accum
@@ -422,7 +442,11 @@ class Run:
 
     def _adapter_payload(self):
         adapted = self.acc.unwrap_model(self.model)
-        return adapter_payload(adapted, adapted.active_adapter)  # every process: a collective under FSDP
+        tensors, payload = adapter_payload(adapted, adapted.active_adapter)  # every process: a collective under FSDP
+        head = self.task.head(self.labels)
+        if head is not None:
+            payload["nora"]["head"] = head  # the label set (or regression) `nora eval` scores files with
+        return tensors, payload
 
     def _progress(self) -> dict[str, Any]:
         """Where the run stands, as a checkpoint records it: position, and what the summary needs of the past."""
@@ -565,6 +589,7 @@ class Run:
                 "global_batch": self.global_batch,
                 "processes": self.world,
                 "trainable_params": trainable,
+                "head_params": _head_params(adapted),
                 "total_params": total,
                 "trainable_percent": 100 * trainable / max(total, 1),
                 "wall_time_s": wall,
@@ -601,6 +626,11 @@ class Run:
             )  # fmt: skip
         finally:
             adapted.train()
+
+
+def _head_params(model: AdaptedModel) -> int:
+    """Trainable parameters of the modules trained whole (modules_to_save: a classifier head)."""
+    return sum(p.numel() for tc in model.trainable_copies().values() for p in tc.parameters() if p.requires_grad)
 
 
 def _truncate_log(path: Path, step: int) -> None:
