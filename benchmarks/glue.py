@@ -1,0 +1,412 @@
+"""GLUE on the real all-MiniLM-L6-v2 encoder: every method side by side with its defaults, several seeds, GLUE's
+metric per task; a learning-rate sweep; NoRA ablations. Every run goes through `nora.training.train`, as
+`nora train --task seq-cls` (or regression) runs it.
+
+    python benchmarks/glue.py table    --out benchmarks/results/glue   # methods × SST-2/MRPC/CoLA × 3 seeds
+    python benchmarks/glue.py sweep    --out benchmarks/results/glue   # methods × 5-6 learning rates, SST-2 and CoLA
+    python benchmarks/glue.py ablation --out benchmarks/results/glue   # NoRA variants × learning rates
+    python benchmarks/glue.py report   --out benchmarks/results/glue   # tables (markdown + JSON) and the lr plot
+    python benchmarks/glue.py table --quick --out /tmp/glue-quick      # seconds: what the test suite runs
+
+Options: --tasks SST-2,MRPC,CoLA (or any subset), --task-dir PATH (any other folder in GLUE's format: train.tsv and
+dev.tsv (or dev_matched.tsv) with GLUE's own columns; STS-B-style float labels train as regression), --methods,
+--seeds, --threads. Each finished run is one JSON file in <out>/runs/, written when it ends: an interrupted
+benchmark resumes where it stopped, and the report reads whatever has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "glue"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: a nora method with its defaults, or one of the two baselines without an adapter."""
+
+    name: str
+    method: str
+    adapter: dict[str, Any]
+    lr: float | None = None  # None: the method's own default (nora.training.config.default_lr)
+    sweep: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+    @property
+    def default_lr(self) -> float:
+        from nora.training.config import default_lr
+
+        return self.lr if self.lr is not None else default_lr(self.method)
+
+
+def _authors() -> dict[str, Any]:
+    from nora import NoraConfig
+
+    preset, plain = NoraConfig.authors().to_dict(), NoraConfig().to_dict()
+    return {k: v for k, v in preset.items() if v != plain[k] and k != "method"}
+
+
+HIGH = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # methods with few trainable values take larger steps
+WIDE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # NoRA: LoRA's whole range and above it
+METHODS = {
+    m.name: m
+    for m in (
+        Method("head-only", "head-only", {}, sweep=HIGH),
+        Method("full FT", "head-only", {"modules_to_save": ["bert", "classifier"]}, lr=5e-5,
+               sweep=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3)),
+        Method("LoRA", "lora", {}),
+        Method("PiSSA", "pissa", {}),
+        Method("DoRA", "dora", {}),
+        Method("LoRA-XS", "lora-xs", {}, sweep=HIGH),
+        Method("NoRA", "nora", {}, sweep=WIDE),
+        Method("NoRA (authors)", "nora", {"authors": True}, sweep=WIDE),
+        Method("SVFit", "svfit", {}, sweep=HIGH),
+    )
+}  # fmt: skip
+
+# NoRA's variants for the ablation: what makes its learning-rate optimum wide.
+ABLATION = {
+    "NoRA (defaults)": {},
+    "alpha/sqrt(r) (rsLoRA scale)": {"use_rslora": True},
+    "placement out (B_o = U Σ)": {"placement": "out"},
+    "placement none (B_o = U, A_o = Vᵀ)": {"placement": "none"},
+    "inner init randn": {"inner_init": "randn"},
+    "outer r=64": {"r": 64},
+    "outer r=256": {"r": 256},
+    "authors' core (diag, orthogonal)": {"inner_core": "diag", "inner_init": "orthogonal"},
+}
+ABLATION_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A GLUE task's files and its training budget (the same for every method)."""
+
+    name: str
+    folder: Path
+    metrics: tuple[str, ...]  # GLUE's metric(s), the first is the headline
+    regression: bool = False
+    max_examples: int | None = None  # the first N training rows (None: all)
+    epochs: float = 2.0
+    batch_size: int = 16
+    max_length: int = 128
+
+    @property
+    def train(self) -> Path:
+        return self.folder / "train.tsv"
+
+    @property
+    def dev(self) -> Path:
+        return next(p for p in (self.folder / "dev.tsv", self.folder / "dev_matched.tsv") if p.is_file())
+
+
+_METRICS = {"MRPC": ("f1", "acc"), "QQP": ("f1", "acc"), "CoLA": ("mcc",), "STS-B": ("pearson", "spearman")}
+
+
+def glue_task(folder: Path, quick: bool = False) -> Task:
+    name = folder.name
+    if quick:
+        folder = _head_of(folder)
+    for needed in ("train.tsv",):
+        if not (folder / needed).is_file():
+            sys.exit(f"--task-dir {folder}: no {needed}; a GLUE folder holds train.tsv and dev.tsv (GLUE's columns).")
+    if not any((folder / f).is_file() for f in ("dev.tsv", "dev_matched.tsv")):
+        sys.exit(f"--task-dir {folder}: no dev.tsv (or dev_matched.tsv) to score on.")
+    regression = name.upper() in ("STS-B", "STSB")
+    budget: dict[str, Any] = {
+        "SST-2": dict(max_examples=4000, epochs=1.0, batch_size=16, max_length=64),
+        "CoLA": dict(epochs=2.0, batch_size=32, max_length=64),
+        "MRPC": dict(epochs=2.0, batch_size=16, max_length=128),
+    }.get(name, {})
+    if quick:
+        budget = dict(max_examples=48, epochs=1.0, batch_size=16, max_length=64)
+    metrics = _METRICS.get(name, ("pearson", "spearman") if regression else ("acc",))
+    return Task(name, folder, metrics, regression, **budget)
+
+
+def _head_of(folder: Path, rows: int = 48) -> Path:
+    """A copy of the task's folder with the first `rows` records of each file (the header kept where it has one),
+    under the same folder name, so the layout is still read from it."""
+    from nora.datafiles import GLUE_LAYOUTS
+
+    layout = GLUE_LAYOUTS.get(folder.name)
+    header = 0 if layout is not None and layout.columns is not None else 1
+    copy = Path(tempfile.mkdtemp(prefix="nora-glue-quick-")) / folder.name
+    copy.mkdir()
+    for file in folder.glob("*.tsv"):
+        lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        (copy / file.name).write_text("".join(lines[: header + rows]), encoding="utf-8")
+    return copy
+
+
+def run_key(task: Task, method: str, lr: float, seed: int, variant: str = "") -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in f"{method}{'-' + variant if variant else ''}").strip("-")
+    return f"{task.name}__{slug}__lr{lr:g}__s{seed}"
+
+
+def run_one(task: Task, method: Method, seed: int, lr: float, overrides: dict, variant: str, out: Path,
+            basis_cache: Path, quick: bool) -> dict[str, Any]:  # fmt: skip
+    """Train one configuration (or read it, if it finished before) and return its record."""
+    key = run_key(task, method.name, lr, seed, variant)
+    from nora.demo import minilm_dir
+    from nora.training import TrainConfig, train
+
+    path = out / "runs" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    adapter = {**method.adapter, **overrides}
+    if adapter.pop("authors", False):
+        adapter = {**_authors(), **adapter}
+    adapter.setdefault("basis_cache_dir", str(basis_cache))  # each SVD once, not once per run
+    work = Path(tempfile.mkdtemp(prefix="nora-glue-"))
+    try:
+        config = TrainConfig(
+            model=str(minilm_dir()), task="regression" if task.regression else "seq-cls", data=str(task.train),
+            eval_data=str(task.dev), method=method.method, adapter=adapter, learning_rate=lr, seed=seed,
+            max_examples=task.max_examples, epochs=task.epochs, max_steps=3 if quick else None,
+            batch_size=task.batch_size, max_length=task.max_length, group_by_length=True, warmup_ratio=0.06,
+            output_dir=str(work / "run"), logging_steps=50, overwrite=True, plot=False, progress=False,
+        )  # fmt: skip
+        summary = train(config).summary
+        resolved = json.loads((work / "run" / "train_config.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a full fine-tuning "adapter" is the whole encoder
+    record = {
+        "key": key, "task": task.name, "method": method.name, "seed": seed, "lr": resolved["learning_rate"],
+        "overrides": overrides, "variant": variant, "metrics": {m: summary.get(f"eval_{m}") for m in task.metrics},
+        "initial": {m: summary.get(f"initial_eval_{m}") for m in task.metrics},
+        "adapter_params": summary["trainable_params"] - summary["head_params"],
+        "trainable_params": summary["trainable_params"], "head_params": summary["head_params"],
+        "steps": summary["steps"], "examples": summary["examples"], "wall_time_s": summary["wall_time_s"],
+        "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
+        "eval_loss": summary.get("eval_loss"), "adapter_config": resolved["adapter"],
+        "budget": {"epochs": task.epochs, "batch_size": task.batch_size, "max_length": task.max_length,
+                   "max_examples": task.max_examples},
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record
+
+
+def _print(record: dict[str, Any]) -> None:
+    scores = "  ".join(f"{m} {_pct(v)}" for m, v in record["metrics"].items())
+    print(f"{record['task']:6s} {record['method']:16s} seed {record['seed']} lr {record['lr']:<7g} {scores}  "
+          f"loss {record['first_loss']:.3f}→{record['final_loss']:.3f}  adapter {record['adapter_params']:,}  "
+          f"{record['wall_time_s']:.0f} s", flush=True)  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def _records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table_rows(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """Per method and task: the headline metric's mean ± std over seeds (defaults only: no lr or field override)."""
+    summary: dict[str, Any] = {}
+    defaults = {m.name: m.default_lr for m in METHODS.values()}
+    for r in records:
+        if r["overrides"] or r["variant"] or not math.isclose(r["lr"], defaults.get(r["method"], math.nan)):
+            continue  # the table is each method at its defaults; other runs belong to the sweep
+        cell = summary.setdefault(r["method"], {}).setdefault(r["task"], {"runs": []})
+        cell["runs"].append(r)
+    for cells in summary.values():
+        for cell in cells.values():
+            runs = cell.pop("runs")
+            metric_names = list(runs[0]["metrics"])
+            cell["seeds"] = sorted(r["seed"] for r in runs)
+            for m in metric_names:
+                values = [r["metrics"][m] for r in runs if r["metrics"][m] is not None]
+                if values:
+                    cell[m] = dict(zip(("mean", "std"), _mean_std(values), strict=True))
+            cell["headline"], cell["metrics"] = metric_names[0], metric_names
+            cell["adapter_params"] = runs[0]["adapter_params"]
+            cell["trainable_params"] = runs[0]["trainable_params"]
+            cell["wall_time_s"] = statistics.fmean(r["wall_time_s"] for r in runs)
+            cell["lr"] = runs[0]["lr"]
+    return {m: summary[m] for m in METHODS if m in summary} | {m: v for m, v in summary.items() if m not in METHODS}
+
+
+def markdown_table(summary: dict[str, Any], tasks: list[str]) -> str:
+    head = ["method", "lr"]
+    for t in tasks:
+        head.append(f"{t} ({_metric_of(summary, t)})")
+    head += ["adapter params", "with head", "wall time × LoRA"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lora_wall = {t: summary.get("LoRA", {}).get(t, {}).get("wall_time_s") for t in tasks}
+    for method, cells in summary.items():
+        row = [method, f"{next(iter(cells.values()))['lr']:g}"]
+        for t in tasks:
+            c = cells.get(t)
+            if c is None or c["headline"] not in c:
+                row.append("–")
+                continue
+            m = c[c["headline"]]
+            cell = f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"
+            cell += "".join(f" / {100 * c[k]['mean']:.1f}" for k in c["metrics"][1:] if k in c)
+            row.append(f"{cell} ({len(c['seeds'])})")
+        first = next(iter(cells.values()))
+        row += [f"{first['adapter_params']:,}", f"{first['trainable_params']:,}"]
+        ratios = [cells[t]["wall_time_s"] / lora_wall[t] for t in tasks if t in cells and lora_wall.get(t)]
+        row.append(f"{statistics.fmean(ratios):.2f}" if ratios else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+_NAMES = {"acc": "accuracy", "f1": "F1", "mcc": "Matthews corr.", "pearson": "Pearson", "spearman": "Spearman"}
+
+
+def _metric_of(summary: dict[str, Any], task: str) -> str:
+    for cells in summary.values():
+        if task in cells:
+            return " / ".join(_NAMES.get(m, m) for m in cells[task]["metrics"])
+    return "?"
+
+
+def sweep_rows(records: list[dict[str, Any]], kind: str) -> dict[str, dict[str, dict[float, float]]]:
+    """task → series name → {lr: headline metric} for the sweep (kind "sweep") or the ablation ("ablation")."""
+    out: dict[str, dict[str, dict[float, float]]] = {}
+    for r in records:
+        if r["seed"] != 0:
+            continue
+        if (kind == "ablation") != bool(r["variant"]):
+            continue
+        name = r["variant"] or r["method"]
+        headline = next(iter(r["metrics"].values()))
+        out.setdefault(r["task"], {}).setdefault(name, {})[r["lr"]] = math.nan if headline is None else headline
+    swept = {t: {n: p for n, p in series.items() if len(p) > 1} for t, series in out.items()}
+    return {t: series for t, series in swept.items() if series}  # a series of one lr is a table run, not a sweep
+
+
+def markdown_sweep(rows: dict[str, dict[str, dict[float, float]]]) -> str:
+    parts = []
+    for task, series in rows.items():
+        lrs = sorted({lr for s in series.values() for lr in s})
+        lines = [f"**{task}**", "", "| | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|" + "---|" * (len(lrs) + 1)]
+        for name, points in series.items():
+            best = max((v for v in points.values() if not math.isnan(v)), default=None)
+            cells = []
+            for lr in lrs:
+                v = points.get(lr)
+                text = "" if v is None else _pct(v)
+                cells.append(f"**{text}**" if v is not None and v == best else text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def plot_sweep(rows: dict[str, dict[str, dict[float, float]]], path: Path, title: str) -> Path | None:
+    if not rows:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.4 * len(rows), 4.0))
+    FigureCanvasAgg(fig)
+    for i, (task, series) in enumerate(rows.items()):
+        ax = fig.add_subplot(1, len(rows), i + 1)
+        for name, points in series.items():
+            lrs = sorted(points)
+            ax.plot(lrs, [100 * points[lr] for lr in lrs], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("dev metric (%)")
+        ax.set_title(f"{task}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def report(out: Path, tasks: list[str]) -> dict[str, Any]:
+    records = _records(out)
+    summary = table_rows(records, tasks)
+    sweep, ablation = sweep_rows(records, "sweep"), sweep_rows(records, "ablation")
+    payload = {"table": summary, "sweep": _json_keys(sweep), "ablation": _json_keys(ablation), "runs": len(records)}
+    (out / "glue.json").write_text(json.dumps(payload, indent=1))
+    md = ["## Defaults, mean ± std over seeds (count)", "", markdown_table(summary, tasks)]
+    if sweep:
+        md += ["", "## Learning-rate sweep (seed 0; bold: each method's best)", "", markdown_sweep(sweep)]
+        plot_sweep(sweep, out / "lr_sweep.png", "methods")
+    if ablation:
+        md += ["", "## NoRA ablation (seed 0)", "", markdown_sweep(ablation)]
+        plot_sweep(ablation, out / "nora_ablation.png", "NoRA variants")
+    (out / "glue.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return payload
+
+
+def _json_keys(rows: dict[str, dict[str, dict[float, float]]]) -> dict:
+    return {t: {n: {f"{lr:g}": v for lr, v in p.items()} for n, p in s.items()} for t, s in rows.items()}
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("table", "sweep", "ablation", "report"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "glue")
+    parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--tasks", default=None, help="comma-separated (default: SST-2,MRPC,CoLA; sweep: SST-2,CoLA)")
+    parser.add_argument("--task-dir", type=Path, action="append", default=[], help="another GLUE-format folder")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--basis-cache", type=Path, default=Path.home() / ".cache" / "nora" / "glue-bases")
+    parser.add_argument("--quick", action="store_true", help="48 examples, 3 steps, seed 0: an end-to-end check")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    default_tasks = "SST-2,CoLA" if args.mode in ("sweep", "ablation") else "SST-2,MRPC,CoLA"
+    names = [t for t in (args.tasks or default_tasks).split(",") if t]
+    tasks = [glue_task(args.data_dir / n, args.quick) for n in names] + [
+        glue_task(d, args.quick) for d in args.task_dir
+    ]
+    if args.mode == "report":
+        return report(args.out, [t.name for t in tasks])
+    methods = [METHODS[m] for m in args.methods.split(",")]
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    start = time.perf_counter()
+    for task in tasks:
+        for method in methods:
+            if args.mode == "table":
+                jobs = [(seed, method.default_lr, {}, "") for seed in seeds]
+            elif args.mode == "sweep":
+                lrs = method.sweep[:2] if args.quick else method.sweep
+                jobs = [(0, lr, {}, "") for lr in lrs]
+            else:
+                if method.method != "nora" or method.adapter:
+                    continue
+                variants = list(ABLATION.items())[:2] if args.quick else ABLATION.items()
+                lrs = ABLATION_LRS[:1] if args.quick else ABLATION_LRS
+                jobs = [(0, lr, fields, name) for name, fields in variants for lr in lrs]
+            for seed, lr, fields, variant in jobs:
+                _print(run_one(task, method, seed, lr, fields, variant, args.out, args.basis_cache, args.quick))
+    print(f"finished in {time.perf_counter() - start:.0f} s", flush=True)
+    return report(args.out, [t.name for t in tasks])
+
+
+if __name__ == "__main__":
+    main()
