@@ -71,6 +71,46 @@ def test_dora():
     np.testing.assert_allclose(y, x @ W.T + b, rtol=1e-10, atol=1e-12)
 
 
+def test_dora_dropout_is_one_mask_on_the_adapter_path():
+    base = _linear()
+    W0, b = base[0].weight.detach().numpy().copy(), base[0].bias.detach().numpy().copy()
+    model = nora.get_peft_model(base, nora.DoraConfig(r=3, alpha=6, dropout=0.5, target_modules=["0"])).train()
+    p = _perturb(model)
+    x = torch.randn(5, K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    y = model(x).detach().numpy()
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, 0.5, True).numpy()  # the one mask the layer draws
+    V = W0 + 2 * p["lora_B"] @ p["lora_A"]
+    factor = p["magnitude"] / np.linalg.norm(V, axis=1)
+    # PEFT's DoRA forward: the base output sees x; the rescaled base term and the LoRA path see dropout(x)
+    lora = 2 * dropped @ (p["lora_B"] @ p["lora_A"]).T
+    expected = x.numpy() @ W0.T + b + (factor - 1) * (dropped @ W0.T) + factor * lora
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dora_training_forward_with_dropout_equals_peft():
+    import copy
+
+    import peft
+
+    base = _linear()
+    config = peft.LoraConfig(r=3, lora_alpha=6, use_dora=True, lora_dropout=0.5, target_modules=["0"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).train()
+    ours = nora.get_peft_model(base, nora.DoraConfig(r=3, alpha=6, dropout=0.5, target_modules=["0"])).train()
+    layer, core = theirs.base_model.model[0], ours.model[0].adapters["default"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(2))
+        core["lora_A"].copy_(layer.lora_A["default"].weight)
+        core["lora_B"].copy_(layer.lora_B["default"].weight)
+        core["magnitude"].copy_(layer.lora_magnitude_vector["default"].weight)
+    x = torch.randn(5, K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    expected = theirs(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("core_init", ["normal", "zeros"])
 def test_lora_xs(core_init):
     cfg = nora.LoraXSConfig(r=4, alpha=8, core_init=core_init, target_modules=["0"], **SVD64)

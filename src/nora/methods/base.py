@@ -113,7 +113,8 @@ class Variant(ABC):
         W: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The layer's output with this adapter applied, given the base layer's output."""
+        """The layer's output with this adapter applied, given the base layer's output; `x` is the layer's input
+        with the adapter's dropout already applied (the base output saw it without)."""
 
     @abstractmethod
     def merge(self, method: Method, core: AdapterCore, W: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -34,8 +34,11 @@ class DoraVariant(Variant):
 
     def forward(self, method, core, x, base_out, W, bias):
         factor = self._factor(method, core, W).to(x.dtype)
-        base_nobias = base_out if bias is None else base_out - bias
-        lora = terms_apply(method.terms(core, None), core.dropout(x))
+        if core.training and core.config.dropout > 0:  # as PEFT: the rescaled base term sees the dropped-out x too
+            base_nobias = x @ W.to(x.dtype).T
+        else:
+            base_nobias = base_out if bias is None else base_out - bias
+        lora = terms_apply(method.terms(core, None), x)  # x arrives with the adapter's dropout applied
         return base_out + ((factor - 1) * base_nobias + factor * lora).to(base_out.dtype)
 
     def merge(self, method, core, W):
