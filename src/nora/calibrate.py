@@ -1,4 +1,5 @@
-"""Activation-aware SVD (AwSVD): per-input-channel scales a_j = mean_tokens |x_j| ^ p from calibration batches."""
+"""Activation-aware SVD (AwSVD): per-input-channel scales a_j = mean_tokens |x_j| ^ p from calibration batches (for
+a Conv2d, per column of its kernel matrix: the mean over input patches)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from .errors import AdapterError
 from .inject import find_targets
-from .layer import AdapterLayer
+from .layer import AdapterLayer, conv_patches
 
 
 @torch.no_grad()
@@ -35,6 +36,8 @@ def calibrate(
     def hook(name: str):
         def fn(module, args, kwargs=None):
             x = args[0].detach()
+            if isinstance(module, nn.Conv2d):  # the kernel matrix's inputs are the patches, (in·kh·kw) each
+                x = conv_patches(module, x)
             flat = x.reshape(-1, x.shape[-1]).abs().to(torch.float64)
             sums[name] = sums.get(name, 0) + flat.sum(0)
             counts[name] += flat.shape[0]

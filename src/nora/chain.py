@@ -105,14 +105,14 @@ def _ordered_apply(chain: Chain, x: torch.Tensor) -> torch.Tensor:
     return y.T.reshape(*lead, y.shape[0])
 
 
-def _scaled(y: torch.Tensor, coef: float | torch.Tensor) -> torch.Tensor:
+def scaled(y: torch.Tensor, coef: float | torch.Tensor) -> torch.Tensor:
     return y if isinstance(coef, float | int) and coef == 1.0 else y * coef
 
 
 def terms_apply(terms: list[Term], x: torch.Tensor) -> torch.Tensor:
     out = None
     for term in terms:
-        y = _scaled(chain_apply(term.chain, x), term.coef)
+        y = scaled(chain_apply(term.chain, x), term.coef)
         out = y if out is None else out + y
     assert out is not None
     return out
@@ -127,7 +127,7 @@ def terms_add(out: torch.Tensor, terms: list[Term], x: torch.Tensor) -> torch.Te
     for term in terms:
         chain = term.chain
         if len(chain) < 2 or chain[0].dim() != 2 or not isinstance(term.coef, float | int):
-            acc = acc + _scaled(chain_apply(chain, x), term.coef).reshape(-1, d).to(acc.dtype)
+            acc = acc + scaled(chain_apply(chain, x), term.coef).reshape(-1, d).to(acc.dtype)
             continue
         h = chain_apply(chain[1:], x).reshape(-1, chain[0].shape[1]).to(acc.dtype)
         acc = torch.addmm(acc, h, chain[0].to(acc.dtype).T, alpha=term.coef)

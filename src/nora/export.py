@@ -41,6 +41,10 @@ def _task_type(model) -> str | None:
     return None
 
 
+def _peft_conv_differs(conv: torch.nn.Conv2d) -> bool:
+    return conv.padding_mode != "zeros" or any(d != 1 for d in conv.dilation)
+
+
 def _target_names(names: list[str], all_names: list[str]) -> list[str]:
     """Short suffixes (q_proj, …) when they select exactly these modules, else the full paths."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -66,15 +70,32 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     ranks: dict[str, int] = {}
     transposed = False
     layers = model.layers()
+    unexportable = [
+        n
+        for n, lay in layers.items()
+        if adapter_name in lay.adapters and lay.is_conv and _peft_conv_differs(lay.base_layer)
+    ]
+    if unexportable:
+        raise AdapterError(
+            f"adapter {adapter_name!r} adapts Conv2d layers with dilation or a padding mode other than zeros "
+            f"({unexportable[:3]}); PEFT's Conv2d LoRA builds its convolution from kernel size, stride and padding "
+            "alone, so an export would not reproduce them. Merge the adapter instead (merge_and_unload), or leave "
+            "those layers out of target_modules."
+        )
     for lname, layer in layers.items():
         if adapter_name not in layer.adapters:
             continue
         core = layer.adapters[adapter_name]
         B, A = terms_lora_pair(detached(layer.terms(core), torch.float64))
         dtype = layer.base_weight().dtype if layer.base_weight().dtype != torch.float64 else torch.float32
+        if layer.is_conv:  # PEFT's Conv2d LoRA: A a kernel of the layer's shape, B a 1×1 convolution
+            A = A.reshape(A.shape[0], *layer.weight.shape[1:])
+            B = B.reshape(*B.shape, 1, 1)
         tensors[f"{_PREFIX}{lname}.lora_A.weight"] = A.to(dtype).contiguous()
         tensors[f"{_PREFIX}{lname}.lora_B.weight"] = B.to(dtype).contiguous()
         for suffix, t in method.peft_tensors(core).items():
+            if layer.is_conv and t.dim() == 1:
+                t = t.reshape(1, -1, 1, 1)  # PEFT keeps a Conv2d's per-output-channel vectors (DoRA's m) as 1×d×1×1
             tensors[f"{_PREFIX}{lname}.{suffix}"] = t.detach().to(dtype)
         ranks[lname] = A.shape[0]
         transposed |= layer.transposed

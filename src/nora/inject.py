@@ -1,15 +1,16 @@
-"""Choosing target modules by name, regex or "all-linear", and swapping them for AdapterLayers."""
+"""Choosing target modules by name, regex, "all-linear" or "all-conv", and swapping them for AdapterLayers."""
 
 from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from .errors import AdapterError
-from .layer import AdapterLayer, is_adaptable
+from .layer import AdapterLayer, is_adaptable, is_grouped_conv
 from .slots import active_plan
 
 
@@ -48,25 +49,42 @@ def find_targets(
     exclude_modules: str | list[str] | None = None,
     modules_to_save: list[str] | None = None,
 ) -> list[str]:
-    """Names of the adaptable modules a config selects; `"all-linear"` never takes the output head."""
+    """Names of the adaptable modules a config selects: names, a regex, `"all-linear"` (every nn.Linear / Conv1D
+    but the output head) or `"all-conv"` (every nn.Conv2d with groups=1). Grouped and depthwise convolutions take
+    no adapter: named explicitly they are refused, under "all-conv" skipped with a warning saying why."""
     heads = output_head_names(model)
-    names = []
+    names, grouped = [], []
     for name, module in model.named_modules():
         base = module.base_layer if isinstance(module, AdapterLayer) else module
-        if not is_adaptable(base) or name.endswith(".base_layer") or _inside_copy(model, name):
+        if name.endswith(".base_layer") or _inside_copy(model, name) or _matches(name, exclude_modules):
             continue
-        if target_modules == "all-linear":
-            chosen = name not in heads and not _within(name, modules_to_save)
+        if is_grouped_conv(base):
+            if target_modules == "all-conv":
+                grouped.append(name)
+            elif target_modules not in ("all-linear", "all-conv") and _matches(name, target_modules):
+                AdapterLayer(base, name)  # raises, saying why
+            continue
+        if not is_adaptable(base):
+            continue
+        if target_modules in ("all-linear", "all-conv"):
+            wanted = isinstance(base, nn.Conv2d) == (target_modules == "all-conv")
+            chosen = wanted and name not in heads and not _within(name, modules_to_save)
         else:
             chosen = _matches(name, target_modules)
-        if chosen and not _matches(name, exclude_modules):
+        if chosen:
             names.append(name)
+    if grouped:
+        warnings.warn(
+            f"all-conv leaves {len(grouped)} grouped/depthwise Conv2d layer(s) alone (e.g. {grouped[0]}): their "
+            "weights are separate blocks, not one matrix, so a low-rank update of them is not exact.",
+            stacklevel=3,
+        )
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)})
         raise AdapterError(
-            f"target_modules={target_modules!r} matches no nn.Linear/Conv1D module of this model. "
-            f"Its linear modules end in: {linear[:30]}. Use some of those names, a regex that fully matches "
-            "module paths, or 'all-linear'."
+            f"target_modules={target_modules!r} matches no nn.Linear/Conv1D/Conv2d module of this model. "
+            f"Its adaptable modules end in: {linear[:30]}. Use some of those names, a regex that fully matches "
+            "module paths, 'all-linear' or 'all-conv'."
         )
     return names
 

@@ -1,4 +1,5 @@
-"""AdapterLayer: wraps one nn.Linear (or transformers' Conv1D) and holds any number of named adapters.
+"""AdapterLayer: wraps one nn.Linear (or transformers' Conv1D, or an nn.Conv2d) and holds any number of named
+adapters. A Conv2d's update lives on its out × (in·kh·kw) kernel matrix and is applied as a convolution.
 
 Outer bases are kept apart from adapters (`bases` keyed by fingerprint, `adapters` by name), so adapters of the
 same method and rank share one basis. Inference-only adapters loaded from files live in `banks` instead: one row
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .basis import OuterBasis, SVDRequest, basis_fingerprint, compute_factors, make_basis, svd_key
-from .chain import Term, terms_add, terms_apply_rows, terms_product
+from .chain import Term, scaled, terms_add, terms_apply, terms_apply_rows, terms_product
 from .config import AdapterConfig
 from .errors import AdapterError
 from .methods import AdapterCore, Method
@@ -44,15 +45,53 @@ def conv1d_type() -> type | None:
 
 def is_adaptable(module: nn.Module) -> bool:
     conv = conv1d_type()
-    return isinstance(module, nn.Linear) or (conv is not None and isinstance(module, conv))
+    return (
+        isinstance(module, nn.Linear)
+        or (conv is not None and isinstance(module, conv))
+        or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    )
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped or depthwise Conv2d: its weight is `groups` separate blocks, not one out × (in·kh·kw) matrix, so
+    a low-rank update of "the" weight is not defined; nora leaves such layers alone."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1
 
 
 def oriented_weight(module: nn.Module) -> torch.Tensor:
-    """A Linear's or Conv1D's weight as d × k (out × in)."""
+    """A Linear's or Conv1D's weight as d × k (out × in); a Conv2d's as out × (in·kh·kw), a view of the kernel."""
     if isinstance(module, AdapterLayer):
         return module.base_weight()
     conv = conv1d_type()
-    return module.weight.T if conv is not None and isinstance(module, conv) else module.weight
+    if conv is not None and isinstance(module, conv):
+        return module.weight.T
+    if isinstance(module, nn.Conv2d):
+        return module.weight.view(module.weight.shape[0], -1)
+    return module.weight
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input patches a Conv2d multiplies its kernel matrix with: (N, L, in·kh·kw), in the kernel's order."""
+    if conv.padding_mode != "zeros":
+        x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    else:
+        padding = conv.padding
+    if isinstance(padding, str):
+        raise AdapterError(f"a Conv2d with padding={padding!r}: calibrate with padding given as numbers.")
+    cols = nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    return cols.transpose(1, 2)
+
+
+def _split_last(term: Term) -> tuple[torch.Tensor, Term | None]:
+    """The chain's input-side factor (what a convolution applies to patches), and the term without it (None when
+    nothing is left: the factor was ΔW itself)."""
+    if term.right:
+        rest = Term(term.coef, term.core, term.left, term.right[:-1])
+        return term.right[-1], rest
+    if len(term.chain) == 1:
+        return term.core[-1], None
+    return term.core[-1], Term(term.coef, term.core[:-1], term.left, [])
 
 
 def _param_dtype(w: torch.dtype) -> torch.dtype:
@@ -63,12 +102,19 @@ def _param_dtype(w: torch.dtype) -> torch.dtype:
 class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
         super().__init__()
+        if is_grouped_conv(base_layer):
+            raise AdapterError(
+                f"{name}: a Conv2d with groups={base_layer.groups} (grouped or depthwise) takes no adapter: its weight "
+                "is separate blocks, not one matrix, so a low-rank update of it is not exact. Leave it out of "
+                "target_modules (or add it to exclude_modules)."
+            )
         if not is_adaptable(base_layer):
-            raise AdapterError(f"{name}: {type(base_layer).__name__} is not an nn.Linear or Conv1D.")
+            raise AdapterError(f"{name}: {type(base_layer).__name__} is not an nn.Linear, Conv1D or Conv2d.")
         self.base_layer = base_layer
         self.module_name = name
         conv = conv1d_type()
         self.transposed = conv is not None and isinstance(base_layer, conv)
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
         self.bases = nn.ModuleDict()
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
@@ -235,9 +281,49 @@ class AdapterLayer(nn.Module):
     def _with_adapter(self, core: AdapterCore, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The output with one adapter applied: the training and single-adapter path."""
         variant = core.method.variant
+        if self.is_conv:
+            if variant is not None:  # the variant works channel-last, as on a Linear's output
+                last = variant.forward(
+                    core.method, core, core.dropout(x), out.movedim(1, -1), self.base_weight(), self.bias,
+                    self.conv_apply,
+                )  # fmt: skip
+                return last.movedim(-1, 1)
+            return out + self.conv_apply(self.terms(core), core.dropout(x)).movedim(-1, 1).to(out.dtype)
         if variant is not None:
-            return variant.forward(core.method, core, core.dropout(x), out, self.base_weight(), self.bias)
+            return variant.forward(core.method, core, core.dropout(x), out, self.base_weight(), self.bias, terms_apply)
         return terms_add(out, self.terms(core), core.dropout(x))
+
+    def conv_apply(self, terms: list[Term], x: torch.Tensor) -> torch.Tensor:
+        """ΔW applied as this Conv2d applies its kernel, channel-last (N, H', W', out): each chain's input-side
+        factor runs as a convolution with the layer's stride, padding and dilation (its rows a kernel of the layer's
+        shape), the rest of the chain as a matrix chain over the channels. Exact: a convolution is its kernel matrix
+        times the input patches."""
+        conv = self.base_layer
+        total = None
+        for term in terms:
+            first, rest = _split_last(term)
+            kernel = first.to(x.dtype).reshape(first.shape[0], *conv.weight.shape[1:])
+            h = conv._conv_forward(x, kernel, None).movedim(1, -1)
+            y = scaled(h, term.coef) if rest is None else terms_apply([rest], h)
+            total = y if total is None else total + y
+        assert total is not None
+        return total
+
+    def _conv_rows(self, terms: list[Term], x: torch.Tensor) -> torch.Tensor:
+        """terms_apply_rows for a Conv2d: the shared input-side factor of each chain as one convolution over all
+        rows, the rest per row. (N, out, H', W')."""
+        conv = self.base_layer
+        total = None
+        for term in terms:
+            if not term.right:
+                raise AdapterError(f"{self.module_name}: a per-row adapter on a Conv2d needs a frozen input factor.")
+            first, rest = _split_last(term)
+            kernel = first.to(x.dtype).reshape(first.shape[0], *conv.weight.shape[1:])
+            h = conv._conv_forward(x, kernel, None).movedim(1, -1)
+            y = terms_apply_rows([rest], h) if rest is not None else h
+            total = y if total is None else total + y
+        assert total is not None
+        return total.movedim(-1, 1)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         if self.merged_adapters:
@@ -255,7 +341,7 @@ class AdapterLayer(nn.Module):
         groups = {n: rows for n, rows in plan.module_groups(expand).items() if n in self.adapters}
         for name, rows in groups.items():
             core = self.adapters[name]
-            if torch.is_grad_enabled() or core.method.variant is not None:  # each adapter on its own rows
+            if torch.is_grad_enabled() or core.method.variant is not None or self.is_conv:  # each on its own rows
                 index = torch.tensor(rows, device=x.device)
                 applied = self._with_adapter(core, x.index_select(0, index), out.index_select(0, index))
                 out = out.index_copy(0, index, applied.to(out.dtype))
@@ -279,7 +365,8 @@ class AdapterLayer(nn.Module):
         evaluated on all of them at once. `index` None: every row of the batch, in order."""
         xs = x if index is None else x.index_select(0, index)
         basis = self.bases[stack.basis_key] if stack.basis_key else None
-        delta = terms_apply_rows(stack.method.terms(stack.view(slots), basis), xs).to(out.dtype)
+        terms = stack.method.terms(stack.view(slots), basis)
+        delta = (self._conv_rows(terms, xs) if self.is_conv else terms_apply_rows(terms, xs)).to(out.dtype)
         return out + delta if index is None else out.index_add(0, index, delta)
 
     # ---- merging ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ Adding a method is one file defining a Method subclass (and its config) plus one
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -112,9 +113,12 @@ class Variant(ABC):
         base_out: torch.Tensor,
         W: torch.Tensor,
         bias: torch.Tensor | None,
+        apply: Callable[[list[Term], torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The layer's output with this adapter applied, given the base layer's output; `x` is the layer's input
-        with the adapter's dropout already applied (the base output saw it without)."""
+        with the adapter's dropout already applied (the base output saw it without). `apply(terms, x)` applies a
+        matrix (as terms) the way the layer applies its weight: a matmul, or a Conv2d's convolution; outputs, and
+        `base_out`, are channel-last."""
 
     @abstractmethod
     def merge(self, method: Method, core: AdapterCore, W: torch.Tensor) -> tuple[torch.Tensor, Any]:

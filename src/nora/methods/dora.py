@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..chain import terms_apply, terms_product
+from ..chain import Term, terms_product
 from ..config import AdapterConfig
 from .base import AdapterCore, Variant
 from .lora import LoRA
@@ -32,13 +32,13 @@ class DoraVariant(Variant):
         full = W.to(core["lora_A"].dtype) + terms_product(method.terms(core, None))
         return core["magnitude"] / full.norm(dim=1).detach()
 
-    def forward(self, method, core, x, base_out, W, bias):
-        factor = self._factor(method, core, W).to(x.dtype)
+    def forward(self, method, core, x, base_out, W, bias, apply):
+        factor = self._factor(method, core, W).to(base_out.dtype)
         if core.training and core.config.dropout > 0:  # as PEFT: the rescaled base term sees the dropped-out x too
-            base_nobias = x @ W.to(x.dtype).T
+            base_nobias = apply([Term(1.0, [W.to(x.dtype)])], x)
         else:
             base_nobias = base_out if bias is None else base_out - bias
-        lora = terms_apply(method.terms(core, None), x)  # x arrives with the adapter's dropout applied
+        lora = apply(method.terms(core, None), x)  # x arrives with the adapter's dropout applied
         return base_out + ((factor - 1) * base_nobias + factor * lora).to(base_out.dtype)
 
     def merge(self, method, core, W):
