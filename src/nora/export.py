@@ -42,7 +42,9 @@ def _task_type(model) -> str | None:
 
 
 def _peft_conv_differs(conv: torch.nn.Conv2d) -> bool:
-    return conv.padding_mode != "zeros" or any(d != 1 for d in conv.dilation)
+    """Whether PEFT's Conv2d LoRA (a plain Conv2d from kernel size, stride and padding) convolves differently."""
+    custom = type(conv).forward is not torch.nn.Conv2d.forward  # e.g. EfficientNet's static "same" padding
+    return custom or conv.padding_mode != "zeros" or any(d != 1 for d in conv.dilation)
 
 
 def _target_names(names: list[str], all_names: list[str]) -> list[str]:
@@ -77,10 +79,10 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     ]
     if unexportable:
         raise AdapterError(
-            f"adapter {adapter_name!r} adapts Conv2d layers with dilation or a padding mode other than zeros "
-            f"({unexportable[:3]}); PEFT's Conv2d LoRA builds its convolution from kernel size, stride and padding "
-            "alone, so an export would not reproduce them. Merge the adapter instead (merge_and_unload), or leave "
-            "those layers out of target_modules."
+            f"adapter {adapter_name!r} adapts Conv2d layers with dilation, a padding mode other than zeros or a "
+            f"forward of their own ({unexportable[:3]}); PEFT's Conv2d LoRA builds its convolution from kernel "
+            "size, stride and padding alone, so an export would not reproduce them. Merge the adapter instead "
+            "(merge_and_unload), or leave those layers out of target_modules."
         )
     for lname, layer in layers.items():
         if adapter_name not in layer.adapters:

@@ -72,6 +72,11 @@ def oriented_weight(module: nn.Module) -> torch.Tensor:
 
 def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The input patches a Conv2d multiplies its kernel matrix with: (N, L, in·kh·kw), in the kernel's order."""
+    if type(conv).forward is not nn.Conv2d.forward:
+        raise AdapterError(
+            f"{type(conv).__name__} has a forward of its own (e.g. its own padding), so the patches its kernel sees "
+            "are not known here: AwSVD calibration is not available for it (use awsvd=False)."
+        )
     if conv.padding_mode != "zeros":
         x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         padding = 0
@@ -298,28 +303,37 @@ class AdapterLayer(nn.Module):
         factor runs as a convolution with the layer's stride, padding and dilation (its rows a kernel of the layer's
         shape), the rest of the chain as a matrix chain over the channels. Exact: a convolution is its kernel matrix
         times the input patches."""
-        conv = self.base_layer
         total = None
         for term in terms:
             first, rest = _split_last(term)
-            kernel = first.to(x.dtype).reshape(first.shape[0], *conv.weight.shape[1:])
-            h = conv._conv_forward(x, kernel, None).movedim(1, -1)
+            h = self._convolve(x, first).movedim(1, -1)
             y = scaled(h, term.coef) if rest is None else terms_apply([rest], h)
             total = y if total is None else total + y
         assert total is not None
         return total
 
+    def _convolve(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x convolved as this layer convolves it, with the kernel whose flattened rows are `rows` (q × in·kh·kw)
+        and no bias: (N, q, H', W'). A Conv2d subclass with a forward of its own (e.g. static "same" padding, as
+        EfficientNet's) runs that forward with the kernel swapped in."""
+        conv = self.base_layer
+        kernel = rows.to(x.dtype).reshape(rows.shape[0], *conv.weight.shape[1:])
+        if type(conv).forward is nn.Conv2d.forward:
+            return conv._conv_forward(x, kernel, None)
+        swapped = {"weight": kernel}
+        if conv.bias is not None:
+            swapped["bias"] = kernel.new_zeros(rows.shape[0])
+        return torch.func.functional_call(conv, swapped, (x,))
+
     def _conv_rows(self, terms: list[Term], x: torch.Tensor) -> torch.Tensor:
         """terms_apply_rows for a Conv2d: the shared input-side factor of each chain as one convolution over all
         rows, the rest per row. (N, out, H', W')."""
-        conv = self.base_layer
         total = None
         for term in terms:
             if not term.right:
                 raise AdapterError(f"{self.module_name}: a per-row adapter on a Conv2d needs a frozen input factor.")
             first, rest = _split_last(term)
-            kernel = first.to(x.dtype).reshape(first.shape[0], *conv.weight.shape[1:])
-            h = conv._conv_forward(x, kernel, None).movedim(1, -1)
+            h = self._convolve(x, first).movedim(1, -1)
             y = terms_apply_rows([rest], h) if rest is not None else h
             total = y if total is None else total + y
         assert total is not None
