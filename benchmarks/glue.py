@@ -79,13 +79,13 @@ METHODS = {
 
 # NoRA's variants for the ablation: what makes its learning-rate optimum wide (and high). Its defaults' row is the
 # sweep's NoRA series.
-ABLATION = {
-    "alpha/sqrt(r) (rsLoRA scale)": {"use_rslora": True},
-    "placement out (B_o = U Σ)": {"placement": "out"},
-    "placement none (B_o = U, A_o = Vᵀ)": {"placement": "none"},
-    "inner init randn": {"inner_init": "randn"},
+ABLATION = {  # most promising first: a stopped run has measured these
     "outer r = min(d, k) (full rank)": {"r": 1.0},
     "inner r' = 32": {"inner_r": 32},
+    "placement none (B_o = U, A_o = Vᵀ)": {"placement": "none"},
+    "placement out (B_o = U Σ)": {"placement": "out"},
+    "alpha/sqrt(r) (rsLoRA scale)": {"use_rslora": True},
+    "inner init randn": {"inner_init": "randn"},
     "authors' core (diag, orthogonal)": {"inner_core": "diag", "inner_init": "orthogonal"},
 }
 ABLATION_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
