@@ -121,14 +121,15 @@ def _hub_kwargs(name: str | Path) -> dict[str, Any]:
 
 def load_model(
     name: str,
-    task: Literal["causal", "seq-cls"] = "causal",
+    task: Literal["causal", "seq-cls", "image-cls"] = "causal",
     *,
     dtype: torch.dtype | Literal["auto"] | None = None,
     num_labels: int | None = None,
     gguf_file: str | None = None,
 ) -> nn.Module:
-    """The pretrained causal LM or sequence classifier at `name`. `dtype`: a torch dtype, "auto" (the checkpoint's)
-    or None (float32). A GGUF file is dequantised to float, so the model trains, merges and saves like any other."""
+    """The pretrained causal LM, sequence classifier or image classifier at `name`. `dtype`: a torch dtype, "auto"
+    (the checkpoint's) or None (float32). A GGUF file is dequantised to float, so the model trains, merges and
+    saves like any other."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = _hub_kwargs(name)
@@ -138,6 +139,13 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     if task == "seq-cls":
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kwargs)
+    elif task == "image-cls":
+        from transformers import AutoModelForImageClassification
+
+        # a new label set replaces the checkpoint's head (e.g. ImageNet's 1,000 classes)
+        model = AutoModelForImageClassification.from_pretrained(
+            name, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if gguf_file:  # no longer quantized, whatever the loader recorded

@@ -109,6 +109,10 @@ OPTIONS: tuple[CliOption, ...] = (
     ),
     CliOption("labels", str, "labels", Opt(help="Comma-separated label set, in id order (seq-cls).")),
     CliOption("max_examples", int, "max_examples", Opt(help="Use only the first N examples of --data.")),
+    CliOption("shots", int, "shots", Opt(help="image-cls: K seeded training images per class (few-shot).")),
+    CliOption(
+        "image_size", int, "image_size", Opt(help="image-cls: resize and centre-crop to N (models with no processor).")
+    ),
     CliOption("batch_size", int, "batch_size", Opt(help="Examples per device per micro-batch.")),
     CliOption(
         "group_by_length",

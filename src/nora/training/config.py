@@ -41,6 +41,8 @@ class TrainConfig:
     label_column: str | None = None  # default: `label` (or GLUE's own label column)
     labels: list[str] | None = None
     max_examples: int | None = None
+    shots: int | None = None  # image-cls: K seeded training images per class (the few-shot protocol)
+    image_size: int | None = None  # image-cls: stated transforms (resize, crop) for a model without an image processor
     # optimisation
     batch_size: int = 8
     group_by_length: bool = False  # each epoch's shuffled order sorted by length within chunks of 50 global batches
@@ -78,6 +80,7 @@ class TrainConfig:
         self._check_counts()
         self._check_optimisation()
         self._check_data_options()
+        self._check_images()
         self._check_parallelism()
         self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
@@ -97,7 +100,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
-        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit"):
+        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "shots", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
 
@@ -129,6 +132,14 @@ class TrainConfig:
         if not TASKS[self.task].has_label_set:
             classifiers = " or ".join(f"--task {name}" for name, task in TASKS.items() if task.has_label_set)
             raise AdapterError(f"labels fix a classifier's label set: they need {classifiers}.")
+
+    def _check_images(self) -> None:
+        images = self.task == "image-cls"
+        for name in ("shots", "image_size"):
+            if getattr(self, name) is not None and not images:
+                raise AdapterError(f"{name} is an option of --task image-cls, not of --task {self.task}.")
+        if images and self.group_by_length:
+            raise AdapterError("group_by_length batches texts by token count; images have no length: leave it off.")
 
     def _check_parallelism(self) -> None:
         if self.fsdp and self.precision == "fp16":

@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, Encoded, encode_causal, encode_classification, encode_regression, pad_inputs, pad_token_labels
+from .data import (
+    IGNORE,
+    Encoded,
+    encode_causal,
+    encode_classification,
+    encode_regression,
+    load_records,
+    pad_inputs,
+    pad_token_labels,
+)
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -50,6 +59,10 @@ class Task(ABC):
         metrics(records)        {}; evaluation metrics besides the loss, named without the `eval_` prefix
         head(labels)            None; what the adapter file records of the head it trains (`nora eval` reads it:
                                 {"task": "seq-cls", "labels": [...]} or {"task": "regression"})
+        read(config, source, train)   the data rows of `source` (default: nora.training.data.load_records)
+        load_processor(config)  what turns rows into model inputs (default: the model's tokenizer)
+        prepare(processor, model)     adjust the processor to the model (default: a pad token for text)
+        count_inputs(batch)     what the run counts as seen (default: the tokens of the attention mask)
     """
 
     name: ClassVar[str]
@@ -86,6 +99,24 @@ class Task(ABC):
 
     def head(self, labels: list[str] | None) -> dict[str, Any] | None:
         return None
+
+    def read(self, config: TrainConfig, source: str, train: bool) -> list[dict[str, Any]]:
+        rows = load_records(source)
+        return rows[: config.max_examples] if train and config.max_examples is not None else rows
+
+    def load_processor(self, config: TrainConfig) -> Any:
+        from ..pretrained import load_tokenizer
+
+        return load_tokenizer(config.model, config.gguf_file)
+
+    def prepare(self, processor: Any, model: nn.Module) -> None:
+        if processor.pad_token_id is None:
+            processor.pad_token = processor.eos_token or processor.unk_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = processor.pad_token_id
+
+    def count_inputs(self, batch: Batch) -> int:
+        return int(batch["attention_mask"].sum())
 
 
 class CausalLMTask(Task):
@@ -206,9 +237,82 @@ class RegressionTask(SequenceClassificationTask):
         return {"task": self.name}
 
 
+class ImageClassificationTask(Task):
+    """One class per image (training/images.py): an image folder or a path/label file, --shots K per class,
+    preprocessed by the model's image processor (or --image-size's stated transforms); top-1 and, with 10 or
+    more classes, top-5 accuracy. The run counts images where text tasks count tokens."""
+
+    name = "image-cls"
+    model_kind = "image-cls"
+    has_label_set = True
+    adapter_defaults = {"modules_to_save": ["classifier", "head", "fc", "_fc"]}  # the head, as models name it
+
+    def read(self, config: TrainConfig, source: str, train: bool) -> list[dict[str, Any]]:
+        from .images import draw_shots, image_rows
+
+        rows = image_rows(source)
+        if train and config.shots is not None:
+            rows = draw_shots(rows, config.shots, config.seed, source)
+        return rows[: config.max_examples] if train and config.max_examples is not None else rows
+
+    def load_processor(self, config: TrainConfig) -> Any:
+        from .images import load_image_processor
+
+        return load_image_processor(config.model, config.image_size)
+
+    def prepare(self, processor: Any, model: nn.Module) -> None:
+        return None
+
+    def encode(
+        self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
+    ) -> Encoded:
+        from .images import encode_images
+
+        label_set = list(labels) if labels is not None else sorted({r["label"] for r in rows})
+        return Encoded(encode_images(rows, tokenizer, label_set, source), labels=label_set)
+
+    def collate(self, examples: list[Example], pad_id: int) -> Batch:
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples]),
+        }
+
+    def count_targets(self, batch: Batch) -> int:
+        return batch["labels"].numel()
+
+    def count_inputs(self, batch: Batch) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
+        output = model(pixel_values=batch["pixel_values"])
+        logits = output.logits if hasattr(output, "logits") else output  # a plain torch image model returns logits
+        return Loss(F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / num_items, logits)
+
+    def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
+        config = getattr(model, "config", None)
+        if labels and config is not None:
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {label: i for i, label in enumerate(labels)}
+
+    def eval_records(self, batch: Batch, output: Any) -> list[tuple[int, list[int]]]:
+        top = output.float().topk(5 if output.shape[-1] >= 10 else 1, dim=-1).indices.tolist()  # top-5: ≥ 10 classes
+        return list(zip(batch["labels"].tolist(), top, strict=True))
+
+    def metrics(self, records: list[tuple[int, list[int]]]) -> dict[str, float]:
+        scores = {"acc": sum(gold == top[0] for gold, top in records) / len(records)}
+        if len(records[0][1]) >= 5:
+            scores["top5_acc"] = sum(gold in top for gold, top in records) / len(records)
+        return scores
+
+    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+        return {"task": self.name, "labels": list(labels or [])}
+
+
 def _inputs(batch: Batch) -> Batch:
     """What a classifier reads of a batch: its tokens, mask, and (BERT's text pairs) segment ids."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (CausalLMTask(), SequenceClassificationTask(), RegressionTask())}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (CausalLMTask(), SequenceClassificationTask(), RegressionTask(), ImageClassificationTask())
+}

@@ -44,7 +44,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .data import Encoded, load_records, split_eval
+from .data import Encoded, split_eval
 from .progress import ProgressBar
 from .tasks import TASKS
 
@@ -100,16 +100,8 @@ def _loading(name: str, load):
         raise TrainingError(f"cannot load model {name!r}: {str(e)[:500]}") from e
 
 
-def prepare_tokenizer(tokenizer, model: nn.Module) -> None:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def read_data(config: TrainConfig, source: str) -> list[dict[str, Any]]:
-    rows = load_records(source)
-    return rows[: config.max_examples] if config.max_examples is not None else rows
+def read_data(config: TrainConfig, source: str, train: bool = True) -> list[dict[str, Any]]:
+    return TASKS[config.task].read(config, source, train)
 
 
 def check_inputs(config: TrainConfig, model_given: bool) -> None:
@@ -192,10 +184,10 @@ class Run:
         self.task = TASKS[config.task]
         check_inputs(config, model is not None)
         train_rows = read_data(config, config.data)
-        eval_rows = read_data(config, config.eval_data) if config.eval_data else None
+        eval_rows = read_data(config, config.eval_data, train=False) if config.eval_data else None
         self._start_processes()
         if tokenizer is None:  # before the model: a classifier's head size comes from the data's label set
-            tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
+            tokenizer = _loading(config.model, lambda: self.task.load_processor(config))
         self.tokenizer = tokenizer
         self._build_data(train_rows, eval_rows)
         self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
@@ -244,7 +236,7 @@ class Run:
         if model is None:  # the tokenizer is loaded already
             model = load_base_model(self.config, num_labels=self.task.num_labels(self.labels))
         self.task.prepare_model(model, self.labels)
-        prepare_tokenizer(self.tokenizer, model)
+        self.task.prepare(self.tokenizer, model)
         self.adapted = get_peft_model(model.to(self.acc.device), self._adapter_config())
         for p in self.adapted.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -349,7 +341,7 @@ class Run:
         return [self._batch(mine[i : i + bs]) for i in range(0, len(mine), bs)]
 
     def _batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.task.collate(examples, self.tokenizer.pad_token_id)
+        batch = self.task.collate(examples, getattr(self.tokenizer, "pad_token_id", None) or 0)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
@@ -369,7 +361,7 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = torch.tensor([sum(int(b["attention_mask"].sum()) for b in batches)], device=self.acc.device)
+        tokens = torch.tensor([sum(self.task.count_inputs(b) for b in batches)], device=self.acc.device)
         self.tokens_seen += int(self.acc.gather(tokens).sum())
         self.step += 1
         return step_loss

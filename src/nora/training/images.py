@@ -1,0 +1,145 @@
+"""Image data for `--task image-cls`: an image-folder tree (`<split>/<class>/*.jpg`) or a CSV/JSONL of `path` +
+`label`; `--shots K` draws K seeded images per class (the few-shot protocol); preprocessing by the model's own
+image processor, or by stated transforms (resize, centre crop, ImageNet mean/std) where it has none.
+
+Every image is decoded and preprocessed once, when the run starts; an unreadable image, an empty class folder or a
+class with fewer images than --shots stops the run naming it, before the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..datafiles import Row, read_rows
+from ..errors import AdapterError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRANSFORMS_FILE = "nora_image_transforms.json"
+
+
+def image_rows(source: str) -> list[Row]:
+    """Rows of `path` and `label`: from a folder of class folders (the label is the folder's name), or from a
+    CSV/JSONL/JSON file whose relative paths are read from the file's folder."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        classes = sorted(p for p in path.iterdir() if p.is_dir())
+        if not classes:
+            raise AdapterError(
+                f"image folder {path} holds no class folders; lay it out as {path}/<class>/<image>.jpg, or give a "
+                "CSV/JSONL with path and label columns."
+            )
+        rows = []
+        for folder in classes:
+            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise AdapterError(
+                    f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or remove it."
+                )
+            rows += [Row({"path": str(p), "label": folder.name}, str(p)) for p in images]
+        return rows
+    if not path.is_file():
+        raise AdapterError(f"image data {source} does not exist; give an image folder or a CSV/JSONL file.")
+    rows = read_rows(path)
+    for row in rows:
+        for column in ("path", "label"):
+            if row.get(column) in (None, ""):
+                raise AdapterError(f"{row.where}: no {column!r}; each row needs the image path and its label.")
+        image = Path(str(row["path"])).expanduser()
+        row["path"] = str(image if image.is_absolute() else path.parent / image)
+        row["label"] = str(row["label"]).strip()
+    return rows
+
+
+def draw_shots(rows: list[Row], shots: int, seed: int, source: str) -> list[Row]:
+    """`shots` images of each class, drawn with `seed` (the same draw for every method), in class order."""
+    by_class: dict[str, list[Row]] = {}
+    for row in rows:
+        by_class.setdefault(row["label"], []).append(row)
+    short = {label: len(images) for label, images in by_class.items() if len(images) < shots}
+    if short:
+        label, count = next(iter(short.items()))
+        raise AdapterError(
+            f"{source}: class {label!r} has {count} image(s), fewer than --shots {shots} ({len(short)} such "
+            "class(es)); lower --shots or add images."
+        )
+    rnd = random.Random(seed)
+    return [row for label in sorted(by_class) for row in rnd.sample(by_class[label], shots)]
+
+
+@dataclass
+class StatedTransforms:
+    """Resize the shorter side to `size`, centre-crop `size` × `size`, scale to [0, 1], normalise: for models
+    without an image processor of their own. Saved beside the adapter so evaluation preprocesses alike."""
+
+    size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        out = []
+        for image in images:
+            w, h = image.size
+            scale = self.size / min(w, h)
+            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+            w, h = image.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+            t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(self.size, self.size, 3)
+            t = t.permute(2, 0, 1).float() / 255.0
+            out.append((t - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None])
+        return {"pixel_values": torch.stack(out)}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        Path(directory, TRANSFORMS_FILE).write_text(json.dumps({"size": self.size, "mean": self.mean, "std": self.std}))
+
+
+def load_image_processor(model: str | None, image_size: int | None) -> Any:
+    """The model's own image processor; else, with --image-size, the stated transforms; else an error saying so."""
+    if model is not None and Path(model, TRANSFORMS_FILE).is_file():
+        values = json.loads(Path(model, TRANSFORMS_FILE).read_text())
+        return StatedTransforms(int(values["size"]), tuple(values["mean"]), tuple(values["std"]))
+    if image_size is not None:
+        return StatedTransforms(image_size)
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise AdapterError(
+            f"{model} has no image processor ({str(e)[:160]}); give --image-size N to preprocess with stated "
+            "transforms (resize and centre-crop to N, ImageNet mean/std)."
+        ) from None
+
+
+def encode_images(rows: list[Row], processor: Any, labels: list[str], source: str) -> list[dict[str, Any]]:
+    """Each row's image decoded (RGB) and preprocessed, with its class id in `labels`."""
+    from PIL import Image, UnidentifiedImageError
+
+    ids = {label: i for i, label in enumerate(labels)}
+    examples = []
+    for row in rows:
+        if row["label"] not in ids:
+            raise AdapterError(
+                f"{row.where}: label {row['label']!r} is outside the label set {labels}; fix the data or pass the "
+                "full set with --labels."
+            )
+        try:
+            with Image.open(row["path"]) as image:
+                rgb = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise AdapterError(f"{row['path']}: not a readable image ({e}); replace or remove it.") from None
+        pixels = processor([rgb], return_tensors="pt")["pixel_values"][0]
+        examples.append({"pixel_values": pixels, "label": ids[row["label"]]})
+    if not examples:
+        raise AdapterError(f"{source}: no images to train or evaluate on.")
+    return examples

@@ -1,0 +1,103 @@
+"""`--task image-cls` on real CIFAR-10 images (../shared/data/vision/cifar10) with a ViT built from a config:
+few-shot draws, training, top-1/top-5, the saved adapter reloading to identical logits; bad image data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared_path
+
+from nora.errors import AdapterError
+from nora.training import TrainConfig, train
+from nora.training.images import draw_shots, image_rows
+
+
+def _vit(directory: Path, num_labels: int) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=num_labels)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(directory)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+def _subset(tmp_path: Path, classes: list[str], per_class: int) -> Path:
+    """A few real CIFAR-10 training images per class, as an image folder."""
+    source = shared_path("data", "vision", "cifar10", "train")
+    out = tmp_path / "images"
+    for name in classes:
+        (out / name).mkdir(parents=True)
+        for image in sorted((source / name).glob("*.jpg"))[:per_class]:
+            shutil.copy(image, out / name / image.name)
+    return out
+
+
+def _config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(_vit(tmp_path / "vit", 10)), task="image-cls", data=str(data), eval_data=str(data), method="nora",
+        adapter={"r": 16, "inner_r": 4}, max_steps=60, batch_size=8, learning_rate=2e-2,
+        output_dir=str(tmp_path / "run"), progress=False, plot=False, logging_steps=10,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_image_cls_trains_a_vit_on_cifar_and_reloads_to_identical_logits(tmp_path):
+    import nora
+
+    data = _subset(tmp_path, ["airplane", "cat", "frog"], 8)
+    result = train(_config(tmp_path, data))
+    s = result.summary
+    assert s["labels"] == ["airplane", "cat", "frog"] and s["examples"] == 24
+    assert s["eval_loss"] < 0.7 * s["initial_eval_loss"], s
+    assert s["eval_acc"] > s["initial_eval_acc"] and "eval_top5_acc" not in s  # top-5 only with ≥ 10 classes
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["nora"]["head"] == {"task": "image-cls", "labels": ["airplane", "cat", "frog"]}
+    assert (result.adapter_dir / "preprocessor_config.json").is_file()
+
+    from transformers import ViTForImageClassification
+
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result.model.eval()
+    expected = result.model(pixel_values=pixels).logits
+    base = ViTForImageClassification.from_pretrained(tmp_path / "vit", num_labels=3, ignore_mismatched_sizes=True)
+    loaded = nora.AdaptedModel.from_pretrained(base, result.adapter_dir).eval()
+    assert torch.equal(loaded(pixel_values=pixels).logits, expected)
+
+
+def test_shots_draw_k_seeded_images_per_class_and_top5_with_ten_classes(tmp_path):
+    source = shared_path("data", "vision", "cifar10", "train")
+    rows = image_rows(str(source))
+    first, again, other = (draw_shots(rows, 4, seed, str(source)) for seed in (0, 0, 1))
+    assert len(first) == 40 and [r["path"] for r in first] == [r["path"] for r in again]
+    assert [r["path"] for r in first] != [r["path"] for r in other]
+    assert all(sum(r["label"] == c for r in first) == 4 for c in {r["label"] for r in rows})
+    s = train(_config(tmp_path, source, shots=2, max_steps=2, eval_data=str(_subset(tmp_path, sorted(
+        p.name for p in source.iterdir()), 2)))).summary  # fmt: skip
+    assert s["examples"] == 20 and 0 <= s["eval_acc"] <= s["eval_top5_acc"] <= 1
+
+
+def test_bad_image_data_is_refused_naming_the_problem(tmp_path):
+    data = _subset(tmp_path, ["cat", "dog"], 3)
+    with pytest.raises(AdapterError, match=r"class 'cat' has 3 image\(s\), fewer than --shots 5"):
+        train(_config(tmp_path, data, shots=5))
+    (data / "empty").mkdir()
+    with pytest.raises(AdapterError, match="class folder .*empty holds no images"):
+        image_rows(str(data))
+    (data / "empty").rmdir()
+    (data / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(AdapterError, match=r"broken.jpg: not a readable image"):
+        train(_config(tmp_path, data))
+    (data / "dog" / "broken.jpg").unlink()
+    bare = tmp_path / "bare"
+    _vit(bare, 2)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(AdapterError, match="has no image processor.*--image-size"):
+        train(_config(tmp_path, data, model=str(bare)))
+    with pytest.raises(AdapterError, match="shots is an option of --task image-cls"):
+        TrainConfig(model="m", data="d", task="seq-cls", shots=4)
