@@ -80,11 +80,12 @@ METHODS = {
 # NoRA's variants for the ablation: what makes its learning-rate optimum wide (and high). Its defaults' row is the
 # sweep's NoRA series.
 ABLATION = {  # most promising first: a stopped run has measured these
+    "scale 1/√r (the authors' alpha=1 with alpha/√r)": {"use_rslora": True, "alpha": 1.0},
     "outer r = min(d, k) (full rank)": {"r": 1.0},
     "inner r' = 32": {"inner_r": 32},
     "placement none (B_o = U, A_o = Vᵀ)": {"placement": "none"},
+    "dropout 0.25 (the authors')": {"dropout": 0.25},
     "placement out (B_o = U Σ)": {"placement": "out"},
-    "alpha/sqrt(r) (rsLoRA scale)": {"use_rslora": True},
     "inner init randn": {"inner_init": "randn"},
     "authors' core (diag, orthogonal)": {"inner_core": "diag", "inner_init": "orthogonal"},
 }
