@@ -18,7 +18,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Layers, lowest first: a module may import only modules of its own layer or lower ones.
 # A key "nora.x" names one module; "nora.x.*" names package nora.x together with everything under it.
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["nora.errors", "nora.atomic", "nora.svd", "nora.pretrained", "nora.prompts", "nora.datafiles"], 0),
+    **dict.fromkeys(
+        [
+            "nora.errors",
+            "nora.atomic",
+            "nora.svd",
+            "nora.pretrained",
+            "nora.prompts",
+            "nora.datafiles",
+            "nora.imagefiles",
+        ],
+        0,
+    ),
     **dict.fromkeys(["nora.chain", "nora.config"], 1),
     "nora.basis": 2,
     "nora.methods.*": 3,

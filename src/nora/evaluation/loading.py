@@ -68,25 +68,29 @@ def adapter_head(target: EvalTarget) -> Head | None:
     valid_labels = (
         isinstance(labels, list) and all(isinstance(x, str) for x in labels) and len(set(labels)) == len(labels)
     )
-    if task not in ("seq-cls", "regression") or not valid_labels or (task == "seq-cls" and len(labels) < 2):
+    if (
+        task not in ("seq-cls", "regression", "image-cls")
+        or not valid_labels
+        or (task != "regression" and len(labels) < 2)
+    ):
         raise AdapterError(
-            f"{where}: the head it records ({str(head)[:120]}) is not a task (seq-cls or regression) with a label set "
-            "of distinct names; the file was edited or damaged: save the adapter again."
+            f"{where}: the head it records ({str(head)[:120]}) is not a task (seq-cls, regression, image-cls) with a "
+            "label set of distinct names; the file was edited or damaged: save the adapter again."
         )
     return Head(task, tuple(labels))
 
 
 def load_for_eval(
     target: EvalTarget,
-    task_kind: Literal["causal", "seq-cls"] = "causal",
+    task_kind: Literal["causal", "seq-cls", "image-cls"] = "causal",
     num_labels: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     merge: bool = True,
     gguf_file: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """The model on `device` in eval mode (its adapter merged unless `merge=False`) and its tokenizer (the
-    adapter directory's when it holds one, else the base's)."""
+    """The model on `device` in eval mode (its adapter merged unless `merge=False`) and its tokenizer, or for an
+    image classifier its image processor (the adapter directory's when it holds one, else the base's)."""
     resolved = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
     model = load_model(target.base, task_kind, dtype=torch_dtype, num_labels=num_labels, gguf_file=gguf_file)
@@ -98,7 +102,14 @@ def load_for_eval(
             model.config.id2label = dict(enumerate(head.labels))
             model.config.label2id = {label: i for i, label in enumerate(head.labels)}
     model = _with_adapter(model.to(resolved), target, merge)
-    if target.adapter and (target.adapter / "tokenizer_config.json").is_file():
+    if task_kind == "image-cls":
+        from ..imagefiles import TRANSFORMS_FILE, load_image_processor
+
+        saved = target.adapter and any(
+            (target.adapter / f).is_file() for f in ("preprocessor_config.json", TRANSFORMS_FILE)
+        )
+        tokenizer = load_image_processor(str(target.adapter) if saved else target.base, None)
+    elif target.adapter and (target.adapter / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(target.adapter)
     else:
         tokenizer = load_tokenizer(target.base, gguf_file)

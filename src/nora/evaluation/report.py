@@ -16,6 +16,7 @@ METRICS = {
     "generate": ("acc", "unparsed"),
     "classification": ("acc", "f1", "macro_f1", "mcc"),
     "regression": ("pearson", "spearman"),
+    "image-classification": ("acc", "top5_acc"),
 }
 
 

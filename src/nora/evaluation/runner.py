@@ -26,7 +26,7 @@ from .records import CommonsenseItem, extract_answer
 from .tasks import Columns, Head, TaskSpec, load_classification, load_commonsense, resolve_tasks
 
 PROTOCOLS = ("loglik", "loglik-label", "generate")
-AVERAGED = ("acc", "acc_norm", "f1", "macro_f1", "mcc", "pearson", "spearman")
+AVERAGED = ("acc", "acc_norm", "top5_acc", "f1", "macro_f1", "mcc", "pearson", "spearman")
 
 
 def evaluate_tasks(

@@ -76,7 +76,7 @@ class ClassificationExample:
 class Head:
     """What a trained head predicts, as its adapter records it: class i is `labels[i]`, or one number."""
 
-    task: Literal["seq-cls", "regression"]
+    task: Literal["seq-cls", "regression", "image-cls"]
     labels: tuple[str, ...] = ()
 
     @property

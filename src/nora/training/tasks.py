@@ -239,7 +239,7 @@ class RegressionTask(SequenceClassificationTask):
 
 
 class ImageClassificationTask(Task):
-    """One class per image (training/images.py): an image folder or a path/label file, --shots K per class,
+    """One class per image (nora.imagefiles): an image folder or a path/label file, --shots K per class,
     preprocessed by the model's image processor (or --image-size's stated transforms); top-1 and, with 10 or
     more classes, top-5 accuracy. The run counts images where text tasks count tokens."""
 
@@ -249,7 +249,7 @@ class ImageClassificationTask(Task):
     adapter_defaults = {"modules_to_save": ["classifier", "head", "fc", "_fc"]}  # the head, as models name it
 
     def read(self, config: TrainConfig, source: str, train: bool) -> list[dict[str, Any]]:
-        from .images import draw_shots, image_rows
+        from ..imagefiles import draw_shots, image_rows
 
         rows = image_rows(source)
         if train and config.shots is not None:
@@ -257,7 +257,7 @@ class ImageClassificationTask(Task):
         return rows[: config.max_examples] if train and config.max_examples is not None else rows
 
     def load_processor(self, config: TrainConfig) -> Any:
-        from .images import load_image_processor
+        from ..imagefiles import load_image_processor
 
         return load_image_processor(config.model, config.image_size)
 
@@ -267,7 +267,7 @@ class ImageClassificationTask(Task):
     def encode(
         self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
     ) -> Encoded:
-        from .images import encode_images
+        from ..imagefiles import encode_images
 
         label_set = list(labels) if labels is not None else sorted({r["label"] for r in rows})
         return Encoded(encode_images(rows, tokenizer, label_set, source), labels=label_set)

@@ -1,6 +1,7 @@
-"""Image data for `--task image-cls`: an image-folder tree (`<split>/<class>/*.jpg`) or a CSV/JSONL of `path` +
-`label`; `--shots K` draws K seeded images per class (the few-shot protocol); preprocessing by the model's own
-image processor, or by stated transforms (resize, centre crop, ImageNet mean/std) where it has none.
+"""Image data (`nora train --task image-cls`, `nora eval` of an image classifier): an image-folder tree
+(`<split>/<class>/*.jpg`) or a CSV/JSONL of `path` + `label`; `--shots K` draws K seeded images per class (the
+few-shot protocol); preprocessing by the model's own image processor, or by stated transforms (resize, centre
+crop, ImageNet mean/std) where it has none.
 
 Every image is decoded and preprocessed once, when the run starts; an unreadable image, an empty class folder or a
 class with fewer images than --shots stops the run naming it, before the model loads.
@@ -16,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..datafiles import Row, read_rows
-from ..errors import AdapterError
+from .datafiles import Row, read_rows
+from .errors import AdapterError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
