@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["nora.slots", "nora.layer", "nora.inject", "nora.calibrate"], 4),
     **dict.fromkeys(["nora.io", "nora.state", "nora.resident"], 5),
     **dict.fromkeys(["nora.model", "nora.export"], 6),
-    **dict.fromkeys(["nora.convert.*", "nora.accel", "nora.plots"], 7),
+    **dict.fromkeys(["nora.convert.*", "nora.accel", "nora.plots", "nora.clip"], 7),
     **dict.fromkeys(["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo"], 8),
     **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 9),
 }

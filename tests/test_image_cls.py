@@ -145,3 +145,72 @@ def test_efficientnet_lite0_real_weights_improve_over_their_head_only_start(tmp_
     result.model.eval()
     loaded = nora.AdaptedModel.from_pretrained(copy.deepcopy(net), result.adapter_dir).eval()
     assert torch.equal(loaded(pixels), result.model(pixels))
+
+
+def _clip(directory: Path, classes: list[str]) -> Path:
+    """A CLIP model built from a config, with a word-level tokenizer made here and CLIP's image processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", "photo", "of", ".", *classes]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                        bos_token="[BOS]", eos_token="[EOS]")  # fmt: skip
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+def test_clip_few_shot_classifier_adapts_both_encoders_and_nora_eval_reads_it_back(tmp_path):
+    from typer.testing import CliRunner
+
+    import nora
+    from nora.cli import app
+    from nora.clip import ClipClassifier
+
+    classes = ["airplane", "cat", "frog"]
+    data = _subset(tmp_path, classes, 8)
+    model = _clip(tmp_path / "clip", classes)
+    result = train(_config(tmp_path, data, model=str(model), shots=4, max_steps=40, adapter={"r": 8, "inner_r": 2}))
+    s = result.summary
+    assert s["examples"] == 12 and s["eval_loss"] < 0.9 * s["initial_eval_loss"], s  # a CLIP from a config: slow
+    layers = list(result.model.layers())
+    assert any("text_model" in n for n in layers) and any("vision_model" in n for n in layers)
+    assert all(n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") for n in layers)  # CLIP-LoRA's targets
+    head = json.loads((result.adapter_dir / "adapter_config.json").read_text())["nora"]["head"]
+    assert head == {"task": "image-cls", "labels": classes, "template": "a photo of a {}."}
+
+    out = tmp_path / "eval.json"
+    cli = CliRunner().invoke(
+        app, ["eval", str(result.adapter_dir), "--tasks", str(data), "-o", str(out), "--no-progress"]
+    )
+    assert cli.exit_code == 0, cli.output
+    scores = json.loads(out.read_text())["results"]["image-classification"]["tasks"]["images"]
+    assert abs(scores["acc"] - s["eval_acc"]) < 1e-9
+
+    # a frozen text side: the class embeddings are computed once and cached
+    vision_only = nora.get_peft_model(
+        ClipClassifier.from_pretrained(str(model), classes),
+        nora.LoraConfig(r=2, target_modules=r".*vision_model.*q_proj"),
+    )
+    pixels = torch.randn(2, 3, 32, 32)
+    vision_only(pixels)
+    cached = vision_only.model._cached
+    assert cached is not None and vision_only.model.class_embeddings() is cached
+    text_too = nora.get_peft_model(ClipClassifier.from_pretrained(str(model), classes), nora.LoraConfig(r=2))
+    text_too(pixels)
+    assert text_too.model._cached is None  # adapted text side: recomputed, with gradients, every forward

@@ -77,7 +77,12 @@ def adapter_head(target: EvalTarget) -> Head | None:
             f"{where}: the head it records ({str(head)[:120]}) is not a task (seq-cls, regression, image-cls) with a "
             "label set of distinct names; the file was edited or damaged: save the adapter again."
         )
-    return Head(task, tuple(labels))
+    template = head.get("template")
+    if template is not None and (not isinstance(template, str) or "{}" not in template):
+        raise AdapterError(
+            f"{where}: the head's class prompt template {template!r} has no {{}}; save the adapter again."
+        )
+    return Head(task, tuple(labels), template)
 
 
 def load_for_eval(
@@ -93,9 +98,14 @@ def load_for_eval(
     image classifier its image processor (the adapter directory's when it holds one, else the base's)."""
     resolved = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
-    model = load_model(target.base, task_kind, dtype=torch_dtype, num_labels=num_labels, gguf_file=gguf_file)
     head = adapter_head(target)
-    if head is not None and getattr(model, "config", None) is not None:
+    if task_kind == "image-cls" and head is not None and head.template is not None:
+        from ..clip import ClipClassifier
+
+        model = ClipClassifier.from_pretrained(target.base, list(head.labels), head.template, dtype=torch_dtype)
+    else:
+        model = load_model(target.base, task_kind, dtype=torch_dtype, num_labels=num_labels, gguf_file=gguf_file)
+    if head is not None and head.template is None and getattr(model, "config", None) is not None:
         if head.task == "regression":
             model.config.problem_type = "regression"
         else:

@@ -78,6 +78,7 @@ class Head:
 
     task: Literal["seq-cls", "regression", "image-cls"]
     labels: tuple[str, ...] = ()
+    template: str | None = None  # a CLIP classifier's class prompt
 
     @property
     def num_labels(self) -> int:

@@ -43,6 +43,7 @@ class TrainConfig:
     max_examples: int | None = None
     shots: int | None = None  # image-cls: K seeded training images per class (the few-shot protocol)
     image_size: int | None = None  # image-cls: stated transforms (resize, crop) for a model without an image processor
+    clip_template: str = "a photo of a {}."  # image-cls with a CLIP model: each class's prompt
     # optimisation
     batch_size: int = 8
     group_by_length: bool = False  # each epoch's shuffled order sorted by length within chunks of 50 global batches
@@ -166,7 +167,7 @@ class TrainConfig:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise AdapterError(f"adapter options {unknown} are not fields of {cls.__name__}; it takes {sorted(known)}.")
-        fields = {**TASKS[self.task].adapter_defaults, **fields}
+        fields = {**TASKS[self.task].defaults(self), **fields}
         if "alpha" in fields and fields["alpha"] is not None:
             fields["alpha"] = float(fields["alpha"])
         try:

@@ -53,12 +53,14 @@ class Task(ABC):
 
     Optional (defaults here):
         has_label_set           False; True where examples are classes of a label set (`labels`, the head's size)
-        adapter_defaults        {}; adapter fields the task sets unless the user does (e.g. a head to train in full)
+        adapter_defaults        {}; adapter fields the task sets unless the user does (e.g. a head to train in full);
+                                `defaults(config)` may choose them per model
+        load_model(config, labels)    None: the standard loader; else the model to train (e.g. CLIP as a classifier)
         num_labels(labels)      the head's width: len(labels) for a label set, else the model's default
         prepare_model(...)      nothing; adjust the loaded model to the data (e.g. record the label names)
         eval_records(...)       []; what one evaluation batch contributes to `metrics` (gathered over processes)
         metrics(records)        {}; evaluation metrics besides the loss, named without the `eval_` prefix
-        head(labels)            None; what the adapter file records of the head it trains (`nora eval` reads it:
+        head(labels, config)    None; what the adapter file records of the head it trains (`nora eval` reads it:
                                 {"task": "seq-cls", "labels": [...]} or {"task": "regression"})
         read(config, source, train)   the data rows of `source` (default: nora.training.data.load_records)
         load_processor(config)  what turns rows into model inputs (default: the model's tokenizer)
@@ -98,7 +100,13 @@ class Task(ABC):
     def metrics(self, records: list[Any]) -> dict[str, float]:
         return {}
 
-    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+    def head(self, labels: list[str] | None, config: TrainConfig) -> dict[str, Any] | None:
+        return None
+
+    def defaults(self, config: TrainConfig) -> dict[str, Any]:
+        return self.adapter_defaults
+
+    def load_model(self, config: TrainConfig, labels: list[str] | None) -> nn.Module | None:
         return None
 
     def read(self, config: TrainConfig, source: str, train: bool) -> list[dict[str, Any]]:
@@ -188,7 +196,7 @@ class SequenceClassificationTask(Task):
         scores = classification_metrics(list(gold), list(predicted))
         return {k: float(v) for k, v in scores.items() if k not in ("n", "correct")}
 
-    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+    def head(self, labels: list[str] | None, config: TrainConfig) -> dict[str, Any] | None:
         return {"task": self.name, "labels": list(labels or [])}
 
 
@@ -234,7 +242,7 @@ class RegressionTask(SequenceClassificationTask):
             return {}  # a correlation is undefined for constant values (or one pair)
         return {"pearson": float(pearsonr(gold, predicted)[0]), "spearman": float(spearmanr(gold, predicted)[0])}
 
-    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
+    def head(self, labels: list[str] | None, config: TrainConfig) -> dict[str, Any] | None:
         return {"task": self.name}
 
 
@@ -247,6 +255,20 @@ class ImageClassificationTask(Task):
     model_kind = "image-cls"
     has_label_set = True
     adapter_defaults = {"modules_to_save": ["classifier", "head", "fc", "_fc"]}  # the head, as models name it
+
+    def defaults(self, config: TrainConfig) -> dict[str, Any]:
+        from ..clip import is_clip
+
+        if config.model is not None and is_clip(config.model):  # CLIP-LoRA's protocol: q/k/v of both encoders
+            return {"target_modules": ["q_proj", "k_proj", "v_proj"]}
+        return self.adapter_defaults
+
+    def load_model(self, config: TrainConfig, labels: list[str] | None) -> nn.Module | None:
+        from ..clip import ClipClassifier, is_clip
+
+        if config.model is None or not is_clip(config.model):
+            return None
+        return ClipClassifier.from_pretrained(config.model, labels or [], config.clip_template)
 
     def read(self, config: TrainConfig, source: str, train: bool) -> list[dict[str, Any]]:
         from ..imagefiles import draw_shots, image_rows
@@ -305,8 +327,13 @@ class ImageClassificationTask(Task):
             scores["top5_acc"] = sum(gold in top for gold, top in records) / len(records)
         return scores
 
-    def head(self, labels: list[str] | None) -> dict[str, Any] | None:
-        return {"task": self.name, "labels": list(labels or [])}
+    def head(self, labels: list[str] | None, config: TrainConfig) -> dict[str, Any] | None:
+        from ..clip import is_clip
+
+        head = {"task": self.name, "labels": list(labels or [])}
+        if config.model is not None and is_clip(config.model):
+            head["template"] = config.clip_template  # nora eval rebuilds the classifier from the same prompts
+        return head
 
 
 def _image_forward(model: nn.Module, pixels: torch.Tensor) -> Any:

@@ -234,6 +234,8 @@ class Run:
     # ---- stage 2: model -----------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | None) -> None:
         if model is None:  # the tokenizer is loaded already
+            model = _loading(self.config.model, lambda: self.task.load_model(self.config, self.labels))
+        if model is None:
             model = load_base_model(self.config, num_labels=self.task.num_labels(self.labels))
         self.task.prepare_model(model, self.labels)
         self.task.prepare(self.tokenizer, model)
@@ -435,7 +437,7 @@ class Run:
     def _adapter_payload(self):
         adapted = self.acc.unwrap_model(self.model)
         tensors, payload = adapter_payload(adapted, adapted.active_adapter)  # every process: a collective under FSDP
-        head = self.task.head(self.labels)
+        head = self.task.head(self.labels, self.config)
         if head is not None:
             payload["nora"]["head"] = head  # the label set (or regression) `nora eval` scores files with
         return tensors, payload
