@@ -110,6 +110,7 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("labels", str, "labels", Opt(help="Comma-separated label set, in id order (seq-cls).")),
     CliOption("max_examples", int, "max_examples", Opt(help="Use only the first N examples of --data.")),
     CliOption("shots", int, "shots", Opt(help="image-cls: K seeded training images per class (few-shot).")),
+    CliOption("clip_template", str, "clip_template", Opt(help="image-cls with CLIP: each class's prompt, with {}.")),
     CliOption(
         "image_size", int, "image_size", Opt(help="image-cls: resize and centre-crop to N (models with no processor).")
     ),
