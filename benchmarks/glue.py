@@ -72,7 +72,7 @@ METHODS = {
         Method("DoRA", "dora", {}),
         Method("LoRA-XS", "lora-xs", {}, sweep=HIGH),
         Method("NoRA", "nora", {}, sweep=WIDE),
-        Method("NoRA (authors)", "nora", {"authors": True}, sweep=WIDE),
+        Method("NoRA (authors)", "nora", {"authors": True}, lr=1e-2, sweep=WIDE),  # their CLIP protocol's lr
         Method("SVFit", "svfit", {}, sweep=HIGH),
     )
 }  # fmt: skip
@@ -298,7 +298,7 @@ def _metric_of(summary: dict[str, Any], task: str) -> str:
     for cells in summary.values():
         if task in cells:
             return " / ".join(_NAMES.get(m, m) for m in cells[task]["metrics"])
-    return "?"
+    return " / ".join(_NAMES.get(m, m) for m in _METRICS.get(task, ("acc",)))
 
 
 def sweep_rows(records: list[dict[str, Any]], kind: str) -> dict[str, dict[str, dict[float, float]]]:
@@ -314,6 +314,8 @@ def sweep_rows(records: list[dict[str, Any]], kind: str) -> dict[str, dict[str, 
         headline = next(iter(r["metrics"].values()))
         out.setdefault(r["task"], {}).setdefault(name, {})[r["lr"]] = math.nan if headline is None else headline
     swept = {t: {n: p for n, p in series.items() if len(p) > 1} for t, series in out.items()}
+    if kind == "ablation":  # a task with no variant run has only the defaults' row: nothing was ablated there
+        swept = {t: series for t, series in swept.items() if set(series) - {"NoRA (defaults)"}}
     return {t: series for t, series in swept.items() if series}  # a series of one lr is a table run, not a sweep
 
 
