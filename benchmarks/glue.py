@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -175,6 +174,7 @@ def run_one(task: Task, method: Method, seed: int, lr: float, overrides: dict, v
             basis_cache: Path, quick: bool) -> dict[str, Any]:  # fmt: skip
     """Train one configuration (or read it, if it finished before) and return its record."""
     key = run_key(task, method.name, lr, seed, variant)
+    from nora.atomic import atomic_write_json
     from nora.demo import minilm_dir
     from nora.training import TrainConfig, train
 
@@ -201,6 +201,7 @@ def run_one(task: Task, method: Method, seed: int, lr: float, overrides: dict, v
     record = {
         "key": key, "task": task.name, "method": method.name, "seed": seed, "lr": resolved["learning_rate"],
         "overrides": overrides, "variant": variant, "metrics": {m: summary.get(f"eval_{m}") for m in task.metrics},
+        "metric_names": list(task.metrics),  # GLUE's metric first (the JSON file sorts the keys of "metrics")
         "initial": {m: summary.get(f"initial_eval_{m}") for m in task.metrics},
         "adapter_params": summary["trainable_params"] - summary["head_params"],
         "trainable_params": summary["trainable_params"], "head_params": summary["head_params"],
@@ -212,18 +213,20 @@ def run_one(task: Task, method: Method, seed: int, lr: float, overrides: dict, v
         "threads": torch.get_num_threads(),
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(record, path)  # a run is recorded whole or not at all
     return record
 
 
 def _print(record: dict[str, Any]) -> None:
-    scores = "  ".join(f"{m} {_pct(v)}" for m, v in record["metrics"].items())
+    scores = "  ".join(f"{m} {_pct(record['metrics'][m])}" for m in _metric_names(record))
     name = f"{record['method']} [{record['variant']}]" if record["variant"] else record["method"]
     print(f"{record['task']:6s} {name:16s} seed {record['seed']} lr {record['lr']:<7g} {scores}  "
           f"loss {record['first_loss']:.3f}→{record['final_loss']:.3f}  adapter {record['adapter_params']:,}  "
           f"{record['wall_time_s']:.0f} s", flush=True)  # fmt: skip
+
+
+def _metric_names(record: dict[str, Any]) -> list[str]:
+    return record.get("metric_names") or list(record["metrics"])  # runs recorded before metric_names: in order
 
 
 def _pct(value: float | None) -> str:
@@ -251,7 +254,7 @@ def table_rows(records: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any
     for cells in summary.values():
         for cell in cells.values():
             runs = cell.pop("runs")
-            metric_names = list(runs[0]["metrics"])
+            metric_names = _metric_names(runs[0])
             cell["seeds"] = sorted(r["seed"] for r in runs)
             for m in metric_names:
                 values = [r["metrics"][m] for r in runs if r["metrics"][m] is not None]
@@ -311,7 +314,7 @@ def sweep_rows(records: list[dict[str, Any]], kind: str) -> dict[str, dict[str, 
         if (kind == "ablation") != bool(r["variant"]) and not defaults_row:
             continue
         name = "NoRA (defaults)" if defaults_row else r["variant"] or r["method"]
-        headline = next(iter(r["metrics"].values()))
+        headline = r["metrics"][_metric_names(r)[0]]
         out.setdefault(r["task"], {}).setdefault(name, {})[r["lr"]] = math.nan if headline is None else headline
     swept = {t: {n: p for n, p in series.items() if len(p) > 1} for t, series in out.items()}
     if kind == "ablation":  # a task with no variant run has only the defaults' row: nothing was ablated there

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -51,6 +50,7 @@ def _network(seed: int, classes: int) -> torch.nn.Module:
 
 
 def run_one(method: str, shots: int, seed: int, args, data: Path) -> dict[str, Any]:
+    from nora.atomic import atomic_write_json
     from nora.imagefiles import StatedTransforms
     from nora.training import TrainConfig, train
 
@@ -80,9 +80,7 @@ def run_one(method: str, shots: int, seed: int, args, data: Path) -> dict[str, A
         "image_size": args.size, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(record, path)  # a run is recorded whole or not at all
     return record
 
 

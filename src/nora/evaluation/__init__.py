@@ -4,7 +4,7 @@ from nora.evaluation import evaluate_tasks
 results = evaluate_tasks(model, tokenizer, ["commonsense"], ["loglik", "generate"], data_dir="data", limit=200)
 """
 
-from .classification import classification_metrics, predict_labels, predict_scores, regression_metrics
+from .classification import classification_metrics, predict_labels, predict_logits, regression_metrics
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import ANSWER_PREFIX, CommonsenseItem, extract_answer, parse_item
@@ -41,7 +41,7 @@ __all__ = [
     "load_commonsense",
     "parse_item",
     "predict_labels",
-    "predict_scores",
+    "predict_logits",
     "regression_metrics",
     "resolve_tasks",
     "score_commonsense",

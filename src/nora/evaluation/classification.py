@@ -28,22 +28,6 @@ def predict_labels(
     return logits.argmax(-1).tolist()
 
 
-def predict_scores(
-    model: nn.Module,
-    tokenizer,
-    examples: Sequence[ClassificationExample],
-    batch_size: int = 32,
-    max_length: int | None = None,
-    progress: bool = False,
-    desc: str = "regress",
-) -> list[float]:
-    """A regression head's one output for each example, in order."""
-    logits = predict_logits(model, tokenizer, examples, batch_size, max_length, progress, desc)
-    if logits.shape[-1] != 1:
-        raise AdapterError(f"a regression head has one output; this model's head has {logits.shape[-1]}.")
-    return logits[:, 0].tolist()
-
-
 def predict_logits(
     model: nn.Module,
     tokenizer,

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AdapterError
-from .classification import classification_metrics, predict_labels, predict_scores, regression_metrics
+from .classification import classification_metrics, predict_labels, predict_logits, regression_metrics
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import CommonsenseItem, extract_answer
@@ -66,16 +66,14 @@ def evaluate_tasks(
             examples = load_classification(spec, limit, seed, head, columns)
             gold = [e.label for e in examples]
             if head is not None and head.task == "regression":
-                protocol, predicted = (
-                    "regression",
-                    predict_scores(model, tokenizer, examples, desc=spec.name, **options),
-                )
+                outputs = predict_logits(model, tokenizer, examples, desc=spec.name, **options)
+                if outputs.shape[-1] != 1:
+                    raise AdapterError(f"a regression head has one output; this model's head has {outputs.shape[-1]}.")
+                protocol, predicted = "regression", outputs[:, 0].tolist()
                 metrics = regression_metrics(gold, predicted)
             else:
-                protocol, predicted = (
-                    "classification",
-                    predict_labels(model, tokenizer, examples, desc=spec.name, **options),
-                )
+                protocol = "classification"
+                predicted = predict_labels(model, tokenizer, examples, desc=spec.name, **options)
                 metrics = classification_metrics(gold, predicted)
             metrics["seconds"] = round(time.perf_counter() - start, 2)
             if log_samples:
