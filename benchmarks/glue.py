@@ -73,6 +73,9 @@ METHODS = {
         Method("NoRA", "nora", {}, sweep=WIDE),
         Method("NoRA (authors)", "nora", {"authors": True}, lr=1e-2, sweep=WIDE),  # their CLIP protocol's lr
         Method("SVFit", "svfit", {}, sweep=HIGH),
+        # the paper's rank rule: per matrix the smallest r keeping 99 % of Σσ² (10,550 values on MiniLM, 63× fewer
+        # than LoRA's default) instead of r = 32 (1,152)
+        Method("SVFit (energy 0.99)", "svfit", {"r": None}, sweep=HIGH),
     )
 }  # fmt: skip
 
