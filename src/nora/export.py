@@ -19,7 +19,7 @@ import torch
 from .atomic import atomic_replace_dir, atomic_save_safetensors
 from .chain import detached, terms_lora_pair
 from .errors import AdapterError
-from .layer import AdapterLayer, is_adaptable
+from .layer import AdapterLayer, has_own_forward, is_adaptable
 from .methods import get_method
 
 if TYPE_CHECKING:
@@ -43,8 +43,7 @@ def _task_type(model) -> str | None:
 
 def _peft_conv_differs(conv: torch.nn.Conv2d) -> bool:
     """Whether PEFT's Conv2d LoRA (a plain Conv2d from kernel size, stride and padding) convolves differently."""
-    custom = type(conv).forward is not torch.nn.Conv2d.forward  # e.g. EfficientNet's static "same" padding
-    return custom or conv.padding_mode != "zeros" or any(d != 1 for d in conv.dilation)
+    return has_own_forward(conv) or conv.padding_mode != "zeros" or any(d != 1 for d in conv.dilation)
 
 
 def _target_names(names: list[str], all_names: list[str]) -> list[str]:

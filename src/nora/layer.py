@@ -70,9 +70,14 @@ def oriented_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def has_own_forward(conv: nn.Conv2d) -> bool:
+    """A Conv2d subclass whose forward is its own (e.g. EfficientNet's static "same" padding), not nn.Conv2d's."""
+    return type(conv).forward is not nn.Conv2d.forward
+
+
 def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The input patches a Conv2d multiplies its kernel matrix with: (N, L, in·kh·kw), in the kernel's order."""
-    if type(conv).forward is not nn.Conv2d.forward:
+    if has_own_forward(conv):
         raise AdapterError(
             f"{type(conv).__name__} has a forward of its own (e.g. its own padding), so the patches its kernel sees "
             "are not known here: AwSVD calibration is not available for it (use awsvd=False)."
@@ -303,11 +308,22 @@ class AdapterLayer(nn.Module):
         factor runs as a convolution with the layer's stride, padding and dilation (its rows a kernel of the layer's
         shape), the rest of the chain as a matrix chain over the channels. Exact: a convolution is its kernel matrix
         times the input patches."""
+        return self._conv_terms(terms, x, rows=False)
+
+    def _conv_terms(self, terms: list[Term], x: torch.Tensor, rows: bool) -> torch.Tensor:
+        """conv_apply, or with `rows` terms_apply_rows's per-row cores (a mixed batch: the input-side factor, then
+        shared by every row, is one convolution)."""
         total = None
         for term in terms:
+            if rows and not term.right:
+                raise AdapterError(f"{self.module_name}: a per-row adapter on a Conv2d needs a frozen input factor.")
             first, rest = _split_last(term)
             h = self._convolve(x, first).movedim(1, -1)
-            y = scaled(h, term.coef) if rest is None else terms_apply([rest], h)
+            if rest is None:  # the factor was ΔW itself
+                coef = term.coef
+                y = h * coef.reshape(-1, 1, 1, 1).to(h.dtype) if isinstance(coef, torch.Tensor) else scaled(h, coef)
+            else:
+                y = terms_apply_rows([rest], h) if rows else terms_apply([rest], h)
             total = y if total is None else total + y
         assert total is not None
         return total
@@ -318,26 +334,12 @@ class AdapterLayer(nn.Module):
         EfficientNet's) runs that forward with the kernel swapped in."""
         conv = self.base_layer
         kernel = rows.to(x.dtype).reshape(rows.shape[0], *conv.weight.shape[1:])
-        if type(conv).forward is nn.Conv2d.forward:
+        if not has_own_forward(conv):
             return conv._conv_forward(x, kernel, None)
         swapped = {"weight": kernel}
         if conv.bias is not None:
             swapped["bias"] = kernel.new_zeros(rows.shape[0])
         return torch.func.functional_call(conv, swapped, (x,))
-
-    def _conv_rows(self, terms: list[Term], x: torch.Tensor) -> torch.Tensor:
-        """terms_apply_rows for a Conv2d: the shared input-side factor of each chain as one convolution over all
-        rows, the rest per row. (N, out, H', W')."""
-        total = None
-        for term in terms:
-            if not term.right:
-                raise AdapterError(f"{self.module_name}: a per-row adapter on a Conv2d needs a frozen input factor.")
-            first, rest = _split_last(term)
-            h = self._convolve(x, first).movedim(1, -1)
-            y = terms_apply_rows([rest], h) if rest is not None else h
-            total = y if total is None else total + y
-        assert total is not None
-        return total.movedim(-1, 1)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         if self.merged_adapters:
@@ -380,7 +382,8 @@ class AdapterLayer(nn.Module):
         xs = x if index is None else x.index_select(0, index)
         basis = self.bases[stack.basis_key] if stack.basis_key else None
         terms = stack.method.terms(stack.view(slots), basis)
-        delta = (self._conv_rows(terms, xs) if self.is_conv else terms_apply_rows(terms, xs)).to(out.dtype)
+        delta = self._conv_terms(terms, xs, rows=True).movedim(-1, 1) if self.is_conv else terms_apply_rows(terms, xs)
+        delta = delta.to(out.dtype)
         return out + delta if index is None else out.index_add(0, index, delta)
 
     # ---- merging ---------------------------------------------------------------------------------------------
