@@ -64,12 +64,13 @@ class ClipClassifier(nn.Module):
 
     def class_embeddings(self) -> torch.Tensor:
         """The prompts' normalised text embeddings (classes × dim); cached while the text side is not adapted."""
-        if not self._text_adapted() and self._cached is not None:
+        frozen = not self._text_adapted()
+        if frozen and self._cached is not None:
             return self._cached
         features = self.clip.get_text_features(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
         features = getattr(features, "pooler_output", features)
         features = features / features.norm(dim=-1, keepdim=True)
-        if not self._text_adapted():
+        if frozen:
             self._cached = features.detach()
         return features
 

@@ -223,3 +223,13 @@ def row_label(row: dict[str, Any], column: str, source: str) -> str:
 
 def where_of(row: dict[str, Any], source: str) -> str:
     return getattr(row, "where", None) or source
+
+
+def row_text(row: dict[str, Any], column: str, source: str) -> str:
+    value = row.get(column)
+    if value is None:
+        raise AdapterError(
+            f"{where_of(row, source)}: no value in column {column!r} (the row is {str(dict(row))[:200]}); fix or "
+            "remove the row."
+        )
+    return str(value)

@@ -9,6 +9,7 @@ class with fewer images than --shots stops the run naming it, before the model l
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from dataclasses import dataclass
@@ -144,3 +145,13 @@ def encode_images(rows: list[Row], processor: Any, labels: list[str], source: st
     if not examples:
         raise AdapterError(f"{source}: no images to train or evaluate on.")
     return examples
+
+
+def image_logits(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """A classifier's logits for a batch of images: transformers image models take `pixel_values=` and return an
+    output with `.logits`; any other torch image model takes the images as its input and returns the logits."""
+    inner = getattr(model, "module", model)  # under DDP
+    inner = getattr(inner, "model", inner)  # inside an AdaptedModel
+    keyword = "pixel_values" in inspect.signature(inner.forward).parameters
+    output = model(pixel_values=pixels) if keyword else model(pixels)
+    return output.logits if hasattr(output, "logits") else output

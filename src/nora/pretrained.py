@@ -7,6 +7,7 @@ import functools
 import inspect
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -152,6 +153,14 @@ def load_model(
         model.hf_quantizer = None
         model.config.quantization_config = None
     return model
+
+
+def name_labels(model: nn.Module, labels: Sequence[str] | None) -> None:
+    """Record a classifier's label names, in id order, in its config (id2label / label2id) where it has one."""
+    config = getattr(model, "config", None)
+    if labels and config is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
 
 
 def load_tokenizer(name: str | Path, gguf_file: str | None = None, chat_template: Path | None = None) -> Any:

@@ -3,14 +3,13 @@ accuracy on an image folder (or a path/label file), its labels read with the hea
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..imagefiles import encode_images, image_rows
+from ..imagefiles import encode_images, image_logits, image_rows
 from .loglik import inference
 from .tasks import subsample
 
@@ -31,7 +30,6 @@ def evaluate_images(
     rows = image_rows(source)
     rows = [rows[i] for i in subsample(len(rows), limit, seed)]
     examples = encode_images(rows, processor, labels, source)
-    keyword = "pixel_values" in inspect.signature(getattr(model, "model", model).forward).parameters
     device = next(model.parameters()).device
     k = 5 if len(labels) >= 10 else 1
     top1 = topk = 0
@@ -39,9 +37,7 @@ def evaluate_images(
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
             pixels = torch.stack([e["pixel_values"] for e in batch]).to(device)
-            output = model(pixel_values=pixels) if keyword else model(pixels)
-            logits = output.logits if hasattr(output, "logits") else output
-            top = logits.float().topk(k, dim=-1).indices.cpu()
+            top = image_logits(model, pixels).float().topk(k, dim=-1).indices.cpu()
             gold = torch.tensor([e["label"] for e in batch])
             top1 += int((top[:, 0] == gold).sum())
             topk += int((top == gold[:, None]).any(-1).sum())

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model import AdaptedModel
-from ..pretrained import load_model, load_tokenizer, parse_dtype, resolve_device
+from ..pretrained import load_model, load_tokenizer, name_labels, parse_dtype, resolve_device
 from .tasks import Head
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,8 +109,7 @@ def load_for_eval(
         if head.task == "regression":
             model.config.problem_type = "regression"
         else:
-            model.config.id2label = dict(enumerate(head.labels))
-            model.config.label2id = {label: i for i, label in enumerate(head.labels)}
+            name_labels(model, head.labels)
     model = _with_adapter(model.to(resolved), target, merge)
     if task_kind == "image-cls":
         from ..imagefiles import TRANSFORMS_FILE, load_image_processor

@@ -26,6 +26,7 @@ from ..datafiles import (
     read_table,
     require_columns,
     row_label,
+    row_text,
     where_of,
 )
 from ..errors import AdapterError
@@ -170,7 +171,7 @@ def load_classification(
     examples = []
     for row in rows:
         value = row_label(row, label, where)
-        texts = tuple(_text(row, c, where) for c in (text, pair) if c)
+        texts = tuple(row_text(row, c, where) for c in (text, pair) if c)
         examples.append(ClassificationExample(texts, _target(value, row, label, spec, head)))
     return [examples[i] for i in subsample(len(examples), limit, seed)]
 
@@ -211,13 +212,6 @@ def _target(value: str, row, column: str, spec: TaskSpec, head: Head | None) -> 
             "remove the row."
         )
     return int(value)
-
-
-def _text(row, column: str, where: str) -> str:
-    value = row.get(column)
-    if value is None:
-        raise AdapterError(f"{where_of(row, where)}: no value in column {column!r}; fix or remove the row.")
-    return str(value)
 
 
 def subsample(count: int, limit: int | None, seed: int) -> list[int]:

@@ -25,6 +25,7 @@ from ..datafiles import (
     read_rows,
     require_columns,
     row_label,
+    row_text,
     where_of,
 )
 from ..errors import AdapterError
@@ -120,13 +121,13 @@ def encode_causal(
     if kind == "text":
         column = text_column or "text"
         prompts = [""] * len(rows)
-        responses = [_str(r, column, source) for r in rows]
+        responses = [row_text(r, column, source) for r in rows]
     elif kind == "completion":
-        prompts = [_str(r, "prompt", source) for r in rows]
-        responses = [_str(r, "completion", source) for r in rows]
+        prompts = [row_text(r, "prompt", source) for r in rows]
+        responses = [row_text(r, "completion", source) for r in rows]
     else:
-        prompts = [format_prompt(_str(r, "instruction", source), str(r.get("input") or "")) for r in rows]
-        responses = [_str(r, "output", source) for r in rows]
+        prompts = [format_prompt(row_text(r, "instruction", source), str(r.get("input") or "")) for r in rows]
+        responses = [row_text(r, "output", source) for r in rows]
     masking = mask_prompt and kind != "text"
     whole_ids = tokenizer([p + r for p, r in zip(prompts, responses, strict=True)], add_special_tokens=False)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if masking else [[]] * len(rows)
@@ -229,8 +230,8 @@ def _encode_texts(
     labels: list[str],
 ) -> Encoded:
     """Tokenise each row's text (and pair) with its target, counting what truncation cut."""
-    texts = [_str(r, text_column, source) for r in rows]
-    pairs = [_str(r, text_pair_column, source) for r in rows] if text_pair_column else None
+    texts = [row_text(r, text_column, source) for r in rows]
+    pairs = [row_text(r, text_pair_column, source) for r in rows] if text_pair_column else None
     full = tokenizer(texts, pairs, truncation=False)["input_ids"]
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     out = Encoded([], labels=labels)
@@ -263,16 +264,6 @@ def _label_order(label: str) -> tuple[int, float | str]:
         return (0, float(label))
     except ValueError:
         return (1, label)
-
-
-def _str(row: dict[str, Any], column: str, source: str) -> str:
-    value = row.get(column)
-    if value is None:
-        raise AdapterError(
-            f"{where_of(row, source)}: no value in column {column!r} (the row is {str(dict(row))[:200]}); fix or "
-            "remove the row."
-        )
-    return str(value)
 
 
 def pad_inputs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ Adding a kind of training is one `Task` subclass and one line in `TASKS`.
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pretrained import name_labels
 from .data import (
     IGNORE,
     Encoded,
@@ -182,9 +182,7 @@ class SequenceClassificationTask(Task):
         return Loss(F.cross_entropy(output.logits.float(), batch["labels"], reduction="sum") / num_items, output)
 
     def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
-        if labels:
-            model.config.id2label = dict(enumerate(labels))
-            model.config.label2id = {label: i for i, label in enumerate(labels)}
+        name_labels(model, labels)
 
     def eval_records(self, batch: Batch, output: Any) -> list[tuple[int, int]]:
         return list(zip(batch["labels"].tolist(), output.logits.argmax(-1).tolist(), strict=True))
@@ -307,15 +305,13 @@ class ImageClassificationTask(Task):
         return batch["labels"].numel()
 
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
-        output = _image_forward(model, batch["pixel_values"])
-        logits = output.logits if hasattr(output, "logits") else output  # a plain torch image model returns logits
+        from ..imagefiles import image_logits
+
+        logits = image_logits(model, batch["pixel_values"])
         return Loss(F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / num_items, logits)
 
     def prepare_model(self, model: nn.Module, labels: list[str] | None) -> None:
-        config = getattr(model, "config", None)
-        if labels and config is not None:
-            config.id2label = dict(enumerate(labels))
-            config.label2id = {label: i for i, label in enumerate(labels)}
+        name_labels(model, labels)
 
     def eval_records(self, batch: Batch, output: Any) -> list[tuple[int, list[int]]]:
         top = output.float().topk(5 if output.shape[-1] >= 10 else 1, dim=-1).indices.tolist()  # top-5: ≥ 10 classes
@@ -334,15 +330,6 @@ class ImageClassificationTask(Task):
         if config.model is not None and is_clip(config.model):
             head["template"] = config.clip_template  # nora eval rebuilds the classifier from the same prompts
         return head
-
-
-def _image_forward(model: nn.Module, pixels: torch.Tensor) -> Any:
-    """transformers image models take `pixel_values=`; any other torch image model takes the images as its input."""
-    inner = getattr(model, "module", model)  # under DDP
-    inner = getattr(inner, "model", inner)  # inside the AdaptedModel
-    if "pixel_values" in inspect.signature(inner.forward).parameters:
-        return model(pixel_values=pixels)
-    return model(pixels)
 
 
 def _inputs(batch: Batch) -> Batch:
