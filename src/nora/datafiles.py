@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,3 +234,12 @@ def row_text(row: dict[str, Any], column: str, source: str) -> str:
             "remove the row."
         )
     return str(value)
+
+
+def finite_number(text: str) -> float | None:
+    """`text` as a finite float (a regression target), or None where it is not one."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None

@@ -8,7 +8,6 @@ Commonsense tasks are LLM-Adapters JSON test sets, found at `<data_dir>/commonse
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from ..datafiles import (
     LABEL_COLUMNS,
     TARGET_COLUMNS,
     GlueLayout,
+    finite_number,
     pick_columns,
     read_rows,
     read_table,
@@ -187,11 +187,8 @@ def no_head_message(spec: TaskSpec) -> str:
 def _target(value: str, row, column: str, spec: TaskSpec, head: Head | None) -> int | float:
     where = where_of(row, str(spec.path))
     if head is not None and head.task == "regression":
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
+        number = finite_number(value)
+        if number is None:
             raise AdapterError(
                 f"{where}: label {value!r} in column {column!r} is not a finite number, and this adapter's head is a "
                 "regressor; fix the row, or choose the column with --label-column."

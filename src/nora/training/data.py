@@ -21,6 +21,7 @@ from ..datafiles import (
     SUFFIXES,
     TARGET_COLUMNS,
     Row,
+    finite_number,
     pick_columns,
     read_rows,
     require_columns,
@@ -206,11 +207,8 @@ def encode_regression(
     targets = []
     for row in rows:
         label = row_label(row, label_column, source)
-        try:
-            value = float(label)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
+        value = finite_number(label)
+        if value is None:
             raise AdapterError(
                 f"{where_of(row, source)}: label {label!r} in column {label_column!r} is not a finite number; "
                 "--task regression learns numeric targets: fix the row, or choose the column with --label-column."
