@@ -26,6 +26,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The tiny model decodes 100 tokens in milliseconds on a fast machine, so the whole stream could sit in the socket
+# buffers before SIGTERM arrives. 20 ms per forward (the pace of a real model) keeps the stream in flight at SIGTERM.
+_SLOW_SERVE = (
+    "import time; from transformers import LlamaForCausalLM as M; f = M.forward; "
+    "M.forward = lambda self, *a, **k: (time.sleep(0.02), f(self, *a, **k))[1]; "
+    "from nora.cli import app; app()"
+)
+
+
 def test_nora_serve_answers_and_drains_on_sigterm(tmp_path):
     base = tmp_path / "base"
     tiny_llama(max_position_embeddings=512).save_pretrained(base)  # the same weights, room for a long answer
@@ -33,7 +42,7 @@ def test_nora_serve_answers_and_drains_on_sigterm(tmp_path):
     tok.save_pretrained(base)
     adapters = save_adapters(tmp_path / "adapters", names=("a", "c"))
     port = _free_port()
-    command = [sys.executable, "-c", "from nora.cli import app; app()", "serve", "--base", str(base)]
+    command = [sys.executable, "-c", _SLOW_SERVE, "serve", "--base", str(base)]
     command += ["--adapter", f"a={adapters['a']}", "--port", str(port), "--device", "cpu", "--log-level", "info"]
     env = {**os.environ, "NORA_API_KEY": "k"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
