@@ -80,16 +80,22 @@ METHODS = {
 }  # fmt: skip
 
 # NoRA's variants for the ablation: what makes its learning-rate optimum wide (and high). Its defaults' row is the
-# sweep's NoRA series.
+# sweep's NoRA series (placement "sqrt"); "on sqrt" says so explicitly where the variant sets it.
+SQRT = {"placement": "sqrt"}
 ABLATION = {  # most promising first: a stopped run has measured these
-    "scale 1/√r (the authors' alpha=1 with alpha/√r)": {"use_rslora": True, "alpha": 1.0},
-    "outer r = min(d, k) (full rank)": {"r": 1.0},
-    "inner r' = 32": {"inner_r": 32},
     "placement none (B_o = U, A_o = Vᵀ)": {"placement": "none"},
-    "dropout 0.25 (the authors')": {"dropout": 0.25},
+    "scale 1/√r (the authors' alpha=1 with alpha/√r), on sqrt": {**SQRT, "use_rslora": True, "alpha": 1.0},
+    "outer r = min(d, k) (full rank), on sqrt": {**SQRT, "r": 1.0},
+    "inner r' = 32, on sqrt": {**SQRT, "inner_r": 32},
+    "dropout 0.25 (the authors'), on sqrt": {**SQRT, "dropout": 0.25},
     "placement out (B_o = U Σ)": {"placement": "out"},
-    "inner init randn": {"inner_init": "randn"},
-    "authors' core (diag, orthogonal)": {"inner_core": "diag", "inner_init": "orthogonal"},
+    "inner init randn, on sqrt": {**SQRT, "inner_init": "randn"},
+    "AwSVD (activation-aware outer basis), on none": {"placement": "none", "awsvd": True},
+    "authors' core (diag, orthogonal), on none": {
+        "placement": "none",
+        "inner_core": "diag",
+        "inner_init": "orthogonal",
+    },
 }
 ABLATION_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 

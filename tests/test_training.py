@@ -117,6 +117,31 @@ def test_truncation_is_counted_and_overlong_prompts_dropped(llm_dir, data_file, 
     assert result.summary["truncated"] > 0
 
 
+def _awsvd_scales(model) -> dict[str, torch.Tensor]:
+    return {n: layer.basis_of(layer.core("default")).scales for n, layer in model.layers().items()}
+
+
+def test_awsvd_training_measures_its_scales_on_the_first_training_batches(llm_dir, data_file, tmp_path, recwarn):
+    """awsvd=True in a training run calibrates on the run's own first batches (not plain SVD with a warning); the
+    scales travel in the adapter file, so the saved adapter reproduces the trained model."""
+    from transformers import AutoModelForCausalLM
+
+    from nora import AdaptedModel
+
+    adapter = {"r": 8, "inner_r": 4, "awsvd": True}
+    runs = {n: train(config(llm_dir, data_file, tmp_path / f"c{n}", adapter=adapter, max_steps=4,
+                            calibration_batches=n)) for n in (1, 2)}  # fmt: skip
+    assert not [w for w in recwarn if "calibration_data" in str(w.message)]
+    one, two = (_awsvd_scales(runs[n].model) for n in (1, 2))
+    assert one.keys() == two.keys() and all(s is not None for s in one.values())
+    assert any(not torch.equal(one[n], two[n]) for n in one)  # measured on the data: more batches, other scales
+    base = AutoModelForCausalLM.from_pretrained(llm_dir)
+    loaded = AdaptedModel.from_pretrained(base, runs[2].adapter_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    trained = runs[2].model.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
 def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 

@@ -56,6 +56,10 @@ def atomic_save_safetensors(
     _atomic(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
 def atomic_write_json(obj: object, path: str | os.PathLike) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 

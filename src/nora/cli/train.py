@@ -116,6 +116,12 @@ OPTIONS: tuple[CliOption, ...] = (
     ),
     CliOption("batch_size", int, "batch_size", Opt(help="Examples per device per micro-batch.")),
     CliOption(
+        "calibration_batches",
+        int,
+        "calibration_batches",
+        Opt(help="AwSVD (--adapter awsvd=true): the first N training batches measure each layer's input scales."),
+    ),  # fmt: skip
+    CliOption(
         "group_by_length",
         bool,
         "group_by_length",

@@ -44,8 +44,15 @@ class TrainConfig:
     shots: int | None = None  # image-cls: K seeded training images per class (the few-shot protocol)
     image_size: int | None = None  # image-cls: stated transforms (resize, crop) for a model without an image processor
     clip_template: str = "a photo of a {}."  # image-cls with a CLIP model: each class's prompt
+    instance_prompt: str | None = None  # dreambooth: the prompt of --data's subject images ("a photo of sks dog")
+    class_data: str | None = None  # dreambooth prior preservation: class images (generated up to num_class_images)
+    class_prompt: str | None = None  # dreambooth prior preservation: the class's prompt ("a photo of a dog")
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False  # dreambooth: adapters on the text encoder's attention too
     # optimisation
     batch_size: int = 8
+    calibration_batches: int = 8  # AwSVD (awsvd=True): the first N training batches measure the input scales
     group_by_length: bool = False  # each epoch's shuffled order sorted by length within chunks of 50 global batches
     grad_accum: int = 1
     learning_rate: float | None = None
@@ -82,6 +89,7 @@ class TrainConfig:
         self._check_optimisation()
         self._check_data_options()
         self._check_images()
+        self._check_dreambooth()
         self._check_parallelism()
         self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
@@ -98,7 +106,8 @@ class TrainConfig:
             raise AdapterError(f"lr_scheduler={self.lr_scheduler!r}: choose one of {SCHEDULES}.")
 
     def _check_counts(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit"):
+        for name in ("batch_size", "calibration_batches", "grad_accum", "max_length", "logging_steps",
+                     "save_total_limit"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
         for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "shots", "image_size"):
@@ -135,12 +144,34 @@ class TrainConfig:
             raise AdapterError(f"labels fix a classifier's label set: they need {classifiers}.")
 
     def _check_images(self) -> None:
-        images = self.task == "image-cls"
-        for name in ("shots", "image_size"):
-            if getattr(self, name) is not None and not images:
-                raise AdapterError(f"{name} is an option of --task image-cls, not of --task {self.task}.")
+        images = self.task in ("image-cls", "dreambooth")
+        for name, tasks in (("shots", ("image-cls",)), ("image_size", ("image-cls", "dreambooth"))):
+            if getattr(self, name) is not None and self.task not in tasks:
+                raise AdapterError(f"{name} is an option of --task {' or '.join(tasks)}, not of --task {self.task}.")
         if images and self.group_by_length:
             raise AdapterError("group_by_length batches texts by token count; images have no length: leave it off.")
+
+    def _check_dreambooth(self) -> None:
+        options = ("instance_prompt", "class_data", "class_prompt")
+        if self.task != "dreambooth":
+            given = [n for n in (*options, "train_text_encoder") if getattr(self, n)]
+            if given:
+                raise AdapterError(f"{given} are options of --task dreambooth, not of --task {self.task}.")
+            return
+        if not self.instance_prompt:
+            raise AdapterError(
+                "--task dreambooth needs --instance-prompt: the prompt that names the subject of --data's images, "
+                'with a rare token for it (e.g. --instance-prompt "a photo of sks dog").'
+            )
+        if (self.class_data is None) != (self.class_prompt is None):
+            raise AdapterError(
+                "prior preservation takes --class-data DIR and --class-prompt together (e.g. --class-data "
+                'class-images --class-prompt "a photo of a dog"); give both, or neither to train without it.'
+            )
+        if self.num_class_images < 1 or not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
+            raise AdapterError("num_class_images must be at least 1 and prior_loss_weight a number ≥ 0.")
+        if self.eval_fraction:
+            raise AdapterError("--task dreambooth trains on every subject image: leave --eval-fraction unset.")
 
     def _check_parallelism(self) -> None:
         if self.fsdp and self.precision == "fp16":

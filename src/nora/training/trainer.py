@@ -30,8 +30,9 @@ from ..atomic import atomic_write_json
 from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..io import read_adapter, write_adapter
+from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
-from ..pretrained import check_model_source, load_model, load_tokenizer
+from ..pretrained import load_model, load_tokenizer
 from ..state import adapter_payload, apply_tensors
 from .checkpoint import (
     check_resumable,
@@ -111,7 +112,7 @@ def check_inputs(config: TrainConfig, model_given: bool) -> None:
     if config.model is None and not model_given:
         raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
     if not model_given:
-        check_model_source(config.model, config.gguf_file)
+        TASKS[config.task].check_model(config)
     if config.eval_tasks:
         from ..evaluation import resolve_tasks
 
@@ -239,7 +240,9 @@ class Run:
             model = load_base_model(self.config, num_labels=self.task.num_labels(self.labels))
         self.task.prepare_model(model, self.labels)
         self.task.prepare(self.tokenizer, model)
-        self.adapted = get_peft_model(model.to(self.acc.device), self._adapter_config())
+        config = self._adapter_config()
+        calibration = self._calibration_data(config)
+        self.adapted = get_peft_model(model.to(self.acc.device), config, calibration_data=calibration)
         for p in self.adapted.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
@@ -248,6 +251,15 @@ class Run:
         self._load_checkpoint_adapter()  # before any wrapping or sharding
         if self.config.fsdp:
             _shard(self.adapted, self.world)
+
+    def _calibration_data(self, config: AdapterConfig) -> list[dict[str, torch.Tensor]] | None:
+        """An activation-aware basis's calibration batches: the first training examples in file order, the same on
+        every process and on resume, so the outer basis (and its fingerprint) is too."""
+        if get_method(config.method).calibration(config) is None:
+            return None
+        size = self.config.batch_size
+        examples = self.train_examples[: self.config.calibration_batches * size]
+        return [self._batch(examples[i : i + size]) for i in range(0, len(examples), size)]
 
     def _adapter_config(self) -> AdapterConfig:
         adapter_config = self.config.adapter_config()
