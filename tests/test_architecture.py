@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
             "nora.prompts",
             "nora.datafiles",
             "nora.imagefiles",
+            "nora.diffusion",
         ],
         0,
     ),

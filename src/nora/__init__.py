@@ -3,6 +3,7 @@
 from .calibrate import calibrate
 from .config import AdapterConfig
 from .errors import AdapterError
+from .export import export_diffusers_lora, export_lora
 from .layer import BASE, AdapterLayer
 from .methods import DoraConfig, HeadOnlyConfig, LoraConfig, LoraXSConfig, NoraConfig, PissaConfig, SVFitConfig
 from .model import AdaptedModel, get_peft_model
@@ -24,5 +25,7 @@ __all__ = [
     "SVDSettings",
     "SVFitConfig",
     "calibrate",
+    "export_diffusers_lora",
+    "export_lora",
     "get_peft_model",
 ]

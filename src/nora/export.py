@@ -53,27 +53,20 @@ def _target_names(names: list[str], all_names: list[str]) -> list[str]:
     return suffixes if sorted(selected) == sorted(names) else sorted(names)
 
 
-@torch.no_grad()
-def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.PathLike) -> None:
-    """Write adapter `adapter_name` of `model` (a resident one is made modules first) as a PEFT LoRA directory."""
+def _exportable(model: AdaptedModel, adapter_name: str, target: str) -> None:
     if adapter_name not in model.peft_config:
         raise AdapterError(f"no adapter named {adapter_name!r}; loaded: {sorted(model.peft_config)}.")
     model.materialize(adapter_name)
     config = model.peft_config[adapter_name]
-    method = get_method(config.method)
-    if not method.adapts_layers:
+    if not get_method(config.method).adapts_layers:
         raise AdapterError(
-            f"adapter {adapter_name!r} ({config.method}) adapts no layer, and PEFT's LoRA format needs at least one "
-            "(PEFT refuses a LoRA config that targets nothing). Save the model with the head instead: "
-            "model.merge_and_unload().save_pretrained(DIR) (nora merge does the same)."
+            f"adapter {adapter_name!r} ({config.method}) adapts no layer, and {target} needs at least one (PEFT "
+            "refuses a LoRA config that targets nothing). Save the model with the head instead: "
+            "model.merge_and_unload().save_pretrained(DIR)."
         )
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    transposed = False
-    layers = model.layers()
     unexportable = [
         n
-        for n, lay in layers.items()
+        for n, lay in model.layers().items()
         if adapter_name in lay.adapters and lay.is_conv and _peft_conv_differs(lay.base_layer)
     ]
     if unexportable:
@@ -83,7 +76,17 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
             "size, stride and padding alone, so an export would not reproduce them. Merge the adapter instead "
             "(merge_and_unload), or leave those layers out of target_modules."
         )
-    for lname, layer in layers.items():
+
+
+def _lora_tensors(
+    model: AdaptedModel, adapter_name: str, prefix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each adapted layer's exact pair (and the method's own PEFT tensors) under `prefix` + the layer's name, and
+    each layer's rank."""
+    method = get_method(model.peft_config[adapter_name].method)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for lname, layer in model.layers().items():
         if adapter_name not in layer.adapters:
             continue
         core = layer.adapters[adapter_name]
@@ -92,14 +95,25 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
         if layer.is_conv:  # PEFT's Conv2d LoRA: A a kernel of the layer's shape, B a 1×1 convolution
             A = A.reshape(A.shape[0], *layer.weight.shape[1:])
             B = B.reshape(*B.shape, 1, 1)
-        tensors[f"{_PREFIX}{lname}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{_PREFIX}{lname}.lora_B.weight"] = B.to(dtype).contiguous()
+        tensors[f"{prefix}{lname}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{prefix}{lname}.lora_B.weight"] = B.to(dtype).contiguous()
         for suffix, t in method.peft_tensors(core).items():
             if layer.is_conv and t.dim() == 1:
                 t = t.reshape(1, -1, 1, 1)  # PEFT keeps a Conv2d's per-output-channel vectors (DoRA's m) as 1×d×1×1
-            tensors[f"{_PREFIX}{lname}.{suffix}"] = t.detach().to(dtype)
+            tensors[f"{prefix}{lname}.{suffix}"] = t.detach().to(dtype)
         ranks[lname] = A.shape[0]
-        transposed |= layer.transposed
+    return tensors, ranks
+
+
+@torch.no_grad()
+def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.PathLike) -> None:
+    """Write adapter `adapter_name` of `model` (a resident one is made modules first) as a PEFT LoRA directory."""
+    _exportable(model, adapter_name, "PEFT's LoRA format")
+    config = model.peft_config[adapter_name]
+    method = get_method(config.method)
+    tensors, ranks = _lora_tensors(model, adapter_name, _PREFIX)
+    layers = model.layers()
+    transposed = any(layers[n].transposed for n in ranks)
     saved = []
     for mname, tc in model.trainable_copies().items():
         if adapter_name in tc.copies:
@@ -133,5 +147,33 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     def build(tmp: Path) -> None:
         peft_config.save_pretrained(str(tmp))
         atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    atomic_replace_dir(build, directory)
+
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@torch.no_grad()
+def export_diffusers_lora(model: AdaptedModel, adapter_name: str, directory: str | os.PathLike) -> None:
+    """Write adapter `adapter_name` of a DreamBooth-trained pipeline (nora.diffusion.DreamBoothModel) as diffusers'
+    LoRA file, `DIRECTORY/pytorch_lora_weights.safetensors`, keyed `unet.<module>.lora_A.weight` /
+    `text_encoder.<module>.lora_B.weight` with the scale folded into B (alpha = rank), so
+    `pipeline.load_lora_weights(DIRECTORY)` applies exactly nora's ΔW."""
+    from .diffusion import DreamBoothModel
+
+    if not isinstance(model.model, DreamBoothModel):
+        raise AdapterError(
+            f"export_diffusers_lora writes a diffusers pipeline's LoRA file; this model is a "
+            f"{type(model.model).__name__}. Export it with export_lora (PEFT's format) instead."
+        )
+    _exportable(model, adapter_name, "diffusers' LoRA format")
+    if model.trainable_copies():
+        raise AdapterError("diffusers' LoRA file holds no fully trained modules: leave modules_to_save unset.")
+    tensors, _ = _lora_tensors(model, adapter_name, "")
+    metadata = {"format": "pt", "nora_method": model.peft_config[adapter_name].method}
+
+    def build(tmp: Path) -> None:
+        atomic_save_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS, metadata=metadata)
 
     atomic_replace_dir(build, directory)

@@ -63,6 +63,8 @@ class Task(ABC):
         head(labels, config)    None; what the adapter file records of the head it trains (`nora eval` reads it:
                                 {"task": "seq-cls", "labels": [...]} or {"task": "regression"})
         read(config, source, train)   the data rows of `source` (default: nora.training.data.load_records)
+        check_model(config)     refuse a --model that cannot be loaded, before anything loads (default: a
+                                transformers directory or hub id: nora.pretrained.check_model_source)
         load_processor(config)  what turns rows into model inputs (default: the model's tokenizer)
         prepare(processor, model)     adjust the processor to the model (default: a pad token for text)
         count_inputs(batch)     what the run counts as seen (default: the tokens of the attention mask)
@@ -105,6 +107,11 @@ class Task(ABC):
 
     def defaults(self, config: TrainConfig) -> dict[str, Any]:
         return self.adapter_defaults
+
+    def check_model(self, config: TrainConfig) -> None:
+        from ..pretrained import check_model_source
+
+        check_model_source(config.model, config.gguf_file)
 
     def load_model(self, config: TrainConfig, labels: list[str] | None) -> nn.Module | None:
         return None
@@ -332,11 +339,94 @@ class ImageClassificationTask(Task):
         return head
 
 
+class DreamBoothTask(Task):
+    """Subject-driven generation (nora.diffusion): --data is a folder of the subject's images, each captioned
+    --instance-prompt; with --class-data and --class-prompt, prior preservation adds class images (sampled from the
+    base pipeline up to --num-class-images where the folder has fewer), their loss weighted --prior-loss-weight.
+    The loss is the noise-prediction mean squared error per image; the run counts images."""
+
+    name = "dreambooth"
+    model_kind = "diffusion"
+
+    def defaults(self, config: TrainConfig) -> dict[str, Any]:
+        from ..diffusion import TEXT_ENCODER_TARGETS, UNET_TARGETS
+
+        both = f"(?:{UNET_TARGETS})|(?:{TEXT_ENCODER_TARGETS})"
+        return {"target_modules": both if config.train_text_encoder else UNET_TARGETS}
+
+    def check_model(self, config: TrainConfig) -> None:
+        from ..diffusion import check_pipeline
+
+        check_pipeline(config.model)
+
+    def load_model(self, config: TrainConfig, labels: list[str] | None) -> nn.Module | None:
+        from ..diffusion import DreamBoothModel
+
+        return DreamBoothModel.from_pretrained(config.model)
+
+    def read(self, config: TrainConfig, source: str, train: bool) -> list[dict[str, Any]]:
+        from ..diffusion import class_images, image_files
+
+        files = image_files(source, "--data")
+        rows = [{"image": str(p), "prompt": config.instance_prompt, "prior": False} for p in files]
+        if train and config.class_data is not None:
+            images = class_images(config.model, config.class_data, config.class_prompt, config.num_class_images,
+                                  config.seed)  # fmt: skip
+            rows += [{"image": str(p), "prompt": config.class_prompt, "prior": True} for p in images]
+        return rows
+
+    def load_processor(self, config: TrainConfig) -> Any:
+        from ..diffusion import DreamBoothProcessor
+
+        return DreamBoothProcessor.from_pretrained(config.model, config.image_size)
+
+    def prepare(self, processor: Any, model: nn.Module) -> None:
+        return None
+
+    def encode(
+        self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
+    ) -> Encoded:
+        from pathlib import Path
+
+        from ..diffusion import open_image
+
+        examples = [
+            {"pixel_values": tokenizer.pixels(open_image(Path(r["image"]))), "input_ids": tokenizer.ids(r["prompt"]),
+             "weight": config.prior_loss_weight if r["prior"] else 1.0}
+            for r in rows
+        ]  # fmt: skip
+        return Encoded(examples)
+
+    def collate(self, examples: list[Example], pad_id: int) -> Batch:
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "input_ids": torch.stack([e["input_ids"] for e in examples]),
+            "weight": torch.tensor([e["weight"] for e in examples]),
+        }
+
+    def count_targets(self, batch: Batch) -> int:
+        return batch["weight"].numel()
+
+    def count_inputs(self, batch: Batch) -> int:
+        return batch["weight"].numel()
+
+    def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
+        per_image = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"])
+        return Loss((per_image * batch["weight"]).sum() / num_items, per_image)
+
+
 def _inputs(batch: Batch) -> Batch:
     """What a classifier reads of a batch: its tokens, mask, and (BERT's text pairs) segment ids."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (CausalLMTask(), SequenceClassificationTask(), RegressionTask(), ImageClassificationTask())
+    t.name: t
+    for t in (
+        CausalLMTask(),
+        SequenceClassificationTask(),
+        RegressionTask(),
+        ImageClassificationTask(),
+        DreamBoothTask(),
+    )
 }
