@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
-from .imagefiles import IMAGE_SUFFIXES, StatedTransforms
+from .imagefiles import IMAGE_SUFFIXES, StatedTransforms, images_in
 
 # The attention projections DreamBooth-LoRA adapts (diffusers' train_dreambooth_lora.py): the UNet's, and with
 # --train-text-encoder the CLIP text encoder's. Anchored on the component, since the VAE's attention uses the same
@@ -70,18 +70,16 @@ def load_pipeline(path: str, dtype: torch.dtype | None = None):
     anyone; generated class images and grids are files the user asked for)."""
     from diffusers import DiffusionPipeline
 
-    parts = _component_config(path, "model_index.json")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    if "safety_checker" not in parts:
-        kwargs = {}
+    has_checker = "safety_checker" in _component_config(path, "model_index.json")
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def default_resolution(pipe) -> int:
+def resolution(unet_config: Any, vae_config: Any) -> int:
     """The image size the UNet was trained at: its latent size times the VAE's downsampling."""
-    return int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 class DreamBoothModel(nn.Module):
@@ -100,7 +98,7 @@ class DreamBoothModel(nn.Module):
                 f"the pipeline's scheduler predicts {self.prediction_type!r}; DreamBooth here trains epsilon- or "
                 "v-prediction UNets."
             )
-        self.__dict__["pipeline"] = pipeline  # not a submodule: its modules are registered above
+        self.pipeline = pipeline  # not an nn.Module, so not a submodule: its modules are registered above
         self.config = pipeline.unet.config  # what model-wide code reads (name_or_path, dtype checks)
 
     @classmethod
@@ -132,14 +130,13 @@ class DreamBoothProcessor:
         self.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str, resolution: int | None) -> DreamBoothProcessor:
+    def from_pretrained(cls, path: str, size: int | None) -> DreamBoothProcessor:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        if resolution is None:
-            unet, vae = (_component_config(path, f"{c}/config.json") for c in ("unet", "vae"))
-            resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-        return cls(tokenizer, resolution)
+        if size is None:
+            size = resolution(*(_component_config(path, f"{c}/config.json") for c in ("unet", "vae")))
+        return cls(tokenizer, size)
 
     def pixels(self, image) -> torch.Tensor:
         half = (0.5, 0.5, 0.5)
@@ -156,21 +153,10 @@ def image_files(folder: str, what: str, empty_ok: bool = False) -> list[Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise AdapterError(f"{what} {folder}: no such directory; it should hold the images (.jpg, .png, ...).")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = images_in(root)
     if not files and not empty_ok:
         raise AdapterError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the images in it.")
     return files
-
-
-def open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise AdapterError(f"cannot read image {path} ({e}); replace or remove it.") from e
 
 
 @torch.no_grad()
@@ -178,7 +164,7 @@ def sample(pipe, prompts: list[str], per_prompt: int = 1, steps: int = 25, guida
            size: int | None = None, output_type: str = "pil") -> Any:  # fmt: skip
     """`per_prompt` images for each prompt, from one seeded generator (the same call gives the same images)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    size = size or default_resolution(pipe)
+    size = size or resolution(pipe.unet.config, pipe.vae.config)
     return pipe(prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
                 generator=generator, height=size, width=size, output_type=output_type).images  # fmt: skip
 

@@ -27,6 +27,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORMS_FILE = "nora_image_transforms.json"
 
 
+def images_in(folder: Path) -> list[Path]:
+    """The images directly in `folder` (by suffix), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def open_rgb(path: str | Path) -> Any:
+    """The image at `path` decoded as RGB; an unreadable file is an error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise AdapterError(f"{path}: not a readable image ({e}); replace or remove it.") from None
+
+
 def image_rows(source: str) -> list[Row]:
     """Rows of `path` and `label`: from a folder of class folders (the label is the folder's name), or from a
     CSV/JSONL/JSON file whose relative paths are read from the file's folder."""
@@ -40,7 +56,7 @@ def image_rows(source: str) -> list[Row]:
             )
         rows = []
         for folder in classes:
-            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            images = images_in(folder)
             if not images:
                 raise AdapterError(
                     f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or remove it."
@@ -125,8 +141,6 @@ def load_image_processor(model: str | None, image_size: int | None) -> Any:
 
 def encode_images(rows: list[Row], processor: Any, labels: list[str], source: str) -> list[dict[str, Any]]:
     """Each row's image decoded (RGB) and preprocessed, with its class id in `labels`."""
-    from PIL import Image, UnidentifiedImageError
-
     ids = {label: i for i, label in enumerate(labels)}
     examples = []
     for row in rows:
@@ -135,12 +149,7 @@ def encode_images(rows: list[Row], processor: Any, labels: list[str], source: st
                 f"{row.where}: label {row['label']!r} is outside the label set {labels}; fix the data or pass the "
                 "full set with --labels."
             )
-        try:
-            with Image.open(row["path"]) as image:
-                rgb = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise AdapterError(f"{row['path']}: not a readable image ({e}); replace or remove it.") from None
-        pixels = processor([rgb], return_tensors="pt")["pixel_values"][0]
+        pixels = processor([open_rgb(row["path"])], return_tensors="pt")["pixel_values"][0]
         examples.append({"pixel_values": pixels, "label": ids[row["label"]]})
     if not examples:
         raise AdapterError(f"{source}: no images to train or evaluate on.")

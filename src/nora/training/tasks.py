@@ -386,12 +386,10 @@ class DreamBoothTask(Task):
     def encode(
         self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
     ) -> Encoded:
-        from pathlib import Path
-
-        from ..diffusion import open_image
+        from ..imagefiles import open_rgb
 
         examples = [
-            {"pixel_values": tokenizer.pixels(open_image(Path(r["image"]))), "input_ids": tokenizer.ids(r["prompt"]),
+            {"pixel_values": tokenizer.pixels(open_rgb(r["image"])), "input_ids": tokenizer.ids(r["prompt"]),
              "weight": config.prior_loss_weight if r["prior"] else 1.0}
             for r in rows
         ]  # fmt: skip

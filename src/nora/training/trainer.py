@@ -257,9 +257,7 @@ class Run:
         every process and on resume, so the outer basis (and its fingerprint) is too."""
         if get_method(config.method).calibration(config) is None:
             return None
-        size = self.config.batch_size
-        examples = self.train_examples[: self.config.calibration_batches * size]
-        return [self._batch(examples[i : i + size]) for i in range(0, len(examples), size)]
+        return self._batches(self.train_examples[: self.config.calibration_batches * self.config.batch_size])
 
     def _adapter_config(self) -> AdapterConfig:
         adapter_config = self.config.adapter_config()
@@ -351,8 +349,12 @@ class Run:
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         share = self.config.batch_size * self.config.grad_accum
         mine = self._global_batch(step)[self.acc.process_index * share : (self.acc.process_index + 1) * share]
+        return self._batches(mine)
+
+    def _batches(self, examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """`examples` in micro-batches of --batch-size, in order."""
         bs = self.config.batch_size
-        return [self._batch(mine[i : i + bs]) for i in range(0, len(mine), bs)]
+        return [self._batch(examples[i : i + bs]) for i in range(0, len(examples), bs)]
 
     def _batch(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.task.collate(examples, getattr(self.tokenizer, "pad_token_id", None) or 0)
