@@ -181,6 +181,19 @@ def test_modules_to_save_head_trains_and_unloads():
     torch.testing.assert_close(model_output(model.unload(), inputs), ref)
 
 
+def test_modules_to_save_on_a_block_list_the_model_loops_over():
+    base = BUILDERS["llama"]()
+    inputs = model_input("llama")
+    ref = model_output(base, inputs).detach()
+    config = nora.LoraConfig(r=2, target_modules=["lm_head"], modules_to_save=["model.layers"])  # iterated, sliced
+    model = nora.get_peft_model(base, config)
+    torch.testing.assert_close(model_output(model, inputs), ref)
+    model_output(model, inputs).sum().backward()
+    copies = [p for n, p in model.named_parameters() if "layers.copies.default" in n]
+    assert copies and all(p.grad is not None for p in copies)
+    assert all(p.grad is None for n, p in model.named_parameters() if "layers.original" in n)
+
+
 def test_dropout_acts_in_training_only():
     inputs = model_input("llama")
     model = nora.get_peft_model(BUILDERS["llama"](), nora.NoraConfig(r=12, inner_r=3, dropout=0.5))

@@ -182,6 +182,19 @@ class TrainableCopy(nn.Module):
         except AttributeError:
             return getattr(self.current(), name)
 
+    # A container kept whole (an nn.ModuleList of blocks that the model loops over) iterates as its active copy.
+    def __iter__(self):
+        return iter(self.current())
+
+    def __len__(self) -> int:
+        return len(self.current())
+
+    def __bool__(self) -> bool:  # a module is true, as nn.Module is, whatever __len__ would say
+        return True
+
+    def __getitem__(self, index):
+        return self.current()[index]
+
 
 def trainable_copies(model: nn.Module) -> dict[str, TrainableCopy]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TrainableCopy)}
