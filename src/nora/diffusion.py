@@ -71,8 +71,10 @@ def load_pipeline(path: str, dtype: torch.dtype | None = None):
     from diffusers import DiffusionPipeline
 
     has_checker = "safety_checker" in _component_config(path, "model_index.json")
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kwargs)
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -137,6 +139,9 @@ class DreamBoothProcessor:
         if size is None:
             size = resolution(*(_component_config(path, f"{c}/config.json") for c in ("unet", "vae")))
         return cls(tokenizer, size)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(directory)  # what the run's prompts were encoded with, beside the adapter
 
     def pixels(self, image) -> torch.Tensor:
         half = (0.5, 0.5, 0.5)

@@ -171,6 +171,9 @@ def export_diffusers_lora(model: AdaptedModel, adapter_name: str, directory: str
     if model.trainable_copies():
         raise AdapterError("diffusers' LoRA file holds no fully trained modules: leave modules_to_save unset.")
     tensors, _ = _lora_tensors(model, adapter_name, "")
+    # DoRA's magnitude as the module's own parameter name: transformers' loader (the text encoder's) reads only
+    # that spelling, diffusers' UNet loader reads both.
+    tensors = {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: t for k, t in tensors.items()}
     metadata = {"format": "pt", "nora_method": model.peft_config[adapter_name].method}
 
     def build(tmp: Path) -> None:

@@ -28,5 +28,5 @@ def _register(module: str) -> None:
             raise
 
 
-for _module in ("train", "demo", "plot", "convert", "eval", "serve"):
+for _module in ("train", "demo", "plot", "convert", "eval", "serve", "generate"):
     _register(_module)

@@ -112,7 +112,30 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("shots", int, "shots", Opt(help="image-cls: K seeded training images per class (few-shot).")),
     CliOption("clip_template", str, "clip_template", Opt(help="image-cls with CLIP: each class's prompt, with {}.")),
     CliOption(
-        "image_size", int, "image_size", Opt(help="image-cls: resize and centre-crop to N (models with no processor).")
+        "image_size",
+        int,
+        "image_size",
+        Opt(help="image-cls/dreambooth: resize and centre-crop to N (image-cls: models with no processor)."),
+    ),
+    CliOption(
+        "instance_prompt",
+        str,
+        "instance_prompt",
+        Opt(help='dreambooth: the prompt of --data\'s images ("a photo of sks dog").'),
+    ),
+    CliOption("class_data", str, "class_data", Opt(help="dreambooth prior preservation: folder of class images.")),
+    CliOption("class_prompt", str, "class_prompt", Opt(help='dreambooth prior preservation: "a photo of a dog".')),
+    CliOption(
+        "num_class_images",
+        int,
+        "num_class_images",
+        Opt(help="dreambooth: class images used; --class-data is filled up to N by the base pipeline."),
+    ),
+    CliOption(
+        "prior_loss_weight", float, "prior_loss_weight", Opt(help="dreambooth: weight of the class images' loss.")
+    ),
+    CliOption(
+        "train_text_encoder", bool, "train_text_encoder", Opt(help="dreambooth: adapters on the text encoder too.")
     ),
     CliOption("batch_size", int, "batch_size", Opt(help="Examples per device per micro-batch.")),
     CliOption(
@@ -222,7 +245,7 @@ def _yaml_adapter(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_command(**options: Any) -> None:
-    """Fine-tune an adapter on a causal LM (instruction or plain text) or a sequence classifier."""
+    """Fine-tune an adapter: a causal LM, a text classifier or regressor, an image classifier, a diffusion pipeline."""
     from rich.console import Console
 
     from ..training import train

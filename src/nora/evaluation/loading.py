@@ -125,6 +125,23 @@ def load_for_eval(
     return model.eval(), tokenizer
 
 
+def adapted_pipeline(base: str, adapter: str | Path | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str = "cpu", merge: bool = True):  # fmt: skip
+    """The pipeline in `base` on `device`, with the nora adapter saved in `adapter` on its UNet (and text encoder)
+    — folded into the weights when `merge`, else kept as adapter layers."""
+    from ..diffusion import DreamBoothModel
+
+    model = DreamBoothModel.from_pretrained(base, dtype)
+    if adapter is not None:
+        adapted = AdaptedModel.from_pretrained(model, adapter)  # wraps the pipeline's own modules in place
+        if merge:
+            adapted.merge_and_unload()
+        else:
+            model.pipeline.nora_adapter = adapted  # the adapter's state lives as long as the pipeline
+    model.pipeline.to(device)
+    return model.pipeline
+
+
 def _with_adapter(model: nn.Module, target: EvalTarget, merge: bool) -> nn.Module:
     if target.adapter is None:
         return model
