@@ -1,7 +1,8 @@
 """`--task dreambooth` on a tiny Stable-Diffusion-style pipeline built from configs (UNet, VAE, CLIP text encoder,
 a word-level tokenizer made here) and real CIFAR-10 dog photos: training lowers the noise-prediction loss, the
 saved adapter reloads to identical latents, prior preservation samples its class images, `nora generate` writes a
-PNG grid, and the diffusers-format export loaded by `pipeline.load_lora_weights` gives nora's latents."""
+PNG grid, and the diffusers-format export (`nora export`, export_diffusers_lora) loaded by
+`pipeline.load_lora_weights` gives nora's latents."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def invoke(*args) -> str:
 def test_dreambooth_trains_reloads_and_generates(tmp_path, pipe_dir, dogs, text_encoder):
     from PIL import Image
 
-    from nora.diffusion import DreamBoothModel
+    from nora.diffusion import DreamBoothModel, load_pipeline
     from nora.evaluation.loading import adapted_pipeline
     from nora.training import TrainConfig, train
 
@@ -120,6 +121,11 @@ def test_dreambooth_trains_reloads_and_generates(tmp_path, pipe_dir, dogs, text_
     torch.testing.assert_close(reloaded, latents(adapted.model.pipeline), rtol=0, atol=0)  # save → load: identical
     torch.testing.assert_close(latents(adapted_pipeline(str(pipe_dir), result.adapter_dir)), reloaded)  # merged
     assert (reloaded - latents(base.pipeline)).abs().max() > 1e-3  # the adapter changes what is sampled
+
+    invoke("export", result.adapter_dir, "-o", tmp_path / "diffusers")  # a pipeline's adapter: diffusers' format
+    pipeline = load_pipeline(str(pipe_dir))
+    pipeline.load_lora_weights(tmp_path / "diffusers")
+    torch.testing.assert_close(latents(pipeline), reloaded, rtol=1e-4, atol=1e-4)
 
     grid, images = tmp_path / "grid.png", tmp_path / "images"
     out = invoke("generate", "--adapter", result.adapter_dir, "-p", PROMPT, "-p", "a photo of a dog on the beach",

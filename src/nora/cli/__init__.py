@@ -28,5 +28,5 @@ def _register(module: str) -> None:
             raise
 
 
-for _module in ("train", "demo", "plot", "convert", "eval", "serve", "generate"):
+for _module in ("train", "demo", "plot", "convert", "eval", "serve", "generate", "export"):
     _register(_module)
