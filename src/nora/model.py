@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accel import enable_adapter_checkpointing
 from .basis import compute_factors
 from .calibrate import calibrate
 from .config import AdapterConfig
@@ -90,6 +91,13 @@ class AdaptedModel(nn.Module):
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._rows(adapter_names):
             return self.model.generate(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        """What transformers' Trainer calls for activation_checkpointing=True: the base model's blocks recompute
+        their activations in backward, the adapters keep their narrow ones (nora.accel; the kwargs are its own)."""
+        enable_adapter_checkpointing(self.model)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before transformers 5.2x
 
     @contextmanager
     def _rows(self, adapter_names: list[str] | None) -> Iterator[None]:

@@ -1,0 +1,94 @@
+"""nora models inside transformers' `Trainer` and TRL's `SFTTrainer`, as PEFT models train there.
+
+`Trainer` knows PEFT's classes by name: for any other model it keeps only the dataset columns the model's own
+`forward` names (an `AdaptedModel` takes `*args, **kwargs`, so it would keep none), writes the whole state dict as
+checkpoints, and reloads only whole-model or PEFT files. `NoraTrainerMixin` makes each of those steps nora's:
+
+- the columns kept, the label names and whether the model returns a loss are read off the adapted base model;
+- `_save` (every checkpoint, `save_model`) writes a nora adapter directory: `adapter_config.json` and
+  `adapter_model.safetensors` with the trainable tensors only, beside the tokenizer;
+- `resume_from_checkpoint` and `load_best_model_at_end` put the checkpoint's adapter tensors back into the
+  adapter being trained (the optimizer, scheduler and RNG states are the Trainer's own, so resume is exact).
+
+    from nora.hf_trainer import NoraTrainer            # or NoraSFTTrainer, with TRL installed
+    trainer = NoraTrainer(model=nora.get_peft_model(base, nora.NoraConfig()), args=TrainingArguments(...), ...)
+
+`AdaptedModel.activation_checkpointing_enable` (what `activation_checkpointing=True` calls) checkpoints the base
+model's blocks while keeping the adapters' narrow activations (nora.accel).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+from transformers import Trainer
+
+from .io import read_adapter
+from .model import AdaptedModel
+from .state import apply_tensors
+
+
+class NoraTrainerMixin:
+    """Put before a `Trainer` subclass in the bases: `class MyTrainer(NoraTrainerMixin, Trainer)`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from transformers.utils import can_return_loss, find_labels
+
+        base = type(self._adapted().model)  # what Trainer reads off the model's class, read off the base's
+        if self.args.label_names is None:  # type: ignore[attr-defined]
+            self.label_names = find_labels(base)
+        self.can_return_loss = can_return_loss(base)
+
+    def _adapted(self) -> AdaptedModel:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # type: ignore[attr-defined]
+        if not isinstance(model, AdaptedModel):
+            raise TypeError(
+                f"{type(self).__name__} trains a nora AdaptedModel (nora.get_peft_model(base, config)); it was "
+                f"given a {type(model).__name__}."
+            )
+        return model
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:  # type: ignore[has-type]
+            model = self.model.model if isinstance(self.model, AdaptedModel) else self.model  # type: ignore[attr-defined]
+            columns = list(inspect.signature(model.forward).parameters)
+            self._signature_columns = [*columns, "label", "label_ids", *self.label_names, "adapter_names"]  # type: ignore[attr-defined]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir  # type: ignore[attr-defined]
+        if not self.args.should_save:  # type: ignore[attr-defined]
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._adapted().save_pretrained(output_dir)
+        processor = self.processing_class  # type: ignore[attr-defined]
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        self._load_adapter_tensors(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_adapter_tensors(self.state.best_model_checkpoint)  # type: ignore[attr-defined]
+
+    def _load_adapter_tensors(self, directory: str) -> None:
+        """The adapter tensors saved in `directory` (a checkpoint of this run) into the adapter being trained."""
+        adapted = self._adapted()
+        _, tensors, _ = read_adapter(directory)
+        apply_tensors(adapted, adapted.active_adapter, tensors, directory)
+
+
+class NoraTrainer(NoraTrainerMixin, Trainer):
+    """transformers' `Trainer` for nora models: adapter-only checkpoints, exact resume, best-adapter reload."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NoraSFTTrainer":  # TRL is an extra: imported only when asked for
+        from trl import SFTTrainer
+
+        cls = type("NoraSFTTrainer", (NoraTrainerMixin, SFTTrainer), {"__doc__": "TRL's SFTTrainer for nora models."})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
