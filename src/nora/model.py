@@ -37,6 +37,7 @@ from .inject import (
 from .io import open_adapter, write_adapter
 from .layer import BASE, AdapterLayer
 from .methods import get_method
+from .peft_import import is_peft_lora_dir, load_peft_lora
 from .resident import ResidentAdapters
 from .slots import AdapterBank, RowPlan, rows_context
 from .state import adapter_payload, apply_tensors, check_layers
@@ -345,10 +346,13 @@ class AdaptedModel(nn.Module):
         return obj
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load a saved adapter as `adapter_name`. Inference-only adapters of a linear method on an outer basis
-        (NoRA, LoRA-XS, SVFit) become resident slots (see the module docstring); the others, and trainable ones,
-        modules."""
+        """Load a saved adapter (nora's, or a standard PEFT LoRA directory: nora.peft_import) as `adapter_name`.
+        Inference-only adapters of a linear method on an outer basis (NoRA, LoRA-XS, SVFit) become resident
+        slots (see the module docstring); the others, and trainable ones, modules."""
         self._check_new_name(adapter_name)
+        if is_peft_lora_dir(adapter_dir):
+            load_peft_lora(self, adapter_dir, adapter_name, is_trainable)
+            return
         file = open_adapter(adapter_dir)
         if not is_trainable and self.resident.load(adapter_name, file, adapter_dir):
             self.peft_config[adapter_name] = file.config
