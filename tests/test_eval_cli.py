@@ -45,7 +45,7 @@ def test_a_saved_model_is_evaluated_and_the_json_written(label_model, data_dir, 
     payload = json.loads(out.read_text())
     assert payload["adapter"] is None and payload["settings"]["protocols"] == ["generate", "loglik-label"]
     for protocol in ("generate", "loglik-label"):
-        assert payload["results"][protocol]["average"] == {"tasks": 2, "n": 2, "acc": 1.0}
+        assert payload["results"][protocol]["average"] == {"tasks": 2, "n": 2, "acc": 1.0, "acc_stderr": 0.0}
     sample = payload["results"]["generate"]["tasks"]["piqa"]["samples"][0]
     assert sample["response"] == "the correct answer is solution1" and sample["pred"] == "solution1"
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import test_eval_support as support
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
 from test_eval_support import RECORDS, byte_gpt2, byte_llama, byte_tokenizer, items, write_task
 
 import nora
@@ -18,6 +23,9 @@ from nora.evaluation import (
     generate_responses,
     score_commonsense,
 )
+from nora.evaluation.classification import accuracy_stderr
+from nora.evaluation.report import print_results
+from nora.evaluation.runner import average
 
 label_model, text_model = support.label_model, support.text_model  # session fixtures, trained once
 
@@ -68,7 +76,7 @@ def test_known_answers_generation_and_label_loglik(label_model, tmp_path):
     results = evaluate_tasks(model, tokenizer, ["commonsense"], ["generate", "loglik-label"], data_dir=tmp_path)
     assert set(results["generate"]["tasks"]) == set(RECORDS)
     for protocol in ("generate", "loglik-label"):
-        assert results[protocol]["average"] == pytest.approx({"tasks": 6, "n": 6, "acc": 1.0})
+        assert results[protocol]["average"] == pytest.approx({"tasks": 6, "n": 6, "acc": 1.0, "acc_stderr": 0.0})
     assert all(m["unparsed"] == 0 and m["correct"] == 1 for m in results["generate"]["tasks"].values())
 
 
@@ -101,6 +109,33 @@ def test_acc_norm_divides_by_the_choice_length():
     scores, texts = [-2.0, -10.0], ["a", "a much longer choice text"]
     assert best(scores) == 0 and best_per_char(scores, texts) == 1
     assert best([-1.0, -1.0]) == 0  # ties go to the first choice, as numpy's argmax
+
+
+@given(correct=st.integers(0, 400), extra=st.integers(0, 400))
+def test_standard_errors_are_the_binomial_formula_and_lm_evals(correct, extra):
+    from lm_eval.api.metrics import mean_stderr
+
+    n = correct + extra
+    if n < 2:
+        assert accuracy_stderr(correct, n) == 0.0
+        return
+    p = correct / n
+    assert accuracy_stderr(correct, n) == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), abs=1e-12)
+    assert accuracy_stderr(correct, n) == pytest.approx(mean_stderr([1] * correct + [0] * extra), abs=1e-12)
+
+
+def test_every_accuracy_and_average_reports_its_standard_error():
+    model, tokenizer = byte_gpt2(seed=3), byte_tokenizer()
+    scored = score_commonsense(model, tokenizer, items(), ["loglik"])["loglik"]
+    assert scored["acc_stderr"] == accuracy_stderr(scored["correct"], scored["n"])
+    assert scored["acc_norm_stderr"] == accuracy_stderr(scored["correct_norm"], scored["n"])
+    a, b = {"n": 100, "acc": 0.5, "acc_stderr": 0.05}, {"n": 100, "acc": 0.7, "acc_stderr": 0.04}
+    mean = average({"a": a, "b": b})
+    assert mean["acc"] == pytest.approx(0.6) and mean["acc_stderr"] == pytest.approx(math.sqrt(0.05**2 + 0.04**2) / 2)
+    console = Console(record=True, width=200)
+    print_results({"loglik": {"tasks": {"a": a}, "average": mean}}, console=console)
+    text = console.export_text()
+    assert "50.0 ± 5.0" in text and "60.0 ± 3.2" in text
 
 
 def test_acc_norm_of_the_runner_uses_the_choice_texts():

@@ -41,9 +41,10 @@ _UNSUPPORTED = {  # PEFT LoraConfig field: what nora's LoRA would need for it
 def is_peft_lora_dir(directory: str | os.PathLike) -> bool:
     config = Path(directory) / "adapter_config.json"
     try:
-        return config.is_file() and "peft_type" in json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        payload = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False  # nora's own reader says what is wrong with the file
+    return isinstance(payload, dict) and "peft_type" in payload
 
 
 def read_peft_lora(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -59,6 +60,15 @@ def read_peft_lora(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         raise AdapterError(
             f"{directory} uses {', '.join(used)}, which a nora LoRA adapter does not hold; load it with "
             "peft.PeftModel, or export the adapter again without it."
+        )
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    patterns = (config.get("rank_pattern") or {}, config.get("alpha_pattern") or {})
+    if not (
+        isinstance(r, int) and r > 0 and isinstance(alpha, int | float) and all(isinstance(p, dict) for p in patterns)
+    ):
+        raise AdapterError(
+            f"{directory}/adapter_config.json: r={r!r}, lora_alpha={alpha!r} or its rank/alpha patterns are not what "
+            "PEFT writes (a positive rank, a number, two mappings); the file was edited or damaged: save it again."
         )
     if not (directory / PEFT_WEIGHTS).is_file():
         raise AdapterError(f"{directory} has no {PEFT_WEIGHTS} (an old .bin file is never unpickled here): "

@@ -64,6 +64,15 @@ def predict_logits(
     return torch.cat(predictions) if predictions else torch.empty(0, 0)
 
 
+def accuracy_stderr(correct: int, n: int) -> float:
+    """The standard error of an accuracy over n items, lm-evaluation-harness's: the sample standard deviation of
+    the 0/1 outcomes over √n, i.e. √(p(1−p)/(n−1)); 0 for a single item."""
+    if n < 2:
+        return 0.0
+    p = correct / n
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
 def classification_metrics(gold: Sequence[int], predicted: Sequence[int]) -> dict[str, float | int]:
     """Accuracy, macro-F1 over the labels present, Matthews correlation (GLUE's CoLA metric) and, for two classes,
     the F1 of class 1 (GLUE's MRPC and QQP metric)."""
@@ -79,6 +88,7 @@ def classification_metrics(gold: Sequence[int], predicted: Sequence[int]) -> dic
         "n": len(gold),
         "correct": sum(int(g == p) for g, p in zip(gold, predicted, strict=True)),
         "acc": float(accuracy_score(gold, predicted)),
+        "acc_stderr": accuracy_stderr(sum(int(g == p) for g, p in zip(gold, predicted, strict=True)), len(gold)),
         "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
         "mcc": float(matthews_corrcoef(gold, predicted)),
         **({"f1": float(f1_score(gold, predicted, zero_division=0))} if set(gold) | set(predicted) <= {0, 1} else {}),

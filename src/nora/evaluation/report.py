@@ -32,7 +32,7 @@ def results_tables(results: dict[str, dict[str, Any]], title: str | None = None)
             table.add_column(metric, justify="right")
         rows = [*section["tasks"].items(), ("average", section["average"])]
         for index, (task, values) in enumerate(rows):
-            cells = [_cell(values.get(metric), metric) for metric in metrics]
+            cells = [_cell(values.get(metric), metric, values.get(f"{metric}_stderr")) for metric in metrics]
             table.add_row(task, str(values["n"]), *cells, end_section=index == len(rows) - 2)
         tables.append(table)
     return tables
@@ -48,9 +48,9 @@ def write_results(payload: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write_json(payload, path)
 
 
-def _cell(value: Any, metric: str) -> str:
+def _cell(value: Any, metric: str, stderr: float | None = None) -> str:
     if value is None:
         return "–"
     if metric == "unparsed":
         return str(value)
-    return f"{100 * value:.1f}"
+    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")

@@ -5,12 +5,15 @@ Commonsense protocols:
                 highest, `acc_norm` the highest per character of the choice.
   loglik-label  the log-likelihood of the trained response for each label (`the correct answer is answer2`).
   generate      LLM-Adapters/DoRA: decode a response, extract the first label it names, exact match.
-Classification tasks (GLUE TSVs, or any labelled file scored with a trained head's label set) report acc, f1 (two
-classes), macro_f1 and mcc; a regression head's tasks report pearson, spearman and mse.
+Every accuracy comes with its standard error (`acc_stderr`, lm-evaluation-harness's √(p(1−p)/(n−1)); an average's is
+that of a mean of independent tasks). Classification tasks (GLUE TSVs, or any labelled file scored with a trained
+head's label set) report acc, f1 (two classes), macro_f1 and mcc; a regression head's tasks report pearson, spearman
+and mse.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -19,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AdapterError
-from .classification import classification_metrics, predict_labels, predict_logits, regression_metrics
+from .classification import accuracy_stderr, classification_metrics, predict_labels, predict_logits, regression_metrics
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import CommonsenseItem, extract_answer
@@ -127,7 +130,7 @@ def _loglik_protocols(model, tokenizer, items, protocols, name, log_samples, opt
         picks = [best(t) for t in texts]
         metrics = _rates(items, picks, seconds)
         norm = _rates(items, [best_per_char(t, i.choices) for i, t in zip(items, texts, strict=True)], seconds)
-        metrics.update(acc_norm=norm["acc"], correct_norm=norm["correct"])
+        metrics.update(acc_norm=norm["acc"], acc_norm_stderr=norm["acc_stderr"], correct_norm=norm["correct"])
         scored["loglik"] = _with_samples(metrics, items, picks, log_samples)
     if by_label:
         picks = [best(s[-len(i.labels) :]) for i, s in zip(items, scores, strict=True)]
@@ -179,12 +182,17 @@ def average(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key in AVERAGED:
         if per_task and all(key in m for m in per_task.values()):
             summary[key] = sum(m[key] for m in per_task.values()) / len(per_task)
+        if per_task and all(f"{key}_stderr" in m for m in per_task.values()):  # tasks are independent samples
+            summary[f"{key}_stderr"] = math.sqrt(sum(m[f"{key}_stderr"] ** 2 for m in per_task.values())) / len(
+                per_task
+            )
     return summary
 
 
 def _rates(items: Sequence[CommonsenseItem], picks: Sequence[int | None], seconds: float) -> dict[str, Any]:
-    correct = sum(int(p == i.gold) for i, p in zip(items, picks, strict=True))
-    return {"n": len(items), "correct": correct, "acc": correct / max(len(items), 1), "seconds": seconds}
+    correct, n = sum(int(p == i.gold) for i, p in zip(items, picks, strict=True)), len(items)
+    return {"n": n, "correct": correct, "acc": correct / max(n, 1), "acc_stderr": accuracy_stderr(correct, n),
+            "seconds": seconds}  # fmt: skip
 
 
 def _samples(items: Sequence[CommonsenseItem], predicted: Sequence[str]) -> list[dict[str, str]]:
