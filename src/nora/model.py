@@ -37,7 +37,7 @@ from .inject import (
 from .io import open_adapter, write_adapter
 from .layer import BASE, AdapterLayer
 from .methods import get_method
-from .peft_import import is_peft_lora_dir, load_peft_lora
+from .peft_import import is_peft_lora_dir, peft_lora_as_nora
 from .resident import ResidentAdapters
 from .slots import AdapterBank, RowPlan, rows_context
 from .state import adapter_payload, apply_tensors, check_layers
@@ -351,14 +351,15 @@ class AdaptedModel(nn.Module):
         slots (see the module docstring); the others, and trainable ones, modules."""
         self._check_new_name(adapter_name)
         if is_peft_lora_dir(adapter_dir):
-            load_peft_lora(self, adapter_dir, adapter_name, is_trainable)
-            return
-        file = open_adapter(adapter_dir)
-        if not is_trainable and self.resident.load(adapter_name, file, adapter_dir):
-            self.peft_config[adapter_name] = file.config
-            return
-        config, tensors = file.config, file.tensors()
-        layer_names, ranks, keys = check_layers(self.model, config, file.meta, tensors, adapter_dir)
+            config, tensors, layer_names, ranks = peft_lora_as_nora(self.model, adapter_dir)
+            keys: dict[str, str] | None = None
+        else:
+            file = open_adapter(adapter_dir)
+            if not is_trainable and self.resident.load(adapter_name, file, adapter_dir):
+                self.peft_config[adapter_name] = file.config
+                return
+            config, tensors = file.config, file.tensors()
+            layer_names, ranks, keys = check_layers(self.model, config, file.meta, tensors, adapter_dir)
         scales = {n: tensors[f"{n}.awsvd_scale"] for n in layer_names if f"{n}.awsvd_scale" in tensors}
         self.add_adapter(adapter_name, config, scales=scales or None, layer_names=layer_names, ranks=ranks, keys=keys)
         try:

@@ -16,16 +16,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import AdapterError
 from .methods.lora import LoraConfig
-from .state import apply_tensors
-
-if TYPE_CHECKING:
-    from .model import AdaptedModel
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -76,9 +73,10 @@ def read_peft_lora(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     return config, load_file(directory / PEFT_WEIGHTS)
 
 
-def load_peft_lora(model: AdaptedModel, directory: str | os.PathLike, adapter_name: str,
-                   is_trainable: bool = False) -> None:  # fmt: skip
-    """Add the PEFT LoRA adapter in `directory` to `model` as nora LoRA adapter `adapter_name`."""
+def peft_lora_as_nora(model: nn.Module, directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor],
+                                                                       list[str], dict[str, int]]:  # fmt: skip
+    """The PEFT LoRA adapter in `directory` as what AdaptedModel.load_adapter adds to `model`: a nora LoRA config,
+    its tensors by nora's names, the adapted layers and each one's rank."""
     from peft.utils.other import get_pattern_key
 
     config, tensors = read_peft_lora(directory)
@@ -106,20 +104,14 @@ def load_peft_lora(model: AdaptedModel, directory: str | os.PathLike, adapter_na
     nora_config = LoraConfig(r=int(config["r"]), alpha=alpha, use_rslora=rslora, target_modules=sorted(pairs),
                              dropout=float(config.get("lora_dropout", 0.0)),
                              base_model_name_or_path=recorded)  # fmt: skip
-    own = getattr(getattr(model.model, "config", None), "_name_or_path", None)
+    own = getattr(getattr(model, "config", None), "_name_or_path", None)
     if recorded and own and Path(str(recorded)).name != Path(str(own)).name:
         warnings.warn(
             f"{directory} was trained on {recorded}; this model is {own}. PEFT files record no weight fingerprint, "
             "so only the layer shapes are checked.",
             stacklevel=3,
         )
-    missing = sorted(set(pairs) - set(dict(model.model.named_modules())))
+    missing = sorted(set(pairs) - set(dict(model.named_modules())))
     if missing:
         raise AdapterError(f"{directory} adapts {missing[:3]}, which this model does not have: not its base model.")
-    model.add_adapter(adapter_name, nora_config, layer_names=sorted(pairs), ranks=ranks)
-    try:
-        apply_tensors(model, adapter_name, imported, directory)
-    except BaseException:
-        model.delete_adapter(adapter_name)
-        raise
-    model._set_trainable(is_trainable, only=adapter_name)
+    return nora_config, imported, sorted(pairs), ranks
