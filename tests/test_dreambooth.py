@@ -139,11 +139,12 @@ def test_prior_preservation_samples_class_images_from_the_base(tmp_path, pipe_di
     classes = tmp_path / "class-images"
     classes.mkdir()
     shutil.copy(next(dogs.iterdir()), classes / "kept.jpg")  # one given; the base pipeline samples the other two
-    invoke("train", "--model", pipe_dir, "--task", "dreambooth", "--data", dogs, "--instance-prompt", PROMPT,
+    out = invoke("train", "--model", pipe_dir, "--task", "dreambooth", "--data", dogs, "--instance-prompt", PROMPT,
            "--class-data", classes, "--class-prompt", "a photo of a dog", "--num-class-images", 3,
            "--prior-loss-weight", 0.5, "--max-steps", 2, "--batch-size", 7, "--rank", 8,
            "-o", tmp_path / "run", "--no-plot")  # fmt: skip
     assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "class-00002.png", "kept.jpg"]
+    assert "images/s" in out and "tokens/s" not in out  # the rate counts what the task counts
     import json
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

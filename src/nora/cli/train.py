@@ -280,12 +280,13 @@ def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:
     if not summary:
         return
     table = Table(title="training summary", show_header=False)
+    unit = "images/s" if summary.get("task") in ("image-cls", "dreambooth") else "tokens/s"  # what count_inputs counts
     rows = [
         ("method", summary["method"]),
         ("steps", f"{summary['steps']} (global batch {summary['global_batch']}, {summary['processes']} process(es))"),
         ("trainable params", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.3f} %)"),
         ("loss", f"{summary['first_loss']:.4f} → {summary['final_loss']:.4f}"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s ({summary['tokens_per_s']:,.0f} {unit})"),
         ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"),
         ("adapter", f"{adapter_dir} ({summary['adapter_bytes'] / 2**10:,.1f} KiB)"),
         ("truncated / dropped", f"{summary['truncated']} / {summary['dropped']} examples"),

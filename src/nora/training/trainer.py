@@ -591,6 +591,7 @@ class Run:
             files = list(adapter_dir.glob("*.safetensors"))
             summary = {
                 "method": self.config.method,
+                "task": self.config.task,
                 "steps": self.step,
                 "examples": len(self.train_examples),
                 "eval_examples": len(self.eval_examples),
