@@ -28,7 +28,9 @@ def evaluate(
     tasks: Annotated[
         list[str] | None,
         typer.Option(
-            "--tasks", "-t", help="Tasks (boolq, arc-e, sst2, ...), suites (commonsense, glue) or .json/.tsv files."
+            "--tasks",
+            "-t",
+            help="Tasks (boolq, arc-e, sst2, ...), suites (commonsense, glue), .json/.tsv files, or a folder of them.",
         ),
     ] = None,
     protocol: Annotated[
@@ -60,7 +62,18 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
-    log_samples: Annotated[bool, typer.Option(help="Keep each example's prediction in the JSON.")] = False,
+    log_samples: Annotated[
+        bool, typer.Option(help="Keep each example in the JSON: full prompt, each choice's log-likelihood, picks.")
+    ] = False,
+    num_fewshot: Annotated[
+        int, typer.Option(min=0, help="Commonsense: solved examples before each item, drawn with --seed.")
+    ] = 0,
+    fewshot_from: Annotated[
+        str, typer.Option(help="Few-shot pool: train (the task's train.json), test (minus the item), auto.")
+    ] = "auto",
+    chat_template: Annotated[
+        bool, typer.Option(help="Commonsense: wrap prompts in the tokenizer's chat template (instruct models).")
+    ] = False,
     text_column: Annotated[
         str | None, typer.Option(help="Labelled files: the text column (default: text, sentence, sentence1, ...).")
     ] = None,
@@ -73,11 +86,12 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate MODEL on --tasks and print accuracy per task and on average."""
-    from ..evaluation import Columns, evaluate_tasks, resolve_tasks
-    from ..evaluation.loading import adapter_head, load_for_eval, resolve_target
+    from ..evaluation import Columns, evaluate_tasks
+    from ..evaluation.fewshot import PromptStyle, require_chat_template
+    from ..evaluation.loading import adapter_head, eval_tokenizer, load_for_eval, resolve_target
     from ..evaluation.report import print_results, write_results
-    from ..evaluation.runner import PROTOCOLS
-    from ..evaluation.tasks import no_head_message
+    from ..evaluation.runner import PROTOCOLS, prepare_tasks
+    from ..evaluation.tasks import missing_suite_tasks, no_head_message
     from ..pretrained import check_model_source, parse_dtype, resolve_device
 
     if threads is not None:
@@ -96,7 +110,12 @@ def evaluate(
         if head is not None and head.task == "image-cls":
             return _evaluate_images(target, head, _split(tasks, []), limit, seed, batch_size, dtype, device, merge,
                                     output, progress)  # fmt: skip
-        specs = resolve_tasks(_split(tasks, ["glue" if head else "commonsense"]), data_dir, labelled=head is not None)
+        names = _split(tasks, ["glue" if head else "commonsense"])
+        style = PromptStyle(num_fewshot, fewshot_from, chat_template)  # type: ignore[arg-type]
+        columns = Columns(text_column, text_pair_column, label_column)
+        prepared = prepare_tasks(names, protocols, data_dir=data_dir, limit=limit, seed=seed, head=head,
+                                 columns=columns, style=style)  # fmt: skip
+        specs = [task.spec for task in prepared]
         kinds = {spec.kind for spec in specs}
         if len(kinds) > 1:
             raise AdapterError("commonsense tasks need a causal LM and GLUE tasks a classifier: evaluate them apart.")
@@ -105,6 +124,12 @@ def evaluate(
             raise AdapterError(no_head_message(unscorable))
         recorded = "the base model the adapter records (pass --base for another)"
         check_model_source(target.base, gguf_file, "--base" if base else recorded if target.adapter else "MODEL")
+        if chat_template:
+            require_chat_template(eval_tokenizer(target, gguf_file))
+        missing = missing_suite_tasks(names, data_dir)
+        for suite, absent in missing.items():
+            typer.echo(f"suite {suite}: no file for {', '.join(absent)} under {data_dir}; evaluating the "
+                       f"{len(specs)} task(s) found.", err=True)  # fmt: skip
         if head is not None:
             num_labels = head.num_labels
         else:
@@ -116,10 +141,8 @@ def evaluate(
         results = evaluate_tasks(
             loaded,
             tokenizer,
-            specs,
+            prepared,
             protocols,
-            limit=limit,
-            seed=seed,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
@@ -127,7 +150,6 @@ def evaluate(
             progress=progress,
             log_samples=log_samples,
             head=head,
-            columns=Columns(text_column, text_pair_column, label_column),
         )
     except (AdapterError, OSError) as e:
         raise typer.BadParameter(str(e)) from e
@@ -144,10 +166,14 @@ def evaluate(
                 "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens,
                 "num_beams": num_beams,
+                "num_fewshot": num_fewshot,
+                "fewshot_from": fewshot_from if num_fewshot else None,
+                "chat_template": chat_template,
                 "merged": merge,
                 "dtype": str(next(loaded.parameters()).dtype),
                 "device": str(next(loaded.parameters()).device),
             },
+            "missing_tasks": missing,
             "load_seconds": round(load_seconds, 2),
             "eval_seconds": round(time.perf_counter() - start - load_seconds, 2),
             "results": results,

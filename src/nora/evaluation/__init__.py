@@ -5,10 +5,11 @@ results = evaluate_tasks(model, tokenizer, ["commonsense"], ["loglik", "generate
 """
 
 from .classification import classification_metrics, predict_labels, predict_logits, regression_metrics
+from .fewshot import PromptStyle
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import ANSWER_PREFIX, CommonsenseItem, extract_answer, parse_item
-from .runner import PROTOCOLS, best, best_per_char, evaluate_tasks, score_commonsense
+from .runner import PROTOCOLS, PreparedTask, best, best_per_char, evaluate_tasks, prepare_tasks, score_commonsense
 from .tasks import (
     COMMONSENSE_TASKS,
     GLUE_TASKS,
@@ -28,6 +29,8 @@ __all__ = [
     "Columns",
     "CommonsenseItem",
     "Head",
+    "PreparedTask",
+    "PromptStyle",
     "LoglikRequest",
     "TaskSpec",
     "best",
@@ -41,6 +44,7 @@ __all__ = [
     "load_commonsense",
     "parse_item",
     "predict_labels",
+    "prepare_tasks",
     "predict_logits",
     "regression_metrics",
     "resolve_tasks",

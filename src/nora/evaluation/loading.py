@@ -118,11 +118,16 @@ def load_for_eval(
             (target.adapter / f).is_file() for f in ("preprocessor_config.json", TRANSFORMS_FILE)
         )
         tokenizer = load_image_processor(str(target.adapter) if saved else target.base, None)
-    elif target.adapter and (target.adapter / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(target.adapter)
     else:
-        tokenizer = load_tokenizer(target.base, gguf_file)
+        tokenizer = eval_tokenizer(target, gguf_file)
     return model.eval(), tokenizer
+
+
+def eval_tokenizer(target: EvalTarget, gguf_file: str | None = None) -> Any:
+    """The tokenizer an adapter was saved with, else the base model's."""
+    if target.adapter and (target.adapter / "tokenizer_config.json").is_file():
+        return load_tokenizer(target.adapter)
+    return load_tokenizer(target.base, gguf_file)
 
 
 def adapted_pipeline(base: str, adapter: str | Path | None = None, dtype: torch.dtype | None = None,

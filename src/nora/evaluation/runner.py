@@ -16,26 +16,100 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import AdapterError
 from .classification import accuracy_stderr, classification_metrics, predict_labels, predict_logits, regression_metrics
+from .fewshot import (
+    FewshotSource,
+    PromptStyle,
+    draw_shots,
+    fewshot_pool_file,
+    gold_choice,
+    gold_response,
+    render,
+    require_chat_template,
+)
 from .generation import generate_responses
 from .loglik import LoglikRequest, continuation_logliks
 from .records import CommonsenseItem, extract_answer
-from .tasks import Columns, Head, TaskSpec, load_classification, load_commonsense, resolve_tasks
+from .tasks import (
+    Columns,
+    Head,
+    TaskSpec,
+    load_classification,
+    load_commonsense,
+    load_commonsense_file,
+    missing_suite_tasks,
+    resolve_tasks,
+)
 
 PROTOCOLS = ("loglik", "loglik-label", "generate")
 AVERAGED = ("acc", "acc_norm", "top5_acc", "f1", "macro_f1", "mcc", "pearson", "spearman")
 
 
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task read and checked before any model is loaded: its examples (or items), and for a commonsense task
+    each item's few-shot examples and the prompt style."""
+
+    spec: TaskSpec
+    examples: list[Any]
+    shots: list[tuple[CommonsenseItem, ...]] = field(default_factory=list)
+    fewshot_file: Path | None = None
+    style: PromptStyle = PromptStyle()
+
+
+def prepare_tasks(
+    tasks: Sequence[str | os.PathLike | TaskSpec],
+    protocols: Sequence[str] = ("loglik",),
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    head: Head | None = None,
+    columns: Columns | None = None,
+    style: PromptStyle | None = None,
+) -> list[PreparedTask]:
+    """Every task resolved, read and checked — records parsed, choice texts found, labels matched, few-shot
+    examples drawn — so that whatever can be wrong with the data or the arguments stops before a model loads."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise AdapterError(f"protocols {unknown or '[]'}: choose from {list(PROTOCOLS)}.")
+    style = style or PromptStyle()
+    prepared = []
+    for spec in resolve_tasks(tasks, data_dir, labelled=head is not None):
+        if spec.kind == "classification":
+            if style.num_fewshot or style.chat_template:
+                raise AdapterError(
+                    f"{spec.name} is scored by a trained head, which reads no prompt: --num-fewshot and "
+                    "--chat-template are options of the commonsense (causal LM) tasks."
+                )
+            prepared.append(PreparedTask(spec, load_classification(spec, limit, seed, head, columns)))
+            continue
+        items = load_commonsense(spec, limit, seed)
+        shots: list[tuple[CommonsenseItem, ...]] = [() for _ in items]
+        pool_file = None
+        if style.num_fewshot:
+            pool_file = fewshot_pool_file(spec.path, style.fewshot_from)
+            shots = draw_shots(items, load_commonsense_file(pool_file), style.num_fewshot, seed)
+        if "loglik" in protocols:  # the choice texts are read off each instruction: fail on a bad one now
+            for item in [*items, *(shot for drawn in shots for shot in drawn)]:
+                item.choices  # noqa: B018
+        prepared.append(PreparedTask(spec, items, shots, pool_file, style))
+    return prepared
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer,
-    tasks: Sequence[str | os.PathLike | TaskSpec],
+    tasks: Sequence[str | os.PathLike | TaskSpec] | Sequence[PreparedTask],
     protocols: Sequence[str] = ("loglik",),
     *,
     data_dir: str | os.PathLike | None = None,
@@ -49,24 +123,38 @@ def evaluate_tasks(
     log_samples: bool = False,
     head: Head | None = None,
     columns: Columns | None = None,
+    num_fewshot: int = 0,
+    fewshot_from: FewshotSource = "auto",
+    chat_template: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate `model` (a transformers model, or a nora AdaptedModel) on `tasks`.
+    """Evaluate `model` (a transformers model, or a nora AdaptedModel) on `tasks` (names, files, directories, or
+    the output of `prepare_tasks`, which then fixes the data arguments).
 
     Returns {protocol: {"tasks": {task: metrics}, "average": metrics}}, with "classification" (or "regression") as
     the protocol of labelled files. Metrics hold `n` (examples scored), `correct` and the rates; `limit` draws that
     many examples per task with `seed` (the same draw for every protocol and model). `head` is what a trained
     classifier predicts (its label set, or regression: `nora.evaluation.loading.adapter_head`); with it, any
-    labelled file is scored, its columns found by name or given as `columns`. The model's train/eval mode is
-    restored."""
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
-    if unknown or not protocols:
-        raise AdapterError(f"protocols {unknown or '[]'}: choose from {list(PROTOCOLS)}.")
+    labelled file is scored, its columns found by name or given as `columns`. `num_fewshot`, `fewshot_from` and
+    `chat_template` shape the commonsense prompts (`nora.evaluation.fewshot`). `log_samples` keeps, per example,
+    the full prompt, each choice's log-likelihood and the picks. The model's train/eval mode is restored."""
+    if tasks and all(isinstance(t, PreparedTask) for t in tasks):
+        prepared = list(tasks)
+    else:
+        for suite, absent in missing_suite_tasks(tasks, data_dir).items():  # type: ignore[arg-type]
+            warnings.warn(f"suite {suite}: no file for {', '.join(absent)} under {data_dir}; evaluating the rest.",
+                          stacklevel=2)  # fmt: skip
+        style = PromptStyle(num_fewshot, fewshot_from, chat_template)
+        prepared = prepare_tasks(tasks, protocols, data_dir=data_dir, limit=limit, seed=seed, head=head,  # type: ignore[arg-type]
+                                 columns=columns, style=style)  # fmt: skip
+    if chat_template or any(task.style.chat_template for task in prepared):
+        require_chat_template(tokenizer)
     options = dict(batch_size=batch_size, max_length=max_length, progress=progress)
     results: dict[str, dict[str, Any]] = {}
-    for spec in resolve_tasks(tasks, data_dir, labelled=head is not None):
+    for task in prepared:
+        spec = task.spec
         if spec.kind == "classification":
             start = time.perf_counter()
-            examples = load_classification(spec, limit, seed, head, columns)
+            examples = task.examples
             gold = [e.label for e in examples]
             if head is not None and head.task == "regression":
                 outputs = predict_logits(model, tokenizer, examples, desc=spec.name, **options)
@@ -80,14 +168,16 @@ def evaluate_tasks(
                 metrics = classification_metrics(gold, predicted)
             metrics["seconds"] = round(time.perf_counter() - start, 2)
             if log_samples:
-                metrics["samples"] = [{"gold": g, "pred": p} for g, p in zip(gold, predicted, strict=True)]
+                metrics["samples"] = [{"text": list(e.texts), "gold": g, "pred": p}
+                                      for e, g, p in zip(examples, gold, predicted, strict=True)]  # fmt: skip
             results.setdefault(protocol, {})[spec.name] = metrics
             continue
-        items = load_commonsense(spec, limit, seed)
-        scored = score_commonsense(
-            model, tokenizer, items, protocols, spec.name, max_new_tokens, num_beams, log_samples, **options
-        )
+        chat = tokenizer if task.style.chat_template else None
+        scored = score_commonsense(model, tokenizer, task.examples, protocols, spec.name, max_new_tokens, num_beams,
+                                   log_samples, shots=task.shots, chat=chat, **options)  # fmt: skip
         for protocol, metrics in scored.items():
+            if task.style.num_fewshot:
+                metrics.update(num_fewshot=task.style.num_fewshot, fewshot_file=str(task.fewshot_file))
             results.setdefault(protocol, {})[spec.name] = metrics
     return {protocol: {"tasks": per_task, "average": average(per_task)} for protocol, per_task in results.items()}
 
@@ -101,52 +191,82 @@ def score_commonsense(
     max_new_tokens: int = 32,
     num_beams: int = 1,
     log_samples: bool = False,
+    shots: Sequence[Sequence[CommonsenseItem]] | None = None,
+    chat=None,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics of one commonsense task under each requested protocol (both log-likelihood protocols share one
-    pass over the prompts)."""
+    """Metrics of one commonsense task under each requested protocol, each item after its `shots` (solved
+    examples) and in the chat template of `chat` (a tokenizer) when given. Where both log-likelihood protocols
+    see the same prompt (zero-shot) they share one pass over it."""
+    shots = shots if shots is not None else [() for _ in items]
+    prompts = {
+        kind: [render(item, drawn, answer, chat) for item, drawn in zip(items, shots, strict=True)]
+        for kind, answer in (("choice", gold_choice), ("response", gold_response))
+        if kind == "response" or "loglik" in protocols
+    }
     scored: dict[str, dict[str, Any]] = {}
     if {"loglik", "loglik-label"} & set(protocols):
-        scored.update(_loglik_protocols(model, tokenizer, items, protocols, name, log_samples, options))
+        scored.update(_loglik_protocols(model, tokenizer, items, protocols, prompts, name, log_samples, options))
     if "generate" in protocols:
         scored["generate"] = _generate_protocol(
-            model, tokenizer, items, name, max_new_tokens, num_beams, log_samples, options
+            model, tokenizer, items, prompts["response"], name, max_new_tokens, num_beams, log_samples, options
         )
     return scored
 
 
-def _loglik_protocols(model, tokenizer, items, protocols, name, log_samples, options) -> dict[str, dict[str, Any]]:
+def _loglik_protocols(model, tokenizer, items, protocols, prompts, name, log_samples, options):
     by_text, by_label = "loglik" in protocols, "loglik-label" in protocols
     start = time.perf_counter()
-    requests = [
-        LoglikRequest(item.prompt, (item.choices if by_text else ()) + (item.label_targets if by_label else ()))
-        for item in items
-    ]
+    requests: list[LoglikRequest] = []
+    where: dict[tuple[str, int], tuple[int, int]] = {}  # (protocol, item) → (request, first continuation)
+    for i, item in enumerate(items):
+        wanted = [(protocol, prompts[kind][i], targets) for protocol, kind, targets, on in (
+            ("loglik", "choice", item.choices if by_text else (), by_text),
+            ("loglik-label", "response", item.label_targets, by_label)) if on]  # fmt: skip
+        if len(wanted) == 2 and wanted[0][1] == wanted[1][1]:  # both protocols see one prompt: one request
+            where[(wanted[0][0], i)], where[(wanted[1][0], i)] = (len(requests), 0), (len(requests), len(wanted[0][2]))
+            requests.append(LoglikRequest(wanted[0][1], tuple(wanted[0][2]) + tuple(wanted[1][2])))
+            continue
+        for protocol, context, targets in wanted:
+            where[(protocol, i)] = (len(requests), 0)
+            requests.append(LoglikRequest(context, tuple(targets)))
     scores = continuation_logliks(model, tokenizer, requests, desc=f"{name} log-likelihood", **options)
     seconds = round(time.perf_counter() - start, 2)
+
+    def logliks(protocol: str, i: int, count: int) -> list[float]:
+        request, first = where[(protocol, i)]
+        return scores[request][first : first + count]
+
     scored: dict[str, dict[str, Any]] = {}
     if by_text:
-        texts = [s[: len(i.choices)] for i, s in zip(items, scores, strict=True)]
+        texts = [logliks("loglik", i, len(item.choices)) for i, item in enumerate(items)]
         picks = [best(t) for t in texts]
+        norm_picks = [best_per_char(t, i.choices) for i, t in zip(items, texts, strict=True)]
         metrics = _rates(items, picks, seconds)
-        norm = _rates(items, [best_per_char(t, i.choices) for i, t in zip(items, texts, strict=True)], seconds)
+        norm = _rates(items, norm_picks, seconds)
         metrics.update(acc_norm=norm["acc"], acc_norm_stderr=norm["acc_stderr"], correct_norm=norm["correct"])
-        scored["loglik"] = _with_samples(metrics, items, picks, log_samples)
+        if log_samples:
+            metrics["samples"] = [
+                {**_sample(item, item.labels[p], prompt, p), "choices": list(item.choices), "logliks": t,
+                 "pred_norm": item.labels[q], "acc_norm": int(q == item.gold)}
+                for item, prompt, t, p, q in zip(items, prompts["choice"], texts, picks, norm_picks, strict=True)
+            ]  # fmt: skip
+        scored["loglik"] = metrics
     if by_label:
-        picks = [best(s[-len(i.labels) :]) for i, s in zip(items, scores, strict=True)]
-        scored["loglik-label"] = _with_samples(_rates(items, picks, seconds), items, picks, log_samples)
+        labelled = [logliks("loglik-label", i, len(item.labels)) for i, item in enumerate(items)]
+        picks = [best(t) for t in labelled]
+        metrics = _rates(items, picks, seconds)
+        if log_samples:
+            metrics["samples"] = [
+                {**_sample(item, item.labels[p], prompt, p), "targets": list(item.label_targets), "logliks": t}
+                for item, prompt, t, p in zip(items, prompts["response"], labelled, picks, strict=True)
+            ]  # fmt: skip
+        scored["loglik-label"] = metrics
     return scored
 
 
-def _with_samples(metrics: dict[str, Any], items, picks: list[int], log_samples: bool) -> dict[str, Any]:
-    if log_samples:
-        metrics["samples"] = _samples(items, [i.labels[p] for i, p in zip(items, picks, strict=True)])
-    return metrics
-
-
-def _generate_protocol(model, tokenizer, items, name, max_new_tokens, num_beams, log_samples, options):
+def _generate_protocol(model, tokenizer, items, prompts, name, max_new_tokens, num_beams, log_samples, options):
     start = time.perf_counter()
-    prompts = [i.prompt for i in items]
     responses = generate_responses(
         model,
         tokenizer,
@@ -161,8 +281,10 @@ def _generate_protocol(model, tokenizer, items, name, max_new_tokens, num_beams,
     metrics = _rates(items, picks, round(time.perf_counter() - start, 2))
     metrics["unparsed"] = sum(p is None for p in predicted)
     if log_samples:
-        samples = _samples(items, [p or "" for p in predicted])
-        metrics["samples"] = [{**s, "response": r} for s, r in zip(samples, responses, strict=True)]
+        metrics["samples"] = [
+            {**_sample(item, label or "", prompt, pick), "response": response}
+            for item, prompt, label, pick, response in zip(items, prompts, predicted, picks, responses, strict=True)
+        ]
     return metrics
 
 
@@ -195,5 +317,6 @@ def _rates(items: Sequence[CommonsenseItem], picks: Sequence[int | None], second
             "seconds": seconds}  # fmt: skip
 
 
-def _samples(items: Sequence[CommonsenseItem], predicted: Sequence[str]) -> list[dict[str, str]]:
-    return [{"source": i.source, "gold": i.answer, "pred": p} for i, p in zip(items, predicted, strict=True)]
+def _sample(item: CommonsenseItem, predicted: str, prompt: str, pick: int | None) -> dict[str, Any]:
+    return {"source": item.source, "gold": item.answer, "pred": predicted, "acc": int(pick == item.gold),
+            "prompt": prompt}  # fmt: skip

@@ -98,10 +98,12 @@ class Columns:
 def resolve_tasks(
     names: Sequence[str | os.PathLike | TaskSpec], data_dir: str | os.PathLike | None, labelled: bool = False
 ) -> list[TaskSpec]:
-    """Task names (`boolq`, `arc-e`, `sst2`, the suites `commonsense` and `glue`) or file paths → task files.
-    A suite takes the tasks present under `data_dir`; a task named on its own must be present. A file is a
-    commonsense test set (.json) or a labelled text file (.tsv, .csv, .jsonl; and .json too when `labelled`: the
-    model is a trained classifier or regressor)."""
+    """Task names (`boolq`, `arc-e`, `sst2`, the suites `commonsense` and `glue`), file paths or directories →
+    task files. A suite takes the tasks present under `data_dir` (`missing_suite_tasks` names the others); a task
+    named on its own must be present. A file is a commonsense test set (.json) or a labelled text file (.tsv, .csv,
+    .jsonl; and .json too when `labelled`: the model is a trained classifier or regressor). A directory is every
+    task in it: a task folder's test file (test.json, dev.tsv, ...), each subfolder's, and its other data files
+    (train splits excepted)."""
     specs: list[TaskSpec] = []
     for entry in names:
         if isinstance(entry, TaskSpec):
@@ -117,6 +119,8 @@ def resolve_tasks(
             specs.extend(present)
         elif Path(entry).suffix in _FILE_SUFFIXES and Path(entry).is_file():
             specs.append(_from_file(Path(entry), labelled))
+        elif str(entry).lower() not in _ALIASES and Path(entry).is_dir():
+            specs.extend(_from_dir(Path(entry), labelled))
         else:
             task = _ALIASES.get(str(entry).lower())
             if task is None:
@@ -136,14 +140,37 @@ def resolve_tasks(
     return specs
 
 
+def missing_suite_tasks(
+    names: Sequence[str | os.PathLike | TaskSpec], data_dir: str | os.PathLike | None
+) -> dict[str, list[str]]:
+    """For each suite among `names`, its tasks with no file under `data_dir` (suites with none missing omitted)."""
+    missing = {}
+    for entry in names:
+        suite = SUITES.get(str(entry).lower()) if not isinstance(entry, TaskSpec) else None
+        absent = [task for task in suite or () if _find(task, data_dir) is None]
+        if absent:
+            missing[str(entry).lower()] = absent
+    return missing
+
+
 def load_commonsense(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> list[CommonsenseItem]:
-    try:
-        records = json.loads(spec.path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{spec.path}: cannot read the task file ({e}).") from e
-    if not isinstance(records, list) or not records:
-        raise AdapterError(f"{spec.path}: expected a non-empty JSON list of records (LLM-Adapters format).")
+    records = _records(spec.path)
     return [parse_item(records[i], f"{spec.path}#{i}") for i in subsample(len(records), limit, seed)]
+
+
+def load_commonsense_file(path: Path) -> list[CommonsenseItem]:
+    """Every record of an LLM-Adapters JSON file (a train split, or a test set as a few-shot pool)."""
+    return [parse_item(record, f"{path}#{i}") for i, record in enumerate(_records(path))]
+
+
+def _records(path: Path) -> list:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: cannot read the task file ({e}).") from e
+    if not isinstance(records, list) or not records:
+        raise AdapterError(f"{path}: expected a non-empty JSON list of records (LLM-Adapters format).")
+    return records
 
 
 def load_classification(
@@ -237,6 +264,28 @@ def _find(task: str, data_dir: str | os.PathLike | None) -> TaskSpec | None:
     if task in GLUE_TASKS:
         return TaskSpec(task, path, "classification", GLUE_TASKS[task])
     return TaskSpec(task, path, "commonsense")
+
+
+_TEST_FILES = ("test.json", "dev.tsv", "dev_matched.tsv", "test.jsonl", "dev.jsonl", "test.csv", "dev.csv")
+
+
+def _from_dir(folder: Path, labelled: bool) -> list[TaskSpec]:
+    own = next((folder / name for name in _TEST_FILES if (folder / name).is_file()), None)
+    if own is not None:  # a task folder: its test file, not its train split
+        return [_from_file(own, labelled)]
+    specs = []
+    for path in sorted(folder.iterdir()):
+        test = next((path / name for name in _TEST_FILES if (path / name).is_file()), None) if path.is_dir() else None
+        if test is not None:
+            specs.append(_from_file(test, labelled))
+        elif path.is_file() and path.suffix in _FILE_SUFFIXES and path.stem != "train":
+            specs.append(_from_file(path, labelled))
+    if not specs:
+        raise AdapterError(
+            f"--tasks {folder}: no task files in it; expected <task>/test.json (commonsense), <task>/dev.tsv (GLUE) "
+            f"or data files ({' '.join(_FILE_SUFFIXES)})."
+        )
+    return specs
 
 
 def _from_file(path: Path, labelled: bool) -> TaskSpec:
