@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
             "nora.errors",
             "nora.atomic",
             "nora.svd",
+            "nora.quant",
             "nora.pretrained",
             "nora.prompts",
             "nora.datafiles",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .basis import OuterBasis, SVDRequest, basis_fingerprint, compute_factors, make_basis, svd_key
 from .chain import Term, scaled, terms_add, terms_apply, terms_apply_rows, terms_product
 from .config import AdapterConfig
@@ -33,6 +34,7 @@ class AdapterPlan:
     basis_key: str | None = None  # key in AdapterLayer.bases
     request: SVDRequest | None = None  # the SVD still to compute
     scales: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # the W0 of the basis, where not the layer's own
 
 
 def conv1d_type() -> type | None:
@@ -59,9 +61,12 @@ def is_grouped_conv(module: nn.Module) -> bool:
 
 
 def oriented_weight(module: nn.Module) -> torch.Tensor:
-    """A Linear's or Conv1D's weight as d × k (out × in); a Conv2d's as out × (in·kh·kw), a view of the kernel."""
+    """A Linear's or Conv1D's weight as d × k (out × in); a Conv2d's as out × (in·kh·kw), a view of the kernel; a
+    quantized layer's dequantized (a new tensor, not a view)."""
     if isinstance(module, AdapterLayer):
         return module.base_weight()
+    if quant.is_quantized(module):
+        return quant.dequantized(module)
     conv = conv1d_type()
     if conv is not None and isinstance(module, conv):
         return module.weight.T
@@ -133,7 +138,12 @@ class AdapterLayer(nn.Module):
         self.stacks: dict[tuple, ModuleMirror] = {}  # module adapters' tensors, stacked per layout for mixed batches
         self.banks = nn.ModuleDict()  # resident inference-only adapters: one SlotStack per AdapterBank
         self.disabled = False
-        self.weight_digest = weight_digest(self.base_weight())
+        self.quant = quant.scheme_of(base_layer)  # None for a float layer
+        if self.quant is not None:
+            quant.keep_standard_layout(base_layer)
+        W = self.base_weight()
+        self._shape = (int(W.shape[0]), int(W.shape[1]))
+        self.weight_digest = weight_digest(W)
         self.train(base_layer.training)
 
     # ---- the wrapped weight, always seen as d × k (out × in) -------------------------------------------------
@@ -150,8 +160,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def shape(self) -> tuple[int, int]:
-        d, k = self.base_weight().shape
-        return d, k
+        return self._shape
 
     # ---- adapters --------------------------------------------------------------------------------------------
     def plan(
@@ -161,16 +170,19 @@ class AdapterLayer(nn.Module):
         scales: torch.Tensor | None = None,
         r: int | None = None,
         key: str | None = None,
+        weight: torch.Tensor | None = None,
     ) -> AdapterPlan:
         """Resolve the rank and fingerprint of a new adapter, and the SVD it needs (None if none is missing).
         `r` and `key` override the config's rank rule and the fingerprint (on load, where the file gives them
-        and state.check_layers has checked them)."""
+        and state.check_layers has checked them); `weight` is the W0 its basis comes from where that is not this
+        layer's (an adapter trained on the quantized form of these weights: deq(Q(W0)))."""
         if self.merged_adapters:
             raise AdapterError(
                 f"{self.module_name}: adapters {self.merged_adapters} are merged into the weight; unmerge() "
                 "before adding another, so its SVD is taken of the original weight."
             )
-        W = self.base_weight().detach()
+        W = (self.base_weight() if weight is None else weight).detach()
+        digest = self.weight_digest if weight is None else weight_digest(W)
         d, k = W.shape
         r = method.rank(config, W) if r is None else r
         if r > min(d, k):
@@ -179,17 +191,13 @@ class AdapterLayer(nn.Module):
                 "Use a smaller r, a fraction such as r=0.5, or leave this module out of target_modules."
             )
         if not method.uses_basis:
-            return AdapterPlan(r, key or fingerprint(method=method.name, r=r, shape=[d, k], digest=self.weight_digest))
+            return AdapterPlan(r, key or fingerprint(method=method.name, r=r, shape=[d, k], digest=digest))
         settings = config.svd_settings
-        key = key or basis_fingerprint(
-            method.name, r, method.placement(config), settings, (d, k), self.weight_digest, scales
-        )
+        key = key or basis_fingerprint(method.name, r, method.placement(config), settings, (d, k), digest, scales)
         request = None
         if "b" + key not in self.bases:
-            request = SVDRequest(
-                svd_key(r, settings, (d, k), self.weight_digest, scales), W, r, scales, self.module_name
-            )
-        return AdapterPlan(r, key, "b" + key, request, scales)
+            request = SVDRequest(svd_key(r, settings, (d, k), digest, scales), W, r, scales, self.module_name)
+        return AdapterPlan(r, key, "b" + key, request, scales, None if weight is None else W)
 
     def add_adapter(
         self,
@@ -221,7 +229,7 @@ class AdapterLayer(nn.Module):
         if factors is None:
             assert plan.request is not None
             factors = compute_factors([plan.request], config.svd_settings, config.basis_cache_dir)[plan.request.key]
-        W = self.base_weight().detach()
+        W = (self.base_weight() if plan.weight is None else plan.weight).detach()
         self.bases[plan.basis_key] = make_basis(W, factors, method.placement(config), plan.key, plan.scales)
         self.bases[plan.basis_key].train(self.training)
         return True
@@ -398,6 +406,13 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
+        if self.quant is not None and any(n in self.adapters and n not in self.merged_adapters for n in names):
+            raise AdapterError(
+                f"{self.module_name}: a {quant.describe(self.quant)} weight cannot hold W0 + ΔW exactly, so a merge "
+                "that unmerge() undoes is not possible on it. merge_and_unload() folds the adapter in by "
+                "dequantizing, adding ΔW and requantizing (stating the rounding), or with dequantize=True into float "
+                "layers holding the exact merged weight."
+            )
         for name in names:
             if name in self.merged_adapters or name not in self.adapters:
                 continue
@@ -416,6 +431,24 @@ class AdapterLayer(nn.Module):
                 W.copy_(variant.unmerge(core.method, core, W, self._merge_cache.pop(name)))
             else:
                 W.copy_(W - terms_product(self.terms(core)).to(W.dtype))
+
+    @torch.no_grad()
+    def fold(self, names: list[str], dequantize: torch.dtype | None) -> tuple[nn.Module, float, float]:
+        """A quantized layer with adapters `names` folded in: dequantize → add each ΔW → requantize in place (or,
+        given a `dequantize` dtype, a new float nn.Linear of it). Returns (the layer, ‖rounding‖², ‖ΔW‖²)."""
+        W = self.base_weight().float()
+        merged = W.clone()
+        for name in names:
+            core = self.adapters[name]
+            if core.method.variant is not None:
+                merged = core.method.variant.merge(core.method, core, merged)[0].float()
+            else:
+                merged += terms_product(self.terms(core)).float()
+        if dequantize is not None:
+            return quant.float_linear(self.base_layer, merged, dequantize), 0.0, float((merged - W).square().sum())
+        quant.requantize(self.base_layer, merged)
+        stored = quant.dequantized(self.base_layer).float()
+        return self.base_layer, float((stored - merged).square().sum()), float((merged - W).square().sum())
 
     def extra_repr(self) -> str:
         d, k = self.shape

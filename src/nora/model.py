@@ -168,8 +168,10 @@ class AdaptedModel(nn.Module):
         layer_names: list[str] | None = None,
         ranks: dict[str, int] | None = None,
         keys: dict[str, str] | None = None,
+        sources: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Inject a new adapter. AwSVD scales come from `scales`, or are measured on `calibration_data`."""
+        """Inject a new adapter. AwSVD scales come from `scales`, or are measured on `calibration_data`;
+        `sources` gives the W0 of a layer's basis where it is not the layer's own (state.check_layers)."""
         self._check_new_name(adapter_name)
         method = get_method(config.method)
         if not method.adapts_layers:
@@ -185,9 +187,10 @@ class AdaptedModel(nn.Module):
             else:
                 scales = calibrate(self.model, calibration_data, names, *calibration)
         layers = self._wrap(names)
-        ranks, keys, scales = ranks or {}, keys or {}, scales or {}
+        ranks, keys, scales, sources = ranks or {}, keys or {}, scales or {}, sources or {}
         try:
-            plans = {n: lay.plan(config, method, scales.get(n), ranks.get(n), keys.get(n)) for n, lay in layers.items()}
+            plans = {n: lay.plan(config, method, scales.get(n), ranks.get(n), keys.get(n), sources.get(n))
+                     for n, lay in layers.items()}  # fmt: skip
             _warn_clamped(config, plans)
             requests = [p.request for p in plans.values() if p.request is not None]
             factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
@@ -300,10 +303,16 @@ class AdaptedModel(nn.Module):
         for layer in self.layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Fold the adapter into the base weights and return the plain model (heads as trained)."""
+    def merge_and_unload(self, adapter_names: list[str] | None = None, dequantize: bool = False) -> nn.Module:
+        """Fold the adapter into the base weights and return the plain model (heads as trained). A quantized
+        (bitsandbytes) layer is dequantized, given ΔW and requantized, with the rounding that costs stated in a
+        warning; with `dequantize=True` it becomes a float nn.Linear holding the exact merged weight instead."""
+        names = adapter_names or self.active_adapters
+        quantized = {n: layer for n, layer in self.layers().items() if layer.quant is not None}
+        if quantized:
+            self._fold_quantized(names, quantized, dequantize)
         self.merge(adapter_names)
-        keep = (adapter_names or self.active_adapters)[0]
+        keep = names[0]
         for tc in self.trainable_copies().values():
             if keep in tc.copies:
                 tc.original = tc.copies[keep]
@@ -311,6 +320,28 @@ class AdaptedModel(nn.Module):
         self._invalidate()
         self.resident.forget()
         return self.model
+
+    def _fold_quantized(self, names: list[str], layers: dict[str, AdapterLayer], dequantize: bool) -> None:
+        for n in names:
+            self._check_loaded(n)
+            self.materialize(n)
+        rounding = delta = 0.0
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        for layer in layers.values():
+            active = [n for n in names if n in layer.adapters]
+            layer.base_layer, r2, d2 = layer.fold(active, dtype if dequantize else None)
+            layer.merged_adapters.extend(active)
+            rounding, delta = rounding + r2, delta + d2
+        if not dequantize:
+            schemes = sorted({layer.quant["scheme"] for layer in layers.values()})
+            relative = (rounding / max(delta, 1e-30)) ** 0.5
+            warnings.warn(
+                f"merged into {len(layers)} quantized ({', '.join(schemes)}) layers by dequantizing, adding ΔW and "
+                f"requantizing: the stored weights differ from the exact W0 + ΔW by {relative:.1%} "
+                "of ‖ΔW‖ (rounding), so the merged model's outputs differ from the adapter's by that much. "
+                "merge_and_unload(dequantize=True) keeps the exact merge in float layers.",
+                stacklevel=3,
+            )
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the original model, untouched."""
@@ -353,15 +384,17 @@ class AdaptedModel(nn.Module):
         if is_peft_lora_dir(adapter_dir):
             config, tensors, layer_names, ranks = peft_lora_as_nora(self.model, adapter_dir)
             keys: dict[str, str] | None = None
+            sources: dict[str, torch.Tensor] | None = None
         else:
             file = open_adapter(adapter_dir)
             if not is_trainable and self.resident.load(adapter_name, file, adapter_dir):
                 self.peft_config[adapter_name] = file.config
                 return
             config, tensors = file.config, file.tensors()
-            layer_names, ranks, keys = check_layers(self.model, config, file.meta, tensors, adapter_dir)
+            layer_names, ranks, keys, sources = check_layers(self.model, config, file.meta, tensors, adapter_dir)
         scales = {n: tensors[f"{n}.awsvd_scale"] for n in layer_names if f"{n}.awsvd_scale" in tensors}
-        self.add_adapter(adapter_name, config, scales=scales or None, layer_names=layer_names, ranks=ranks, keys=keys)
+        self.add_adapter(adapter_name, config, scales=scales or None, layer_names=layer_names, ranks=ranks, keys=keys,
+                         sources=sources)  # fmt: skip
         try:
             apply_tensors(self, adapter_name, tensors, adapter_dir)
         except BaseException:

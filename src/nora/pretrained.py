@@ -127,10 +127,13 @@ def load_model(
     dtype: torch.dtype | Literal["auto"] | None = None,
     num_labels: int | None = None,
     gguf_file: str | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
     """The pretrained causal LM, sequence classifier or image classifier at `name`. `dtype`: a torch dtype, "auto"
     (the checkpoint's) or None (float32). A GGUF file is dequantised to float, so the model trains, merges and
-    saves like any other."""
+    saves like any other. `quantize` ("nf4", "fp4": 4-bit, QLoRA's setting; "int8") loads the linear layers in
+    bitsandbytes on CUDA when present, else on the CPU (its CPU backend), computing in `dtype`; the output head
+    stays in float."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = _hub_kwargs(name)
@@ -138,6 +141,8 @@ def load_model(
         kwargs["dtype"] = dtype
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if quantize:
+        kwargs.update(quantization_kwargs(quantize, dtype if isinstance(dtype, torch.dtype) else torch.float32))
     if task == "seq-cls":
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kwargs)
     elif task == "image-cls":
@@ -153,6 +158,23 @@ def load_model(
         model.hf_quantizer = None
         model.config.quantization_config = None
     return model
+
+
+def quantization_kwargs(scheme: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's arguments for a bitsandbytes base: nf4/fp4 (4-bit, block 64, no double quantization) or
+    int8, on the first CUDA device when there is one, else on the CPU."""
+    from transformers import BitsAndBytesConfig
+
+    from .quant import SCHEMES
+
+    if scheme not in SCHEMES:
+        raise AdapterError(f"quantize={scheme!r}: choose from {', '.join(SCHEMES)}.")
+    if scheme == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "score", "classifier"])
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=compute_dtype,
+                                    llm_int8_skip_modules=["lm_head", "score", "classifier"])  # fmt: skip
+    return {"quantization_config": config, "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
 
 def name_labels(model: nn.Module, labels: Sequence[str] | None) -> None:

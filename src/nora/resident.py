@@ -90,14 +90,15 @@ class ResidentAdapters:
         """The bank for `file`'s layout, its bases made (from the layers' own, the basis cache, or an SVD) and
         every check of a module load passed."""
         config, tensors = file.config, file.tensors()
-        layer_names, ranks, keys = check_layers(self.model, config, file.meta, tensors, where)
+        layer_names, ranks, keys, sources = check_layers(self.model, config, file.meta, tensors, where)
         scales = {n: tensors[f"{n}.awsvd_scale"] for n in layer_names if f"{n}.awsvd_scale" in tensors}
         layers = self.wrap(layer_names)
         bank = AdapterBank(key, method, config, max(8, self.reserved))
         made: list[tuple[AdapterLayer, str]] = []
         header = file.header() or {}
         try:
-            plans = {n: layer.plan(config, method, scales.get(n), ranks[n], keys[n]) for n, layer in layers.items()}
+            plans = {n: layer.plan(config, method, scales.get(n), ranks[n], keys[n], sources.get(n))
+                     for n, layer in layers.items()}  # fmt: skip
             requests = [p.request for p in plans.values() if p.request is not None]
             factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
             expected = {f"{n}.awsvd_scale" for n in scales}

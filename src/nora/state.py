@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import quant
 from .basis import basis_fingerprint
 from .config import AdapterConfig
 from .errors import AdapterError
 from .io import FORMAT_VERSION, SAVE_PREFIX, check_keys, check_shape, nora_version
 from .layer import AdapterLayer, is_adaptable, oriented_weight
 from .methods import get_method
+from .quant import describe
 from .svd import fingerprint, weight_digest
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ def adapter_state(model: AdaptedModel, name: str) -> tuple[dict[str, torch.Tenso
         layers[lname] = {
             "r": core.r, "shape": list(layer.shape), "fingerprint": core.fingerprint, "weight": layer.weight_digest
         }  # fmt: skip
+        if layer.quant is not None:
+            layers[lname]["quant"] = layer.quant
     for mname, tc in model.trainable_copies().items():
         if name in tc.copies:
             for pname, p in tc.copies[name].state_dict().items():
@@ -69,6 +73,8 @@ def _resident_state(model: AdaptedModel, bank: AdapterBank, name: str) -> tuple[
         layers[lname] = {
             "r": stack.r, "shape": list(layer.shape), "fingerprint": stack.fingerprint, "weight": layer.weight_digest
         }  # fmt: skip
+        if layer.quant is not None:
+            layers[lname]["quant"] = layer.quant
     meta = {"format_version": FORMAT_VERSION, "version": nora_version(), "layers": layers}
     return tensors, meta
 
@@ -94,9 +100,15 @@ def check_layers(
     model: nn.Module, config: AdapterConfig, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where
 ) -> tuple[list[str], dict[str, int], dict[str, str]]:
     """Match the file's layers to the model's, refusing another base before any SVD is computed. Returns the
-    layer names, and each one's rank and basis fingerprint (checked here, so not computed again)."""
+    layer names, each one's rank and basis fingerprint (checked here, so not computed again), and the weights a
+    basis is to be built from where they are not the layer's own. An adapter trained on a quantized base loads onto
+    its full-precision weights with its basis rebuilt exactly, and one trained at full precision onto a quantized
+    base with its shapes checked, each saying what the crossing implies (nora.quant)."""
     method = get_method(config.method)
     names, ranks, keys = [], {}, {}
+    sources: dict[str, torch.Tensor] = {}  # the W0 of a basis, where not the layer's own
+    gaps: list[float] = []
+    crossed: dict[tuple[str, str], int] = {}
     for lname, info in meta["layers"].items():
         try:
             module = model.get_submodule(lname)
@@ -128,12 +140,30 @@ def check_layers(
             )
         digest = module.weight_digest if isinstance(module, AdapterLayer) else weight_digest(weight)
         scales = tensors.get(f"{lname}.awsvd_scale")
-        if method.uses_basis:
-            expected = basis_fingerprint(
-                method.name, r, method.placement(config), config.svd_settings, tuple(weight.shape), digest, scales
-            )
-        else:
-            expected = fingerprint(method=method.name, r=r, shape=list(weight.shape), digest=digest)
+
+        def expected_for(digest: str, r=r, weight=weight, scales=scales) -> str:
+            if method.uses_basis:
+                return basis_fingerprint(method.name, r, method.placement(config), config.svd_settings,
+                                         tuple(weight.shape), digest, scales)  # fmt: skip
+            return fingerprint(method=method.name, r=r, shape=list(weight.shape), digest=digest)
+
+        expected = expected_for(digest)
+        here, saved = (module.quant if isinstance(module, AdapterLayer) else quant.scheme_of(module)), info.get("quant")
+        if expected != info["fingerprint"] and here != saved:
+            if here is None:  # trained on deq(Q(W0)); these are the W0 it came from if they quantize to it
+                trained = quant.roundtrip(weight, saved).to(weight.dtype)
+                if expected_for(weight_digest(trained)) == info["fingerprint"]:
+                    expected, sources[lname] = info["fingerprint"], trained
+                    gap = (weight.float() - trained.float()).norm() / weight.float().norm().clamp(min=1e-30)
+                    gaps.append(float(gap))
+                    pair = (describe(saved), "full-precision")
+                    crossed[pair] = crossed.get(pair, 0) + 1
+            else:  # the float weights an adapter was trained on cannot be rebuilt from quantized ones: shapes only
+                pair = (describe(saved), describe(here))
+                crossed[pair] = crossed.get(pair, 0) + 1
+                names.append(lname)
+                ranks[lname], keys[lname] = r, expected
+                continue
         if expected != info["fingerprint"] and info.get("weight") == digest:
             raise AdapterError(
                 f"adapter {where}: the settings recorded for {lname!r} (r={r}, placement, SVD options) are not those "
@@ -152,7 +182,37 @@ def check_layers(
             warnings.warn(message + " Loading anyway: a plain LoRA update does not depend on W0.", stacklevel=3)
         names.append(lname)
         ranks[lname], keys[lname] = r, expected
-    return names, ranks, keys
+    for (trained_on, here_is), count in crossed.items():
+        warnings.warn(_crossing_message(where, trained_on, here_is, count, gaps, method.uses_basis), stacklevel=3)
+    return names, ranks, keys, sources
+
+
+def _crossing_message(where, trained_on: str, here_is: str, count: int, gaps: list[float], basis: bool) -> str:
+    """What loading an adapter across quantization implies, said once per kind of crossing."""
+    head = f"adapter {where} was trained on a {trained_on} base and is loaded onto a {here_is} one ({count} layers). "
+    if here_is == "full-precision":
+        rebuilt = (
+            "Its outer basis is rebuilt from the dequantized weights it trained on (these weights quantize to them: "
+            "checked), so its update is exactly the trained one. "
+            if basis
+            else "Its update does not depend on W0. "
+        )
+        return (
+            head
+            + rebuilt
+            + (
+                f"The base weights differ from those it trained with by {sum(gaps) / len(gaps):.2%} on average "
+                f"(‖W0 − deq(Q(W0))‖ / ‖W0‖, at most {max(gaps):.2%}), so outputs differ from the quantized model's by "
+                "what that rounding changes."
+            )
+        )
+    return head + (
+        "The weights it trained with cannot be rebuilt from quantized ones, so only their shapes are checked; "
+        + ("its outer basis is recomputed from these dequantized weights, so its update differs from the trained "
+           "one as much as the quantization moved the top singular vectors" if basis else
+           "its update does not depend on W0 and is exactly the trained one")
+        + ", and the base differs from the one it trained with by the quantization's rounding."
+    )  # fmt: skip
 
 
 def apply_tensors(model: AdaptedModel, name: str, tensors: dict[str, torch.Tensor], where) -> None:

@@ -33,6 +33,7 @@ class TrainConfig:
     adapter: dict[str, Any] = field(default_factory=dict)
     target_modules: str | list[str] | None = None
     gguf_file: str | None = None
+    quantize: str | None = None  # load the base in nf4 / fp4 (4-bit, QLoRA) or int8 with bitsandbytes
     # data
     max_length: int = 512
     mask_prompt: bool = True
@@ -91,6 +92,7 @@ class TrainConfig:
         self._check_images()
         self._check_dreambooth()
         self._check_parallelism()
+        self._check_quantize()
         self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
     def _check_choices(self) -> None:
@@ -172,6 +174,20 @@ class TrainConfig:
             raise AdapterError("num_class_images must be at least 1 and prior_loss_weight a number ≥ 0.")
         if self.eval_fraction:
             raise AdapterError("--task dreambooth trains on every subject image: leave --eval-fraction unset.")
+
+    def _check_quantize(self) -> None:
+        if self.quantize is None:
+            return
+        from ..quant import SCHEMES
+
+        if self.quantize not in SCHEMES:
+            raise AdapterError(f"--quantize {self.quantize}: choose from {', '.join(SCHEMES)} (bitsandbytes).")
+        if self.fsdp:
+            raise AdapterError("--quantize with --fsdp is not supported: shard a quantized base with DDP instead.")
+        if self.task in ("image-cls", "dreambooth"):
+            raise AdapterError(f"--quantize loads transformers text models in bitsandbytes; not --task {self.task}.")
+        if self.gguf_file:
+            raise AdapterError("--quantize and --gguf-file: a GGUF file is dequantised on load; pass one of them.")
 
     def _check_parallelism(self) -> None:
         if self.fsdp and self.precision == "fp16":

@@ -90,7 +90,9 @@ def load_base_model(config: TrainConfig, num_labels: int | None = None) -> nn.Mo
     kind = TASKS[config.task].model_kind
     return _loading(
         config.model,
-        lambda: load_model(config.model, kind, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file),
+        lambda: load_model(
+            config.model, kind, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file, quantize=config.quantize
+        ),  # fmt: skip
     )
 
 

@@ -1,0 +1,171 @@
+"""Quantized base layers: bitsandbytes' `Linear4bit` (nf4, fp4: the QLoRA setting) and `Linear8bitLt` (int8), on
+CUDA and, through bitsandbytes' CPU backend, on the CPU.
+
+An adapter on such a layer sees its weight dequantized: the outer SVD basis, the weight digest and every ΔW come
+from `dequantized(layer)`, while the forward runs the quantized kernel and adds the adapter's terms. A quantized
+weight cannot hold W0 + ΔW exactly, so a reversible merge is refused; `fold` dequantizes, adds ΔW and requantizes
+(returning the rounding it cost), or returns a plain float layer holding the exact merged weight.
+
+`quantize_linear` turns a float `nn.Linear` into one of these layers (what `nora.quantize_base` and the
+quantization-aware initialisation use). bitsandbytes is imported only where a layer or scheme needs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+
+SCHEMES = ("nf4", "fp4", "int8")
+_BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block
+
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise AdapterError(
+            "quantized base layers need bitsandbytes: pip install 'nora-peft[quant]' (or bitsandbytes>=0.46)."
+        ) from e
+    return bitsandbytes
+
+
+def scheme_of(module: nn.Module) -> dict[str, Any] | None:
+    """The quantization of a bitsandbytes layer ({"scheme": "nf4" | "fp4" | "int8", ...}), None for any other."""
+    bnb = sys.modules.get("bitsandbytes")  # a bitsandbytes layer exists only once bitsandbytes is imported
+    if bnb is None:
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        w = module.weight
+        state = getattr(w, "quant_state", None)
+        return {"scheme": w.quant_type, "blocksize": int(getattr(state, "blocksize", None) or w.blocksize),
+                "double_quant": bool(getattr(state, "nested", False))}  # fmt: skip
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return {"scheme": "int8"}
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return scheme_of(module) is not None
+
+
+def keep_standard_layout(module: nn.Module) -> None:
+    """Stop bitsandbytes repacking a 4-bit weight for its CPU inference kernel (an eval-mode forward does it on
+    CPUs with AVX512-BF16): the repacked form no longer dequantizes to the stored values, and an adapter's basis,
+    digest and merges read them. A weight already repacked is unpacked, which rounds its block scales to bfloat16:
+    said in a warning, as the weights then differ (by that rounding) from a fresh load."""
+    bnb = _bnb()
+    if not isinstance(module, bnb.nn.Linear4bit):
+        return
+    module.support_avx512bf16_for_cpu = False
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        import warnings
+
+        module.weight.data, module.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+            module.weight.data, state
+        )
+        warnings.warn(
+            "a 4-bit layer had been repacked for bitsandbytes' CPU inference kernel (by an eval-mode forward before "
+            "the adapter was added); unpacking it rounds its block scales to bfloat16, so its weights differ "
+            "slightly from a fresh load's and an adapter saved from it may not load onto a fresh one without a "
+            "weight mismatch. Add adapters before running the model in eval mode.",
+            stacklevel=4,
+        )
+
+
+def out_in(module: nn.Module) -> tuple[int, int]:
+    return int(module.out_features), int(module.in_features)
+
+
+@torch.no_grad()
+def dequantized(module: nn.Module) -> torch.Tensor:
+    """The d × k weight a quantized layer computes with, in float32 (or the dtype it was quantized from)."""
+    bnb = _bnb()
+    w = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).reshape(out_in(module))
+    if w.dtype != torch.int8:  # an 8-bit layer that keeps float weights (has_fp16_weights) or is not yet quantized
+        return w.data
+    scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+    return w.data.float() * (scb.float()[:, None] / 127.0)
+
+
+@torch.no_grad()
+def requantize(module: nn.Module, W: torch.Tensor) -> None:
+    """Store the float weight W (d × k) in the quantized layer, quantized as its current weight was."""
+    bnb = _bnb()
+    old = module.weight
+    device = old.device
+    if isinstance(module, bnb.nn.Linear4bit):
+        dtype = old.quant_state.dtype
+        module.weight = bnb.nn.Params4bit(
+            W.to(dtype).contiguous().cpu(), requires_grad=False, quant_type=old.quant_type,
+            blocksize=old.quant_state.blocksize, compress_statistics=bool(old.quant_state.nested),
+            quant_storage=old.quant_storage, module=module,
+        ).to(device)  # fmt: skip
+        return
+    module.weight = bnb.nn.Int8Params(W.to(torch.float16).contiguous().cpu(), requires_grad=False,
+                                      has_fp16_weights=False).to(device)  # fmt: skip
+    module.state.CB, module.state.SCB = None, None  # the layer reads the new statistics at its next forward
+
+
+def float_linear(module: nn.Module, W: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A plain nn.Linear of `dtype` holding W (d × k) and the quantized layer's bias."""
+    d, k = out_in(module)
+    linear = nn.Linear(k, d, bias=module.bias is not None, device=W.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    linear.requires_grad_(False)
+    return linear.train(module.training)
+
+
+@torch.no_grad()
+def quantize_linear(
+    linear: nn.Linear, scheme: str, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
+) -> nn.Module:
+    """A bitsandbytes layer holding `weight` (default: the linear's own), quantized with `scheme`, on the linear's
+    device; 4-bit layers compute in `dtype` (default: the linear's dtype)."""
+    if scheme not in SCHEMES:
+        raise AdapterError(f"quantization {scheme!r}: choose from {', '.join(SCHEMES)}.")
+    bnb = _bnb()
+    W = linear.weight if weight is None else weight
+    dtype = dtype or linear.weight.dtype
+    device = linear.weight.device
+    d, k = W.shape
+    if scheme == "int8":
+        layer = bnb.nn.Linear8bitLt(k, d, bias=linear.bias is not None, has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(W.to(torch.float16).contiguous().cpu(), requires_grad=False,
+                                         has_fp16_weights=False)  # fmt: skip
+    else:
+        layer = bnb.nn.Linear4bit(k, d, bias=linear.bias is not None, compute_dtype=dtype, quant_type=scheme)
+        layer.weight = bnb.nn.Params4bit(W.to(dtype).contiguous().cpu(), requires_grad=False, quant_type=scheme,
+                                         blocksize=_BLOCKSIZE, module=layer)  # fmt: skip
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().to(dtype if scheme != "int8" else linear.bias.dtype).cpu(),
+                                  requires_grad=False)  # fmt: skip
+    return layer.to(device).train(linear.training)
+
+
+@torch.no_grad()
+def roundtrip(W: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
+    """deq(Q(W)): what a layer quantized with `quant` (a `scheme_of` record) would compute with."""
+    bnb = _bnb()
+    if quant["scheme"] == "int8":  # as Int8Params quantizes: from float16, row-wise absmax
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(W.to(torch.float16).contiguous())
+        return cb.float() * (scb.float()[:, None] / 127.0)
+    q, state = bnb.functional.quantize_4bit(
+        W.contiguous(), blocksize=quant.get("blocksize", _BLOCKSIZE), quant_type=quant["scheme"],
+        compress_statistics=quant.get("double_quant", False),
+    )  # fmt: skip
+    return bnb.functional.dequantize_4bit(q, state).reshape(W.shape)
+
+
+def describe(quant: dict[str, Any] | None) -> str:
+    return "full-precision" if quant is None else f"{quant['scheme']}-quantized"
