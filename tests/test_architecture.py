@@ -38,7 +38,7 @@ LAYERS: dict[str, int] = {
     # slots: the stores layer.py evaluates mixed batches from; calibrate measures activations at injected layers
     **dict.fromkeys(["nora.slots", "nora.layer", "nora.inject", "nora.calibrate"], 4),
     **dict.fromkeys(["nora.io", "nora.state", "nora.resident", "nora.accel", "nora.peft_import"], 5),
-    **dict.fromkeys(["nora.model", "nora.export"], 6),
+    **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 6),
     **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 7),
     **dict.fromkeys(["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.hf_trainer"], 8),
     **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 9),

@@ -159,3 +159,70 @@ def test_nora_train_quantize_writes_a_quantized_base_adapter(tmp_path):
         TrainConfig(model=str(directory), data=str(data), quantize="int4")
     with pytest.raises(AdapterError, match="--quantize with --fsdp is not supported"):
         TrainConfig(model=str(directory), data=str(data), quantize="nf4", fsdp=True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        nora.LoraConfig(r=4),
+        nora.PissaConfig(r=4),
+        nora.NoraConfig(r=8, inner_r=2),
+        nora.NoraConfig(r=8, inner_r=2, inner_core="diag", inner_init="orthogonal"),
+        nora.LoraXSConfig(r=4),
+        nora.SVFitConfig(r=6),
+    ],  # fmt: skip
+    ids=lambda c: f"{c.method}-{getattr(c, 'inner_core', '')}",
+)
+def test_loftq_init_fits_the_quantization_error_by_least_squares(stories260k_dir, config):
+    import numpy as np
+
+    full = load_model(str(stories260k_dir))
+    torch.manual_seed(0)
+    adapted = nora.get_peft_model(load_model(str(stories260k_dir), quantize="nf4"), config)
+    left = nora.loftq_init(adapted, full)
+    assert len(left) == len(adapted.layers()) and all(0 < v < 1 for v in left.values())
+    name = "model.layers.1.mlp.down_proj"
+    layer = adapted.layers()[name]
+    W0 = full.get_submodule(name).weight.detach().double()
+    E = (W0 - quant.dequantized(layer.base_layer).double()).numpy()
+    delta = layer.delta_weight("default").detach().double().numpy()
+    core, basis = layer.adapters["default"], layer.basis_of(layer.adapters["default"])
+    B_o, A_o = (basis.B.double().numpy(), basis.A.double().numpy()) if basis is not None else (None, None)
+    if config.method in ("lora", "pissa"):  # the fitted B·A is the best rank-r matrix (Eckart–Young), float64
+        target = E if config.method == "lora" else E + core.scale * (B_o @ A_o)
+        U, S, Vt = np.linalg.svd(target, full_matrices=False)
+        best = (U[:, :4] * S[:4]) @ Vt[:4]
+        fitted = delta if config.method == "lora" else delta + target - E
+        assert np.abs(fitted - best).max() < 1e-5
+    else:  # the least-squares optimum over the method's free values: the residual is orthogonal to every direction
+        L, R = B_o, A_o
+        residual = E - delta
+        if config.method == "svfit":
+            assert np.abs(np.einsum("di,dk,ik->i", L, residual, R)).max() < 1e-6
+        elif config.method == "lora-xs" or getattr(config, "inner_r", 0) >= 8:
+            assert np.abs(L.T @ residual @ R.T).max() < 1e-6
+        else:  # NoRA's rank-r' core: the best rank-r' fit of the projected error
+            middle = np.linalg.pinv(L) @ E @ np.linalg.pinv(R)
+            U, S, Vt = np.linalg.svd(middle)
+            best = L @ ((U[:, :2] * S[:2]) @ Vt[:2]) @ R
+            assert np.abs(delta - best).max() < 1e-5
+    with pytest.raises(AdapterError, match="is on no quantized layer"):
+        nora.loftq_init(nora.get_peft_model(load_model(str(stories260k_dir)), config), full)
+
+
+def test_loftq_init_brings_the_quantized_model_closer_and_dora_refuses(stories260k_dir):
+    full = load_model(str(stories260k_dir))
+    ids = _ids(full.config.vocab_size)
+    with torch.no_grad():
+        reference = full(input_ids=ids).logits
+        base = load_model(str(stories260k_dir), quantize="nf4").train()  # (eval mode: bnb repacks for its CPU kernel)
+        plain = (base(input_ids=ids).logits - reference).norm()
+    torch.manual_seed(0)
+    adapted = nora.get_peft_model(base, nora.LoraConfig(r=16)).eval()
+    nora.loftq_init(adapted, full.state_dict())
+    with torch.no_grad():
+        fitted = (adapted(input_ids=ids).logits - reference).norm()
+    assert fitted < 0.9 * plain  # the error the 4-bit base makes, partly absorbed before any training
+    dora = nora.get_peft_model(load_model(str(stories260k_dir), quantize="nf4"), nora.DoraConfig(r=4))
+    with pytest.raises(AdapterError, match="dora has no least-squares fit"):
+        nora.loftq_init(dora, full)

@@ -5,6 +5,7 @@ from .config import AdapterConfig
 from .errors import AdapterError
 from .export import export_diffusers_lora, export_lora
 from .layer import BASE, AdapterLayer
+from .loftq import loftq_init
 from .methods import DoraConfig, HeadOnlyConfig, LoraConfig, LoraXSConfig, NoraConfig, PissaConfig, SVFitConfig
 from .model import AdaptedModel, get_peft_model
 from .svd import BASIS_CACHE, SVDSettings
@@ -28,4 +29,5 @@ __all__ = [
     "export_diffusers_lora",
     "export_lora",
     "get_peft_model",
+    "loftq_init",
 ]

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..chain import Term
 from ..config import AdapterConfig
+from ..errors import AdapterError
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
@@ -165,6 +166,26 @@ class Method(ABC):
     def peft_tensors(self, core: AdapterCore) -> dict[str, torch.Tensor]:
         """Tensors besides lora_A / lora_B that a PEFT LoRA export of this layer holds, by PEFT's name suffix."""
         return {}
+
+    def fit(self, core: AdapterCore, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Trainable tensors whose ΔW is the least-squares fit of `target` (d × k, float64) within this method's
+        form: the quantization-aware initialisation of nora.loftq. A method without one refuses."""
+        raise AdapterError(
+            f"{self.name} has no least-squares fit of a target update, so LoftQ-style initialisation is not available "
+            "for it; use lora, pissa, nora, lora-xs or svfit."
+        )
+
+
+def low_rank_split(M: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B·A the best rank-q approximation of M, the singular values split as √S on each side."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:q].sqrt()
+    return U[:, :q] * root, root[:, None] * Vh[:q]
+
+
+def middle_fit(left: torch.Tensor, right: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The M minimising ‖left·M·right − target‖ (least squares): left⁺ · target · right⁺."""
+    return torch.linalg.pinv(left) @ target @ torch.linalg.pinv(right)
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:

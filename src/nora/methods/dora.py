@@ -14,7 +14,7 @@ import torch
 
 from ..chain import Term, terms_product
 from ..config import AdapterConfig
-from .base import AdapterCore, Variant
+from .base import AdapterCore, Method, Variant
 from .lora import LoRA
 
 if TYPE_CHECKING:
@@ -66,3 +66,5 @@ class DoRA(LoRA):
 
     def peft_tensors(self, core: AdapterCore) -> dict[str, torch.Tensor]:
         return {"lora_magnitude_vector": core["magnitude"]}
+
+    fit = Method.fit  # its output is not W0 + ΔW for a linear ΔW: no least-squares fit of a target update

@@ -9,7 +9,7 @@ import torch
 
 from ..chain import Term
 from ..config import AdapterConfig
-from .base import Core, Method, kaiming_
+from .base import Core, Method, kaiming_, low_rank_split
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
@@ -38,3 +38,7 @@ class LoRA(Method):
 
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         return [Term(core.scale, [core["lora_B"], core["lora_A"]])]
+
+    def fit(self, core, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, A = low_rank_split(target / core.scale, core.r)
+        return {"lora_B": B, "lora_A": A}

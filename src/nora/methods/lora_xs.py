@@ -10,7 +10,7 @@ import torch
 from ..chain import Term
 from ..config import AdapterConfig
 from ..errors import AdapterError
-from .base import Core, Method
+from .base import Core, Method, middle_fit
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
@@ -44,3 +44,6 @@ class LoRAXS(Method):
 
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         return [Term(core.scale, [core["core"]], left=[basis.B], right=[basis.A])]
+
+    def fit(self, core, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"core": middle_fit(basis.B.double(), basis.A.double(), target) / core.scale}

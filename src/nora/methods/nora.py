@@ -24,7 +24,7 @@ from torch import nn
 from ..chain import Term
 from ..config import AdapterConfig
 from ..errors import AdapterError
-from .base import Core, Method, kaiming_
+from .base import Core, Method, kaiming_, low_rank_split, middle_fit
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
@@ -125,6 +125,17 @@ class NoRA(Method):
         if core.config.inner == "serial":
             return [Term(core.scale, inner, left=[basis.B], right=[basis.A])]
         return [Term(core.scale, inner, right=[basis.B, basis.A])]
+
+    def fit(self, core, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        L, R = basis.B.double(), basis.A.double()
+        serial = core.config.inner == "serial"  # else "out": ΔW = s·(inner)·B_o·A_o
+        middle = (middle_fit(L, R, target) if serial else target @ torch.linalg.pinv(L @ R)) / core.scale
+        q = core.config.inner_r
+        if core.config.inner_core == "diag":
+            U, S, Vh = torch.linalg.svd(middle, full_matrices=False)
+            return {"inner_RA": U[:, :q], "inner_lambda": S[:q], "inner_RB": Vh[:q]}
+        B, A = low_rank_split(middle, q)
+        return {"inner_B": B, "inner_A": A}
 
     def resident(self, config: NoraConfig) -> bool:
         return config.inner == "serial"  # an "out" core is d-wide, as large as a LoRA: modules, as LoRA's are

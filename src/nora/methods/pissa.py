@@ -13,7 +13,7 @@ import torch
 
 from ..chain import Term
 from ..config import AdapterConfig
-from .base import Core, Method
+from .base import Core, Method, low_rank_split
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
@@ -41,3 +41,8 @@ class PiSSA(Method):
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         s = core.scale
         return [Term(s, [core["lora_B"], core["lora_A"]]), Term(-s, [], right=[basis.B, basis.A])]
+
+    def fit(self, core, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        principal = basis.B.double() @ basis.A.double()  # B·A = B0·A0 + target / s
+        B, A = low_rank_split(principal + target / core.scale, core.r)
+        return {"lora_B": B, "lora_A": A}

@@ -60,3 +60,9 @@ class SVFit(Method):
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         sigma = core["sigma"]
         return [Term(1.0, [sigma - basis.S.to(sigma.dtype)], left=[basis.B], right=[basis.A])]
+
+    def fit(self, core, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        L, R = basis.B.double(), basis.A.double()  # ΔW = L·diag(x)·R: normal equations of x
+        gram = (L.T @ L) * (R @ R.T)
+        rhs = torch.einsum("di,dk,ik->i", L, target, R)
+        return {"sigma": basis.S.double() + torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]}
