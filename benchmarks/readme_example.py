@@ -19,7 +19,7 @@ import nora
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/readme-example"))
-    parser.add_argument("--model-dir", type=Path, default=Path.home() / ".cache/nora/SmolLM2-135M-Instruct")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a saved model (default: nora's GGUF cache)")
     args = parser.parse_args()
     model = AutoModelForCausalLM.from_pretrained(cached_smollm2(args.model_dir))
     start = time.perf_counter()

@@ -137,6 +137,20 @@ def _fresh_basis_cache():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_nora_cache(tmp_path_factory):
+    """Dequantised GGUF copies go to a session folder, not the user's ~/.cache/nora."""
+    import os
+
+    before = os.environ.get("NORA_CACHE")
+    os.environ["NORA_CACHE"] = str(tmp_path_factory.mktemp("nora-cache"))
+    yield
+    if before is None:
+        os.environ.pop("NORA_CACHE", None)
+    else:
+        os.environ["NORA_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def stories260k_dir(tmp_path_factory) -> Path:
     """The llama2.c stories260K TinyStories model (and its 512-token tokenizer) converted once per session to a

@@ -131,11 +131,14 @@ def load_model(
 ) -> nn.Module:
     """The pretrained causal LM, sequence classifier or image classifier at `name`. `dtype`: a torch dtype, "auto"
     (the checkpoint's) or None (float32). A GGUF file is dequantised to float, so the model trains, merges and
-    saves like any other. `quantize` ("nf4", "fp4": 4-bit, QLoRA's setting; "int8") loads the linear layers in
-    bitsandbytes on CUDA when present, else on the CPU (its CPU backend), computing in `dtype`; the output head
-    stays in float."""
+    saves like any other — once: the dequantised copy is kept in the GGUF cache (`dequantized_gguf`). `quantize`
+    ("nf4", "fp4": 4-bit, QLoRA's setting; "int8") loads the linear layers in bitsandbytes on CUDA when present,
+    else on the CPU (its CPU backend), computing in `dtype`; the output head stays in float."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    cached = dequantized_gguf(name, gguf_file) if gguf_file else None
+    if cached is not None:  # the dequantised copy: a plain checkpoint
+        name, gguf_file = str(cached), None
     kwargs: dict[str, Any] = _hub_kwargs(name)
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -154,10 +157,64 @@ def load_model(
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    if gguf_file:  # no longer quantized, whatever the loader recorded
+    if gguf_file:  # loaded from the GGUF itself: no longer quantized, whatever the loader recorded
         model.hf_quantizer = None
         model.config.quantization_config = None
     return model
+
+
+def gguf_cache_root() -> Path | None:
+    """Where dequantised GGUF checkpoints are kept: $NORA_CACHE/gguf (default ~/.cache/nora/gguf, under
+    $XDG_CACHE_HOME where set); NORA_GGUF_CACHE=0 turns the cache off."""
+    if os.environ.get("NORA_GGUF_CACHE", "1") in ("0", "false", "no", "off"):
+        return None
+    root = os.environ.get("NORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nora"
+    return Path(root) / "gguf"
+
+
+def dequantized_gguf(name: str, gguf_file: str) -> Path | None:
+    """A save_pretrained directory of the model in GGUF file `gguf_file` of `name` (a local directory, or a hub id
+    whose file is in the Hugging Face cache), dequantised to float32 on first use and kept, keyed by the file's
+    path, size and modification time, so later loads (train, eval, serve, benchmarks) skip the dequantisation.
+    None where the file cannot be found here or the cache is off (the caller loads the GGUF itself)."""
+    import hashlib
+
+    root = gguf_cache_root()
+    source = _gguf_path(name, gguf_file)
+    if root is None or source is None:
+        return None
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = root / f"{source.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .atomic import atomic_replace_dir
+
+    def build(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        model.hf_quantizer = None  # no longer quantized, whatever the loader recorded
+        model.config.quantization_config = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "nora_gguf_source.txt").write_text(f"{source}\n")
+
+    atomic_replace_dir(build, target)
+    return target
+
+
+def _gguf_path(name: str, gguf_file: str) -> Path | None:
+    local = Path(name).expanduser() / gguf_file
+    if local.is_file():
+        return local
+    if looks_local(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, gguf_file)
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 def quantization_kwargs(scheme: str, compute_dtype: torch.dtype) -> dict[str, Any]:
@@ -189,6 +246,9 @@ def load_tokenizer(name: str | Path, gguf_file: str | None = None, chat_template
     """The tokenizer at `name` (read from the GGUF file when one is given)."""
     from transformers import AutoTokenizer
 
+    cached = dequantized_gguf(str(name), gguf_file) if gguf_file else None
+    if cached is not None:
+        name, gguf_file = cached, None
     kwargs = _hub_kwargs(name) | ({"gguf_file": gguf_file} if gguf_file else {})
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     if chat_template is not None:
