@@ -150,13 +150,19 @@ def test_nora_train_quantize_writes_a_quantized_base_adapter(tmp_path):
                          max_steps=8, progress=False, plot=False, quantize="nf4", adapter={"r": 8, "inner_r": 4},
                          learning_rate=1e-2)  # fmt: skip
     result = train(config)
-    assert result.summary["final_loss"] < result.summary["first_loss"]
+    assert result.summary["final_loss"] < result.summary["first_loss"] and result.summary["loftq_error_left"] is None
+    from dataclasses import replace
+
+    fitted = train(replace(config, loftq=True, output_dir=str(tmp_path / "loftq"), max_steps=1))
+    assert 0 < fitted.summary["loftq_error_left"] < 1
     meta = json.loads((result.adapter_dir / "adapter_config.json").read_text())["nora"]["layers"]
     assert {info["quant"]["scheme"] for info in meta.values()} == {"nf4"}
     loaded = nora.AdaptedModel.from_pretrained(load_model(str(directory), quantize="nf4"), result.adapter_dir)
     assert len(loaded.layers()) == len(meta)
     with pytest.raises(AdapterError, match="--quantize int4: choose from nf4, fp4, int8"):
         TrainConfig(model=str(directory), data=str(data), quantize="int4")
+    with pytest.raises(AdapterError, match="--loftq fits the adapter to a quantized base's error: add --quantize"):
+        TrainConfig(model=str(directory), data=str(data), loftq=True)
     with pytest.raises(AdapterError, match="--quantize with --fsdp is not supported"):
         TrainConfig(model=str(directory), data=str(data), quantize="nf4", fsdp=True)
 

@@ -144,6 +144,11 @@ def load_model(
         kwargs["dtype"] = dtype
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if quantize and gguf_file:
+        raise AdapterError(
+            f"quantize={quantize} with a GGUF file requantizes its dequantised copy, kept in the GGUF cache, which is "
+            "off (NORA_GGUF_CACHE=0): turn it on, or save the dequantised model and load that."
+        )
     if quantize:
         kwargs.update(quantization_kwargs(quantize, dtype if isinstance(dtype, torch.dtype) else torch.float32))
     if task == "seq-cls":

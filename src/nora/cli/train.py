@@ -98,6 +98,7 @@ OPTIONS: tuple[CliOption, ...] = (
     ),
     CliOption("gguf_file", str, "gguf_file", Opt(help="Load this GGUF file from the --model directory.")),
     CliOption("quantize", str, "quantize", Opt(help="Load the base quantized: nf4 or fp4 (4-bit, QLoRA) or int8.")),
+    CliOption("loftq", bool, "loftq", Opt(help="With --quantize: start the adapter fitted to the quantization error.")),
     CliOption("max_length", int, "max_length", Opt(help="Longest sequence in tokens; longer ones are truncated.")),
     CliOption("mask_prompt", bool, "mask_prompt", Opt(help="Loss on the response tokens only (instruction data).")),
     CliOption("text_column", str, "text_column", Opt(help="Column holding the text.")),

@@ -34,6 +34,7 @@ class TrainConfig:
     target_modules: str | list[str] | None = None
     gguf_file: str | None = None
     quantize: str | None = None  # load the base in nf4 / fp4 (4-bit, QLoRA) or int8 with bitsandbytes
+    loftq: bool = False  # with quantize: the adapter starts fitted to the quantization error (nora.loftq)
     # data
     max_length: int = 512
     mask_prompt: bool = True
@@ -177,6 +178,8 @@ class TrainConfig:
 
     def _check_quantize(self) -> None:
         if self.quantize is None:
+            if self.loftq:
+                raise AdapterError("--loftq fits the adapter to a quantized base's error: add --quantize nf4 or int8.")
             return
         from ..quant import SCHEMES
 
@@ -186,8 +189,6 @@ class TrainConfig:
             raise AdapterError("--quantize with --fsdp is not supported: shard a quantized base with DDP instead.")
         if self.task in ("image-cls", "dreambooth"):
             raise AdapterError(f"--quantize loads transformers text models in bitsandbytes; not --task {self.task}.")
-        if self.gguf_file:
-            raise AdapterError("--quantize and --gguf-file: a GGUF file is dequantised on load; pass one of them.")
 
     def _check_parallelism(self) -> None:
         if self.fsdp and self.precision == "fp16":

@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +244,11 @@ class Run:
         self.task.prepare(self.tokenizer, model)
         config = self._adapter_config()
         calibration = self._calibration_data(config)
-        self.adapted = get_peft_model(model.to(self.acc.device), config, calibration_data=calibration)
+        if getattr(model, "hf_quantizer", None) is None:  # a bitsandbytes model sits where it was loaded
+            model = model.to(self.acc.device)
+        self.adapted = get_peft_model(model, config, calibration_data=calibration)
+        if self.config.loftq and not self.config.resume:
+            self._loftq_init()
         for p in self.adapted.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
@@ -253,6 +257,16 @@ class Run:
         self._load_checkpoint_adapter()  # before any wrapping or sharding
         if self.config.fsdp:
             _shard(self.adapted, self.world)
+
+    def _loftq_init(self) -> None:
+        """The adapter fitted to the quantization error, W0 read from the base loaded once more unquantized."""
+        from ..loftq import loftq_init
+
+        config = replace(self.config, quantize=None, loftq=False)
+        full = load_base_model(config, num_labels=self.task.num_labels(self.labels))
+        left = loftq_init(self.adapted, full)
+        del full
+        self.loftq_left = sum(left.values()) / len(left)
 
     def _calibration_data(self, config: AdapterConfig) -> list[dict[str, torch.Tensor]] | None:
         """An activation-aware basis's calibration batches: the first training examples in file order, the same on
@@ -614,6 +628,7 @@ class Run:
                 "dropped": self.train_set.dropped + (self.eval_set.dropped if self.eval_set else 0),
                 "labels": self.train_set.labels or None,
                 "accelerations": self.accelerations,
+                "loftq_error_left": getattr(self, "loftq_left", None),
                 **eval_metrics,
             }
             if self.config.eval_tasks:
