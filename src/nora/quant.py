@@ -4,15 +4,15 @@ CUDA and, through bitsandbytes' CPU backend, on the CPU.
 An adapter on such a layer sees its weight dequantized: the outer SVD basis, the weight digest and every ΔW come
 from `dequantized(layer)`, while the forward runs the quantized kernel and adds the adapter's terms. A quantized
 weight cannot hold W0 + ΔW exactly, so a reversible merge is refused; `fold` dequantizes, adds ΔW and requantizes
-(returning the rounding it cost), or returns a plain float layer holding the exact merged weight.
-
-`quantize_linear` turns a float `nn.Linear` into one of these layers (what `nora.quantize_base` and the
-quantization-aware initialisation use). bitsandbytes is imported only where a layer or scheme needs it.
+(returning the rounding it cost), or returns a plain float layer holding the exact merged weight. `roundtrip`
+gives deq(Q(W)) of a float weight, for checking that full-precision weights are those an adapter's quantized base
+came from. bitsandbytes is imported only where a layer or scheme needs it.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -64,8 +64,6 @@ def keep_standard_layout(module: nn.Module) -> None:
     module.support_avx512bf16_for_cpu = False
     state = module.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        import warnings
-
         module.weight.data, module.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
             module.weight.data, state
         )
@@ -124,33 +122,6 @@ def float_linear(module: nn.Module, W: torch.Tensor, dtype: torch.dtype) -> nn.L
             linear.bias.copy_(module.bias)
     linear.requires_grad_(False)
     return linear.train(module.training)
-
-
-@torch.no_grad()
-def quantize_linear(
-    linear: nn.Linear, scheme: str, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None
-) -> nn.Module:
-    """A bitsandbytes layer holding `weight` (default: the linear's own), quantized with `scheme`, on the linear's
-    device; 4-bit layers compute in `dtype` (default: the linear's dtype)."""
-    if scheme not in SCHEMES:
-        raise AdapterError(f"quantization {scheme!r}: choose from {', '.join(SCHEMES)}.")
-    bnb = _bnb()
-    W = linear.weight if weight is None else weight
-    dtype = dtype or linear.weight.dtype
-    device = linear.weight.device
-    d, k = W.shape
-    if scheme == "int8":
-        layer = bnb.nn.Linear8bitLt(k, d, bias=linear.bias is not None, has_fp16_weights=False, threshold=0.0)
-        layer.weight = bnb.nn.Int8Params(W.to(torch.float16).contiguous().cpu(), requires_grad=False,
-                                         has_fp16_weights=False)  # fmt: skip
-    else:
-        layer = bnb.nn.Linear4bit(k, d, bias=linear.bias is not None, compute_dtype=dtype, quant_type=scheme)
-        layer.weight = bnb.nn.Params4bit(W.to(dtype).contiguous().cpu(), requires_grad=False, quant_type=scheme,
-                                         blocksize=_BLOCKSIZE, module=layer)  # fmt: skip
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().to(dtype if scheme != "int8" else linear.bias.dtype).cpu(),
-                                  requires_grad=False)  # fmt: skip
-    return layer.to(device).train(linear.training)
 
 
 @torch.no_grad()

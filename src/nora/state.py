@@ -8,6 +8,7 @@ format itself is io.py's.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +21,6 @@ from .errors import AdapterError
 from .io import FORMAT_VERSION, SAVE_PREFIX, check_keys, check_shape, nora_version
 from .layer import AdapterLayer, is_adaptable, oriented_weight
 from .methods import get_method
-from .quant import describe
 from .svd import fingerprint, weight_digest
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def check_layers(
     names, ranks, keys = [], {}, {}
     sources: dict[str, torch.Tensor] = {}  # the W0 of a basis, where not the layer's own
     gaps: list[float] = []
-    crossed: dict[tuple[str, str], int] = {}
+    crossed: Counter[tuple[str, str]] = Counter()  # (trained on, loaded onto) → layers
     for lname, info in meta["layers"].items():
         try:
             module = model.get_submodule(lname)
@@ -149,6 +149,7 @@ def check_layers(
 
         expected = expected_for(digest)
         here, saved = (module.quant if isinstance(module, AdapterLayer) else quant.scheme_of(module)), info.get("quant")
+        shapes_only = False  # the float weights an adapter trained on cannot be rebuilt from quantized ones
         if expected != info["fingerprint"] and here != saved:
             if here is None:  # trained on deq(Q(W0)); these are the W0 it came from if they quantize to it
                 trained = quant.roundtrip(weight, saved).to(weight.dtype)
@@ -156,21 +157,17 @@ def check_layers(
                     expected, sources[lname] = info["fingerprint"], trained
                     gap = (weight.float() - trained.float()).norm() / weight.float().norm().clamp(min=1e-30)
                     gaps.append(float(gap))
-                    pair = (describe(saved), "full-precision")
-                    crossed[pair] = crossed.get(pair, 0) + 1
-            else:  # the float weights an adapter was trained on cannot be rebuilt from quantized ones: shapes only
-                pair = (describe(saved), describe(here))
-                crossed[pair] = crossed.get(pair, 0) + 1
-                names.append(lname)
-                ranks[lname], keys[lname] = r, expected
-                continue
-        if expected != info["fingerprint"] and info.get("weight") == digest:
+                    crossed[(quant.describe(saved), "full-precision")] += 1
+            else:
+                shapes_only = True
+                crossed[(quant.describe(saved), quant.describe(here))] += 1
+        if not shapes_only and expected != info["fingerprint"] and info.get("weight") == digest:
             raise AdapterError(
                 f"adapter {where}: the settings recorded for {lname!r} (r={r}, placement, SVD options) are not those "
                 "it was saved with, though the base weights match: its adapter_config.json was edited or damaged "
                 "after saving. Restore the file (or save the adapter again)."
             )
-        if expected != info["fingerprint"]:
+        if not shapes_only and expected != info["fingerprint"]:
             edited = "" if "weight" in info else " (or its adapter_config.json was edited after saving)"
             message = (
                 f"adapter {where} was made for a different base model{edited}: the weights of {lname!r} differ "
