@@ -75,12 +75,15 @@ METHODS = {
         # the ablation's best SST-2 variant as a whole row: 294,912 adapter parameters, 44 % of LoRA's; at NoRA's
         # 2e-3 it collapsed on CoLA (seed 0), a wider inner core takes larger steps
         Method("NoRA (r' = 32)", "nora", {"inner_r": 32}, lr=1e-3, sweep=WIDE),
+        # the two ablation findings together: r' = 32's capacity, placement "none"'s wider optimum (survives 1e-2)
+        Method("NoRA (r' = 32 on none)", "nora", {"inner_r": 32, "placement": "none"}, sweep=WIDE),
         Method("SVFit", "svfit", {}, sweep=HIGH),
         # the paper's rank rule: per matrix the smallest r keeping 99 % of Σσ² (10,550 values on MiniLM, 63× fewer
         # than LoRA's default) instead of r = 32 (1,152)
         Method("SVFit (energy 0.99)", "svfit", {"r": None}, sweep=HIGH),
     )
 }  # fmt: skip
+assert not any("," in name for name in METHODS), "--methods is comma-separated"
 
 # NoRA's variants for the ablation: what makes its learning-rate optimum wide (and high). Its defaults' row is the
 # sweep's NoRA series (placement "sqrt"); "on sqrt" says so explicitly where the variant sets it.
@@ -423,6 +426,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     if args.mode == "report":
         return report(args.out, [t.name for t in tasks])
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        sys.exit(
+            f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)} (comma-separated)."
+        )
     methods = [METHODS[m] for m in args.methods.split(",")]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
