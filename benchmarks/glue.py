@@ -58,6 +58,8 @@ def _authors() -> dict[str, Any]:
     return {k: v for k, v in preset.items() if v != plain[k] and k != "method"}
 
 
+# NoRA's defaults until 2026-12-03, the base of the ablation below
+OLD_DEFAULT, OLD = "NoRA (old default: r' = 8 on sqrt)", {"inner_r": 8, "placement": "sqrt"}
 HIGH = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # methods with few trainable values take larger steps
 WIDE = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # NoRA: LoRA's whole range and above it
 METHODS = {
@@ -70,13 +72,11 @@ METHODS = {
         Method("PiSSA", "pissa", {}),
         Method("DoRA", "dora", {}),
         Method("LoRA-XS", "lora-xs", {}, sweep=HIGH),
-        Method("NoRA", "nora", {}, sweep=WIDE),
+        Method("NoRA", "nora", {}, sweep=WIDE),  # its defaults: r' = 32 on placement "none"
         Method("NoRA (authors)", "nora", {"authors": True}, lr=1e-2, sweep=WIDE),  # their CLIP protocol's lr
-        # the ablation's best SST-2 variant as a whole row: 294,912 adapter parameters, 44 % of LoRA's; at NoRA's
-        # 2e-3 it collapsed on CoLA (seed 0), a wider inner core takes larger steps
-        Method("NoRA (r' = 32)", "nora", {"inner_r": 32}, lr=1e-3, sweep=WIDE),
-        # the two ablation findings together: r' = 32's capacity, placement "none"'s wider optimum (survives 1e-2)
-        Method("NoRA (r' = 32 on none)", "nora", {"inner_r": 32, "placement": "none"}, sweep=WIDE),
+        Method(OLD_DEFAULT, "nora", OLD, sweep=WIDE),
+        # r' = 32 alone: at 2e-3 it collapsed on CoLA (seed 0), a wider inner core takes larger steps
+        Method("NoRA (r' = 32 on sqrt)", "nora", {"inner_r": 32, "placement": "sqrt"}, lr=1e-3, sweep=WIDE),
         Method("SVFit", "svfit", {}, sweep=HIGH),
         # the paper's rank rule: per matrix the smallest r keeping 99 % of Σσ² (10,550 values on MiniLM, 63× fewer
         # than LoRA's default) instead of r = 32 (1,152)
@@ -85,19 +85,20 @@ METHODS = {
 }  # fmt: skip
 assert not any("," in name for name in METHODS), "--methods is comma-separated"
 
-# NoRA's variants for the ablation: what makes its learning-rate optimum wide (and high). Its defaults' row is the
-# sweep's NoRA series (placement "sqrt"); "on sqrt" says so explicitly where the variant sets it.
-SQRT = {"placement": "sqrt"}
+# NoRA's variants for the ablation, on the old defaults (r' = 8 on "sqrt"): what makes its learning-rate optimum
+# wide (and high). The old defaults' row is its sweep series; every variant names the fields it sets.
+SQRT = OLD
 ABLATION = {  # most promising first: a stopped run has measured these
-    "placement none (B_o = U, A_o = Vᵀ)": {"placement": "none"},
+    "placement none (B_o = U, A_o = Vᵀ)": {**OLD, "placement": "none"},
     "scale 1/√r (the authors' alpha=1 with alpha/√r), on sqrt": {**SQRT, "use_rslora": True, "alpha": 1.0},
     "outer r = min(d, k) (full rank), on sqrt": {**SQRT, "r": 1.0},
     "inner r' = 32, on sqrt": {**SQRT, "inner_r": 32},
     "dropout 0.25 (the authors'), on sqrt": {**SQRT, "dropout": 0.25},
-    "placement out (B_o = U Σ)": {"placement": "out"},
+    "placement out (B_o = U Σ)": {**OLD, "placement": "out"},
     "inner init randn, on sqrt": {**SQRT, "inner_init": "randn"},
-    "AwSVD (activation-aware outer basis), on none": {"placement": "none", "awsvd": True},
+    "AwSVD (activation-aware outer basis), on none": {**OLD, "placement": "none", "awsvd": True},
     "authors' core (diag, orthogonal), on none": {
+        **OLD,
         "placement": "none",
         "inner_core": "diag",
         "inner_init": "orthogonal",
@@ -328,15 +329,15 @@ def sweep_rows(
     for r in records:
         if r["seed"] != 0:
             continue
-        defaults_row = kind == "ablation" and r["method"] == "NoRA" and not r["variant"] and r["lr"] in ABLATION_LRS
+        defaults_row = kind == "ablation" and r["method"] == OLD_DEFAULT and r["lr"] in ABLATION_LRS
         if (kind == "ablation") != bool(r["variant"]) and not defaults_row:
             continue
-        name = "NoRA (defaults)" if defaults_row else r["variant"] or r["method"]
+        name = "NoRA (old defaults)" if defaults_row else r["variant"] or r["method"]
         headline = r["metrics"][_metric_names(r)[0]]
         out.setdefault(r["task"], {}).setdefault(name, {})[r["lr"]] = math.nan if headline is None else headline
     swept = {t: {n: p for n, p in series.items() if len(p) >= min_rates} for t, series in out.items()}
     if kind == "ablation":  # a task with no variant run has only the defaults' row: nothing was ablated there
-        swept = {t: series for t, series in swept.items() if set(series) - {"NoRA (defaults)"}}
+        swept = {t: series for t, series in swept.items() if set(series) - {"NoRA (old defaults)"}}
     return {t: series for t, series in swept.items() if series}
 
 

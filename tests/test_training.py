@@ -45,7 +45,7 @@ def config(llm_dir: Path, data_file: Path, out: Path, **overrides) -> TrainConfi
 
 
 ADAPTERS = {
-    "nora": {"r": 8, "inner_r": 4},
+    "nora": {},  # its defaults: r = 128 clamped to each layer's min(d, k), r' = 32, placement "none"
     "svfit": {"r": 32},
     "lora": {"r": 4},
     "pissa": {"r": 4},
@@ -418,3 +418,16 @@ def test_two_process_fsdp_matches_single_process_and_resumes(llm_dir, data_file,
     resumed = {**fsdp, "output_dir": str(tmp_path / "resumed"), "resume": "latest"}
     _torchrun(_write_yaml(tmp_path / "b.yaml", resumed), 29519)
     _assert_same_adapter(tmp_path / "resumed", tmp_path / "fsdp", atol=1e-6)
+
+
+def test_nora_training_defaults_and_a_rank_given_alone():
+    """`nora train --method nora` uses r' = 32 on placement "none"; a rank given without an inner rank keeps r' = r/4
+    (the defaults' ratio) instead of refusing r' > r; an inner rank given is kept."""
+
+    def fields(**adapter):
+        cfg = TrainConfig(model="m", data="d.json", method="nora", adapter=adapter).adapter_config()
+        return cfg.r, cfg.inner_r, cfg.placement
+
+    assert fields() == (128, 32, "none")
+    assert fields(r=8) == (8, 2, "none") and fields(r=2) == (2, 1, "none")
+    assert fields(r=8, inner_r=4) == (8, 4, "none") and fields(inner_r=8, placement="sqrt") == (128, 8, "sqrt")

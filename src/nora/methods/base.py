@@ -140,6 +140,10 @@ class Method(ABC):
     variant: ClassVar[Variant | None] = None
     peft_options: ClassVar[dict[str, Any]] = {}
 
+    def training_fields(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The adapter fields `nora train` uses: the defaults under the fields the user gave."""
+        return {**self.default_adapter, **given}
+
     @abstractmethod
     def init_params(
         self, config: AdapterConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype

@@ -205,7 +205,7 @@ class TrainConfig:
 
     def adapter_config(self) -> AdapterConfig:
         method = get_method(self.method)
-        fields = {**method.default_adapter, **self.adapter}
+        fields = method.training_fields(self.adapter)
         if "r" not in self.adapter:
             fields["clamp_rank"] = True  # the default rank must fit every model: narrower layers take min(d, k)
         if self.target_modules is not None:
