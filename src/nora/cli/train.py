@@ -83,7 +83,7 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("output_dir", str, "output_dir", Opt("--output-dir", "-o", help="Run directory (default runs/nora).")),
     CliOption("method", str, "method", Opt(help=_choices(METHODS, _DEFAULT["method"]))),
     CliOption("rank", float, "adapter.r", Opt(help="Adapter (NoRA: outer) rank r; a value < 1 is a fraction."), _rank),
-    CliOption("inner_rank", int, "adapter.inner_r", Opt(help="NoRA's inner rank r'.")),
+    CliOption("inner_rank", int, "adapter.inner_r", Opt(help="NoRA's inner rank r' (default 32; r/4 with --rank).")),
     CliOption("alpha", float, "adapter.alpha", Opt(help="Scale numerator: the update is scaled by alpha/r.")),
     CliOption("dropout", float, "adapter.dropout", Opt(help="Adapter input dropout.")),
     CliOption(
