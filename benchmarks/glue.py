@@ -87,15 +87,14 @@ assert not any("," in name for name in METHODS), "--methods is comma-separated"
 
 # NoRA's variants for the ablation, on the old defaults (r' = 8 on "sqrt"): what makes its learning-rate optimum
 # wide (and high). The old defaults' row is its sweep series; every variant names the fields it sets.
-SQRT = OLD
 ABLATION = {  # most promising first: a stopped run has measured these
     "placement none (B_o = U, A_o = Vᵀ)": {**OLD, "placement": "none"},
-    "scale 1/√r (the authors' alpha=1 with alpha/√r), on sqrt": {**SQRT, "use_rslora": True, "alpha": 1.0},
-    "outer r = min(d, k) (full rank), on sqrt": {**SQRT, "r": 1.0},
-    "inner r' = 32, on sqrt": {**SQRT, "inner_r": 32},
-    "dropout 0.25 (the authors'), on sqrt": {**SQRT, "dropout": 0.25},
+    "scale 1/√r (the authors' alpha=1 with alpha/√r), on sqrt": {**OLD, "use_rslora": True, "alpha": 1.0},
+    "outer r = min(d, k) (full rank), on sqrt": {**OLD, "r": 1.0},
+    "inner r' = 32, on sqrt": {**OLD, "inner_r": 32},
+    "dropout 0.25 (the authors'), on sqrt": {**OLD, "dropout": 0.25},
     "placement out (B_o = U Σ)": {**OLD, "placement": "out"},
-    "inner init randn, on sqrt": {**SQRT, "inner_init": "randn"},
+    "inner init randn, on sqrt": {**OLD, "inner_init": "randn"},
     "AwSVD (activation-aware outer basis), on none": {**OLD, "placement": "none", "awsvd": True},
     "authors' core (diag, orthogonal), on none": {
         **OLD,
@@ -427,12 +426,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     if args.mode == "report":
         return report(args.out, [t.name for t in tasks])
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    method_names = args.methods.split(",")
+    unknown = [m for m in method_names if m not in METHODS]
     if unknown:
         sys.exit(
             f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)} (comma-separated)."
         )
-    methods = [METHODS[m] for m in args.methods.split(",")]
+    methods = [METHODS[m] for m in method_names]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
     for task in tasks:
