@@ -23,8 +23,8 @@ CONFIGS = {
     "pissa": lambda: nora.PissaConfig(r=2, **SVD64),
     "dora": lambda: nora.DoraConfig(r=2, alpha=4, target_modules="all-conv"),
     "lora-xs": lambda: nora.LoraXSConfig(r=3, **SVD64),
-    "nora": lambda: nora.NoraConfig(r=4, inner_r=2, **SVD64),
-    "nora-out": lambda: nora.NoraConfig(r=4, inner_r=2, inner="out", **SVD64),
+    "nora": lambda: nora.NoraConfig(r=4, inner_r=2, placement="sqrt", **SVD64),
+    "nora-out": lambda: nora.NoraConfig(r=4, inner_r=2, inner="out", placement="sqrt", **SVD64),
     "nora-authors": lambda: nora.NoraConfig.authors(r=4, inner_r=2, dropout=0.0, **SVD64),
     "svfit": lambda: nora.SVFitConfig(r=3, **SVD64),
 }

@@ -132,7 +132,7 @@ def test_nora(placement, inner):
 
 
 def test_nora_fractional_rank_and_randn_init():
-    cfg = nora.NoraConfig(r=0.8, inner_r=2, inner_init="randn", target_modules=["0"], **SVD64)
+    cfg = nora.NoraConfig(r=0.8, inner_r=2, inner_init="randn", placement="sqrt", target_modules=["0"], **SVD64)
     model, W0, b, p, x, y = _run(cfg)
     r = int(0.8 * min(D, K))
     assert p["inner_A"].shape == (2, r)
@@ -146,7 +146,7 @@ def test_nora_awsvd():
     calib = [torch.randn(4, K, dtype=torch.float64) * torch.linspace(0.1, 3, K, dtype=torch.float64) for _ in range(3)]
     # scales are kept (and saved) in float32
     a = (np.mean(np.abs(torch.cat(calib).numpy()), axis=0) ** 0.5).astype(np.float32).astype(np.float64)
-    cfg = nora.NoraConfig(r=5, inner_r=2, awsvd=True, awsvd_power=0.5, target_modules=["0"], **SVD64)
+    cfg = nora.NoraConfig(r=5, inner_r=2, awsvd=True, awsvd_power=0.5, placement="sqrt", target_modules=["0"], **SVD64)
     model = nora.get_peft_model(base, cfg, calibration_data=calib)
     p = _perturb(model)
     x = torch.randn(5, K, dtype=torch.float64)

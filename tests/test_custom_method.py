@@ -24,6 +24,7 @@ from nora.methods import METHODS, Method
 @dataclass
 class GainConfig(AdapterConfig):
     method = "gain-test"
+    r: int | float = 8
     placement: str = "in"
 
 
@@ -33,7 +34,6 @@ class Gain(Method):
     name = "gain-test"
     config_cls = GainConfig
     default_lr = 2e-2
-    default_adapter = {"r": 8}
 
     def init_params(self, config, W, basis, r, dtype):
         return {"gain": torch.zeros(r, dtype=dtype, device=W.device)}
@@ -114,7 +114,7 @@ def test_nora_train_takes_the_method_by_name(stories260k_dir, tmp_path):
     assert result.exit_code == 0, result.output
     used = json.loads((out / "train_config.json").read_text())
     assert used["method"] == Gain.name and used["learning_rate"] == Gain.default_lr
-    assert used["adapter"]["r"] == Gain.default_adapter["r"]
+    assert used["adapter"]["r"] == GainConfig.r
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     gains = [t for k, t in tensors.items() if k.endswith(".gain")]
     assert gains and all(g.abs().max() > 0 for g in gains)  # trained away from the zero init

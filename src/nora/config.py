@@ -13,11 +13,22 @@ from .errors import AdapterError
 from .svd import PLACEMENTS, SVDSettings
 
 
+class RankError(AdapterError):
+    """A rank the user gave that one layer cannot take (the layer's name is added where it is known)."""
+
+
 @dataclass
 class AdapterConfig:
-    """Fields every method shares. `r` is the adapter (or outer) rank: an int, or a fraction of min(d, k)."""
+    """Fields every method shares. `r` is the adapter (or outer) rank: an int, or a fraction of min(d, k).
+
+    Each method's config class holds its one set of defaults, which `nora train`, YAML files and every task use too.
+    A rank left at its default is lowered on a layer narrower than it (to min(d, k), with one warning per model that
+    names the narrowest layers); a rank you give is exact, and a layer it does not fit is an error naming the layer,
+    unless you also give clamp_rank=True. clamp_rank=False refuses to lower even a default rank."""
 
     method: ClassVar[str] = ""
+    _given: ClassVar[frozenset[str]] = frozenset()  # per instance: the fields its caller gave (see __new__)
+    rank_rule: ClassVar[bool] = False  # whether r=None chooses each layer's rank by a rule of the method's own
 
     r: int | float = 8
     alpha: float | None = None
@@ -34,12 +45,22 @@ class AdapterConfig:
     placement: str = "sqrt"
     basis_cache_dir: str | None = None
     base_model_name_or_path: str | None = None
-    clamp_rank: bool = False  # a layer narrower than r takes r = min(d, k) (with a warning) instead of refusing
+    clamp_rank: bool | None = None  # None: True when r is left at its default, else False (see the class doc)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
+        # Remember which fields the caller gave: a rank left at its default may be lowered to fit a layer, a rank
+        # given may not (dataclasses.replace and from_dict give every field, so their ranks are exact).
+        config = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        config._given = frozenset(names[: len(args)]).union(kwargs)
+        return config
 
     def __post_init__(self) -> None:
+        if self.clamp_rank is None:
+            self.clamp_rank = not self.is_given("r")
         if self.placement not in PLACEMENTS:
             raise AdapterError(f"placement={self.placement!r} is not one of {PLACEMENTS}.")
-        by_rule = self.r is None and self.__dataclass_fields__["r"].default is None  # SVFit: r=None, energy rule
+        by_rule = self.r is None and self.rank_rule  # SVFit: r=None, the energy rule
         if not by_rule and (isinstance(self.r, bool) or not isinstance(self.r, int | float)):
             raise AdapterError(f"r={self.r!r} must be a number: a rank ≥ 1, or a fraction in (0, 1] of min(d, k).")
         if isinstance(self.r, float) and self.r > 1 and self.r.is_integer():
@@ -53,13 +74,34 @@ class AdapterConfig:
             raise AdapterError(f"dropout={self.dropout} must lie in [0, 1).")
         _ = self.svd_settings  # validates the solver fields
 
+    def is_given(self, field: str) -> bool:
+        """Whether the caller gave `field` (else it holds the class default)."""
+        return field in self._given
+
     @property
     def svd_settings(self) -> SVDSettings:
         return SVDSettings(self.svd, self.niter, self.oversample, self.seed, self.svd_dtype)
 
     def resolve_rank(self, d: int, k: int) -> int:
+        """The rank r of a d × k layer: a fraction of min(d, k), or r itself, lowered to min(d, k) where allowed."""
         r = max(1, int(self.r * min(d, k))) if isinstance(self.r, float) else self.r
-        return min(r, d, k) if self.clamp_rank else r
+        return self.fit_rank("r", r, min(d, k), "min(d, k)", "or a fraction such as r=0.5")
+
+    def fit_rank(self, field: str, value: int, limit: int, what: str, other: str = "") -> int:
+        """Rank field `field`'s `value` on a layer that takes at most `limit` (`what` says why): itself where it
+        fits; else `limit` where the field may be lowered (left at its default, or clamp_rank=True given); else a
+        RankError naming the fix."""
+        if value <= limit:
+            return value
+        if self.clamp_rank if self.is_given("clamp_rank") else not self.is_given(field):
+            return limit
+        flag = RANK_FLAGS.get(field)
+        spellings = f"--{flag} for nora train, {flag.replace('-', '_')}: in YAML" if flag else "--adapter-option"
+        raise RankError(
+            f"rank {field}={value} is larger than {what}={limit} here. Give a rank that fits ({field} ≤ {limit}: "
+            f"{field}= in Python, {spellings}){', ' + other if other else ''}, or clamp_rank=True (nora train "
+            "--clamp-rank) to lower it on each layer it does not fit."
+        )
 
     def scale(self, r: int) -> float:
         alpha = self.alpha if self.alpha is not None else float(r)
@@ -102,6 +144,7 @@ class AdapterConfig:
         return cls(**d)
 
 
+RANK_FLAGS = {"r": "rank", "inner_r": "inner-rank"}  # the nora train option that sets each rank field
 CONFIGS: dict[str, type[AdapterConfig]] = {}  # method name → its config class (each subclass registers itself)
 
 

@@ -1,4 +1,4 @@
-"""`nora train`: fine-tune an adapter from the command line; every option can also come from a YAML file.
+"""`nora train`: fine-tune an adapter from the command line; every option is also a key of the YAML file.
 
 OPTIONS is the command: each row declares one option (its type, flags and help) and what it sets, a TrainConfig
 field or a field of the method's adapter config ("adapter.r"). `nora train`'s signature is built from it, and
@@ -18,7 +18,7 @@ import typer
 
 from ..errors import AdapterError
 from ..methods import METHODS
-from ..training.config import TrainConfig, load_yaml
+from ..training.config import TrainConfig, closest, load_yaml
 from ..training.tasks import TASKS
 from . import app
 
@@ -29,22 +29,26 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _rank(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value  # --rank 8 is a rank; --rank 0.25 a fraction
+def _rank(value: Any) -> Any:
+    whole = isinstance(value, float) and value.is_integer()
+    return int(value) if whole else value  # --rank 8 is a rank; --rank 0.25 a fraction (others: checked later)
 
 
 def _zero_is_off(value: float) -> float | None:
     return None if value == 0 else value
 
 
-def _adapter_options(pairs: list[str]) -> dict[str, Any]:
+def _adapter_options(pairs: list[str] | str) -> dict[str, Any]:
     import yaml
 
     options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
+    for pair in [pairs] if isinstance(pairs, str) else pairs:
+        key, sep, value = pair.partition("=") if isinstance(pair, str) else ("", "", "")
         if not sep or not key.strip():
-            raise typer.BadParameter(f"--adapter-option {pair!r}: write KEY=VALUE, e.g. --adapter-option inner=out.")
+            raise AdapterError(
+                f"--adapter-option {pair!r}: write KEY=VALUE, e.g. --adapter-option inner=out (in YAML also "
+                "adapter: {inner: out})."
+            )
         options[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return options
 
@@ -83,9 +87,15 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("output_dir", str, "output_dir", Opt("--output-dir", "-o", help="Run directory (default runs/nora).")),
     CliOption("method", str, "method", Opt(help=_choices(METHODS, _DEFAULT["method"]))),
     CliOption("rank", float, "adapter.r", Opt(help="Adapter (NoRA: outer) rank r; a value < 1 is a fraction."), _rank),
-    CliOption("inner_rank", int, "adapter.inner_r", Opt(help="NoRA's inner rank r' (default 32; r/4 with --rank).")),
+    CliOption("inner_rank", int, "adapter.inner_r", Opt(help="NoRA's inner rank r' (default r/4: 32 at r=128).")),
     CliOption("alpha", float, "adapter.alpha", Opt(help="Scale numerator: the update is scaled by alpha/r.")),
     CliOption("dropout", float, "adapter.dropout", Opt(help="Adapter input dropout.")),
+    CliOption(
+        "clamp_rank",
+        bool,
+        "adapter.clamp_rank",
+        Opt(help="Lower a rank given with --rank/--inner-rank on layers it does not fit (a default rank always is)."),
+    ),
     CliOption(
         "adapter_option",
         list[str],
@@ -188,12 +198,7 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("eval_tasks", str, "eval_tasks", Opt(help="After training, evaluate these tasks (see `nora eval`).")),
     CliOption("eval_data_dir", str, "eval_data_dir", Opt(help="Where --eval-tasks finds its data.")),
     CliOption("eval_limit", int, "eval_limit", Opt(help="At most N items per --eval-tasks task.")),
-    CliOption(
-        "threads",
-        int,
-        None,
-        Opt(min=1, help="CPU threads for torch (default: torch's choice; 1 on a busy machine)."),
-    ),
+    CliOption("threads", int, "threads", Opt(min=1, help="CPU threads for torch (default: torch's choice).")),
 )
 _OPTION = {option.name: option for option in OPTIONS}
 
@@ -212,14 +217,35 @@ _SPELLINGS: dict[str, Callable[[Any], Any]] = {"labels": _listed, "eval_tasks": 
 
 def build_config(config_file: Path | None, cli: dict[str, Any]) -> TrainConfig:
     """TrainConfig from defaults, then the YAML file, then the options given on the command line (`cli`: the
-    values of OPTIONS by name; None is not given)."""
+    values of OPTIONS by name; None is not given). A YAML key is an option's name (dashes allowed: `learning-rate`,
+    `rank`, `threads`, ...), read as the command line reads it, or `adapter`: a mapping of the adapter's fields."""
     unknown = sorted(set(cli) - set(_OPTION))
     if unknown:
         raise AdapterError(f"unknown training options {unknown}; `nora train --help` lists them all.")
-    values = load_yaml(config_file) if config_file else {}
-    adapter = _yaml_adapter(values)
-    for option in OPTIONS:  # in table order: --adapter-option KEY=VALUE comes after (and beats) --rank & co
-        value = cli.get(option.name)
+    values: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}
+    if config_file:
+        given = load_yaml(config_file)
+        adapter.update(_adapter_mapping(given.pop("adapter", None)))
+        yaml_keys = [option.name for option in OPTIONS if option.sets is not None]
+        for key in given:
+            if key not in yaml_keys:
+                raise AdapterError(
+                    f"config file {config_file}: unknown training option {key!r}{closest(key, yaml_keys)}; its keys "
+                    "are the options of `nora train --help` (learning_rate or learning-rate), and adapter: {FIELD: "
+                    "VALUE}."
+                )
+        _set_options(given, values, adapter)
+    _set_options(cli, values, adapter)
+    values = {key: _SPELLINGS.get(key, _same)(value) for key, value in values.items()}
+    return TrainConfig.from_dict({**values, "adapter": adapter})
+
+
+def _set_options(given: dict[str, Any], values: dict[str, Any], adapter: dict[str, Any]) -> None:
+    """Set what each option of `given` (by name; None: not given) sets: a TrainConfig field in `values`, or adapter
+    fields. In table order: --adapter-option KEY=VALUE comes after (and beats) --rank & co."""
+    for option in OPTIONS:
+        value = given.get(option.name)
         if value is None or option.sets is None:
             continue
         value = option.parse(value)
@@ -229,21 +255,12 @@ def build_config(config_file: Path | None, cli: dict[str, Any]) -> TrainConfig:
             adapter[option.sets.removeprefix("adapter.")] = value
         else:
             values[option.sets] = value
-    values = {key: _SPELLINGS.get(key, _same)(value) for key, value in values.items()}
-    return TrainConfig.from_dict({**values, "adapter": adapter})
 
 
-def _yaml_adapter(values: dict[str, Any]) -> dict[str, Any]:
-    """The YAML file's adapter fields, taken out of `values`: its `adapter` mapping, then the flat spellings of the
-    adapter options (rank: 8 as --rank 8 sets it)."""
-    adapter = values.pop("adapter", None) or {}
-    if not isinstance(adapter, dict):
+def _adapter_mapping(adapter: Any) -> dict[str, Any]:
+    if adapter is not None and not isinstance(adapter, dict):
         raise AdapterError(f"option adapter={adapter!r} must be dict: the adapter's fields, e.g. adapter: {{r: 8}}.")
-    adapter = dict(adapter)
-    for option in OPTIONS:
-        if option.sets is not None and option.sets.startswith("adapter.") and option.name in values:
-            adapter[option.sets.removeprefix("adapter.")] = values.pop(option.name)
-    return adapter
+    return dict(adapter or {})
 
 
 def train_command(**options: Any) -> None:
@@ -252,10 +269,6 @@ def train_command(**options: Any) -> None:
 
     from ..training import train
 
-    if options["threads"] is not None:
-        import torch
-
-        torch.set_num_threads(options["threads"])
     try:
         train_config = build_config(options["config"], options)
         result = train(train_config)
@@ -282,7 +295,7 @@ def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:
     if not summary:
         return
     table = Table(title="training summary", show_header=False)
-    unit = "images/s" if summary.get("task") in ("image-cls", "dreambooth") else "tokens/s"  # what count_inputs counts
+    unit = f"{TASKS[summary['task']].counts}/s" if summary.get("task") in TASKS else "tokens/s"
     rows = [
         ("method", summary["method"]),
         ("steps", f"{summary['steps']} (global batch {summary['global_batch']}, {summary['processes']} process(es))"),
@@ -293,6 +306,8 @@ def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:
         ("adapter", f"{adapter_dir} ({summary['adapter_bytes'] / 2**10:,.1f} KiB)"),
         ("truncated / dropped", f"{summary['truncated']} / {summary['dropped']} examples"),
     ]
+    if summary.get("loftq_error_left") is not None:
+        rows.append(("loftq error left", f"{summary['loftq_error_left']:.1%} of the quantization error (mean/layer)"))
     for key, value in summary.items():
         if key.startswith("eval_") and isinstance(value, float):
             before = summary.get(f"initial_{key}")
@@ -300,3 +315,7 @@ def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+    if summary.get("eval_tasks"):
+        from ..evaluation.report import print_results
+
+        print_results(summary["eval_tasks"], title="eval tasks", console=console)

@@ -7,8 +7,9 @@ layer derives everything else from those terms: the training forward, the single
 never touches injection, devices, files or merging plumbing.
 
 Required (abstract):
-    name, config_cls               the registry name and the AdapterConfig subclass holding its fields
-    default_lr, default_adapter    what `nora train --method NAME` uses when the user gives no lr / adapter fields
+    name, config_cls               the registry name and the AdapterConfig subclass holding its fields (and
+                                   their defaults: the Python API, `nora train` and YAML all use those)
+    default_lr                     what `nora train --method NAME` uses when the user gives no learning rate
     init_params(config, W, basis, r, dtype)   the trainable tensors, made from W0 and the basis
     terms(core, basis)             ΔW. Written with broadcasting only: given a core whose tensors carry a leading
                                    slot axis and whose scale is a vector (a `CoreView` of a store), it must return
@@ -18,6 +19,7 @@ Optional (defaults here):
     uses_basis                     False: no frozen outer factors (LoRA, DoRA)
     adapts_layers                  True; False for a method that trains modules_to_save alone (head-only)
     rank / placement / scale       the per-layer rank, singular-value placement, and coefficient s
+    rank_text(config, r)           a layer's ranks as the rank-lowering warning names them ("r=27")
     calibration(config)            (power, eps) when the method wants activation-aware SVD scales, else None
     resident(config)               whether inference-only loads become slots of a resident bank (default: a
                                    linear method on a frozen basis, whose core is the narrow part between them)
@@ -134,15 +136,10 @@ class Method(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[AdapterConfig]]
     default_lr: ClassVar[float]
-    default_adapter: ClassVar[dict[str, Any]] = {}
     uses_basis: ClassVar[bool] = True
     adapts_layers: ClassVar[bool] = True
     variant: ClassVar[Variant | None] = None
     peft_options: ClassVar[dict[str, Any]] = {}
-
-    def training_fields(self, given: dict[str, Any]) -> dict[str, Any]:
-        """The adapter fields `nora train` uses: the defaults under the fields the user gave."""
-        return {**self.default_adapter, **given}
 
     @abstractmethod
     def init_params(
@@ -154,6 +151,9 @@ class Method(ABC):
 
     def rank(self, config: AdapterConfig, W: torch.Tensor) -> int:
         return config.resolve_rank(*W.shape)
+
+    def rank_text(self, config: AdapterConfig, r: int) -> str:
+        return f"r={r}"
 
     def placement(self, config: AdapterConfig) -> str:
         return config.placement

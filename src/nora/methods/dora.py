@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 @dataclass
 class DoraConfig(AdapterConfig):
     method = "dora"
+    r: int | float = 16
+    alpha: float | None = 32.0
 
 
 class DoraVariant(Variant):

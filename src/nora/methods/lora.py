@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 @dataclass
 class LoraConfig(AdapterConfig):
     method = "lora"
+    r: int | float = 16
+    alpha: float | None = 32.0
 
 
 class LoRA(Method):
     name = "lora"
     config_cls = LoraConfig
     default_lr = 5e-4
-    default_adapter = {"r": 16, "alpha": 32.0}
     uses_basis = False
 
     def init_params(

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 @dataclass
 class LoraXSConfig(AdapterConfig):
     method = "lora-xs"
+    r: int | float = 64
     placement: str = "in"
     core_init: str = "normal"  # "normal": N(0, 1e-5) as in the paper's code; "zeros": exact identity
 
@@ -32,7 +33,6 @@ class LoRAXS(Method):
     name = "lora-xs"
     config_cls = LoraXSConfig
     default_lr = 2e-3
-    default_adapter = {"r": 64}
 
     def init_params(
         self, config: LoraXSConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype

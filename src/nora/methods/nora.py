@@ -7,16 +7,22 @@
     inner_core="diag" (the authors' released code):  C = R_A diag(λ) R_B    R_A (·×r'), λ (r'), R_B (r'×·)
 
 B_o, A_o are the rank-r (activation-aware) SVD factors of W0 with the chosen singular-value placement; s = alpha/r
-with r the outer rank (alpha/√r with use_rslora). inner_init="kaiming" (A_i Kaiming, B_i = 0) is an exact
-identity at init; "randn" leaves both inner matrices standard-normal as the authors' code does; the diag core
-takes "orthogonal" (R_A, R_B orthogonal, λ = lambda_init: 0.1 in the authors' code, 0.0 for an identity at init).
+with r the outer rank (alpha/√r with use_rslora). The inner rank r' is inner_r, or by default a quarter of each
+layer's r (at least 1), so it follows r where a narrower layer lowers it. inner_init="kaiming" (A_i Kaiming,
+B_i = 0) is an exact identity at init; "randn" leaves both inner matrices standard-normal as the authors' code
+does; the diag core takes "orthogonal" (R_A, R_B orthogonal, λ = lambda_init: 0.1 in the authors' code, 0.0 for
+an identity at init).
 `NoraConfig.authors()` is the whole released-code form (METHODS.md).
+
+The defaults come from the GLUE suite (BENCHMARKS.md, 3 seeds): r = 128 and r' = r/4 = 32 on placement "none"
+(orthonormal outer factors) was level with LoRA on SST-2, MRPC and CoLA at 44 % of its parameters; r' = 8 on "sqrt"
+(the earlier default) trailed on all three, and r' = 32 on "sqrt" collapsed on CoLA at this lr. s = alpha/r stays 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,7 +40,8 @@ if TYPE_CHECKING:
 class NoraConfig(AdapterConfig):
     method = "nora"
     r: int | float = 128
-    inner_r: int = 8
+    inner_r: int | None = None  # None: a quarter of each layer's outer rank r, at least 1
+    placement: str = "none"
     inner: str = "serial"  # "serial" | "out"
     inner_core: str = "lora"  # "lora": B_i A_i | "diag": R_A diag(λ) R_B (the authors' released code)
     inner_init: str | None = None  # lora: "kaiming" (default) | "randn"; diag: "orthogonal"; None: the default
@@ -56,12 +63,15 @@ class NoraConfig(AdapterConfig):
             raise AdapterError(
                 f"inner_init={self.inner_init!r} does not initialise a {self.inner_core!r} core: use one of {inits}."
             )
+        if self.inner_r is None:
+            return
         if self.inner_r < 1:
-            raise AdapterError(f"inner_r={self.inner_r} must be a positive rank.")
+            raise AdapterError(f"inner_r={self.inner_r} must be a positive rank (or None: a quarter of r).")
         if isinstance(self.r, int) and self.inner_r > self.r:
             raise AdapterError(
                 f"inner_r={self.inner_r} is larger than the outer rank r={self.r}; the inner LoRA must be "
-                "narrower than the outer factorisation (NoRA uses r' < r)."
+                "narrower than the outer factorisation (NoRA uses r' < r): give a smaller inner_r (--inner-rank), "
+                "or leave it unset for r/4."
             )
 
     @classmethod
@@ -83,38 +93,33 @@ _INITS = {"lora": ("kaiming", "randn"), "diag": ("orthogonal",)}  # the first is
 class NoRA(Method):
     name = "nora"
     config_cls = NoraConfig
-    # From the GLUE suite (BENCHMARKS.md, 3 seeds): inner rank 32 on placement "none" (orthonormal outer factors)
-    # was level with LoRA on SST-2, MRPC and CoLA at 44 % of its parameters; r' = 8 on "sqrt" (the earlier
-    # default) trailed on all three, and r' = 32 on "sqrt" collapsed on CoLA at this lr. s = alpha/r stays 1.
-    default_lr = 2e-3
-    default_adapter = {"r": 128, "inner_r": 32, "placement": "none"}
-
-    def training_fields(self, given: dict[str, Any]) -> dict[str, Any]:
-        fields = super().training_fields(given)
-        if "inner_r" not in given and isinstance(given.get("r"), int):  # a rank given alone keeps r' = r/4
-            fields["inner_r"] = max(1, min(self.default_adapter["inner_r"], given["r"] // 4))
-        return fields
+    default_lr = 2e-3  # from the GLUE suite, with the defaults of NoraConfig (the module's docstring)
 
     def rank(self, config: NoraConfig, W: torch.Tensor) -> int:
         r = config.resolve_rank(*W.shape)
-        if config.inner_r > r:
-            raise AdapterError(
-                f"inner_r={config.inner_r} is larger than the outer rank r={r}; the inner LoRA must be "
-                "narrower than the outer factorisation (NoRA uses r' < r)."
-            )
+        if config.inner_r is not None:  # an inner rank given must fit inside this layer's outer rank
+            config.fit_rank("inner_r", config.inner_r, r, "the outer rank r",
+                            "or leave inner_r unset for a quarter of each layer's r")  # fmt: skip
         return r
+
+    def inner_rank(self, config: NoraConfig, r: int) -> int:
+        """r' on a layer of outer rank r: inner_r (lowered to r where clamp_rank allowed it), or r/4."""
+        return max(1, r // 4) if config.inner_r is None else min(config.inner_r, r)
+
+    def rank_text(self, config: NoraConfig, r: int) -> str:
+        return f"r={r}, r'={self.inner_rank(config, r)}"
 
     def init_params(
         self, config: NoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        width = r if config.inner == "serial" else W.shape[0]
+        width, q = (r if config.inner == "serial" else W.shape[0]), self.inner_rank(config, r)
         if config.inner_core == "diag":
-            R_A = nn.init.orthogonal_(torch.empty(width, config.inner_r, dtype=dtype, device=W.device))
-            R_B = nn.init.orthogonal_(torch.empty(config.inner_r, width, dtype=dtype, device=W.device))
-            lam = torch.full((config.inner_r,), config.lambda_init, dtype=dtype, device=W.device)
+            R_A = nn.init.orthogonal_(torch.empty(width, q, dtype=dtype, device=W.device))
+            R_B = nn.init.orthogonal_(torch.empty(q, width, dtype=dtype, device=W.device))
+            lam = torch.full((q,), config.lambda_init, dtype=dtype, device=W.device)
             return {"inner_RA": R_A, "inner_lambda": lam, "inner_RB": R_B}
-        A_i = torch.empty(config.inner_r, width, dtype=dtype, device=W.device)
-        B_i = torch.empty(width, config.inner_r, dtype=dtype, device=W.device)
+        A_i = torch.empty(q, width, dtype=dtype, device=W.device)
+        B_i = torch.empty(width, q, dtype=dtype, device=W.device)
         if config.inner_init == "kaiming":
             kaiming_(A_i)
             B_i.zero_()
@@ -136,7 +141,7 @@ class NoRA(Method):
         L, R = basis.B.double(), basis.A.double()
         serial = core.config.inner == "serial"  # else "out": ΔW = s·(inner)·B_o·A_o
         middle = (middle_fit(L, R, target) if serial else target @ torch.linalg.pinv(L @ R)) / core.scale
-        q = core.config.inner_r
+        q = self.inner_rank(core.config, core.r)
         if core.config.inner_core == "diag":
             U, S, Vh = torch.linalg.svd(middle, full_matrices=False)
             return {"inner_RA": U[:, :q], "inner_lambda": S[:q], "inner_RB": Vh[:q]}

@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 @dataclass
 class PissaConfig(AdapterConfig):
     method = "pissa"
+    r: int | float = 16  # alpha None: alpha = r, s = 1 on every layer (a lowered rank too)
 
 
 class PiSSA(Method):
     name = "pissa"
     config_cls = PissaConfig
     default_lr = 2e-4
-    default_adapter = {"r": 16, "alpha": 16.0}
 
     def placement(self, config: PissaConfig) -> str:
         return "sqrt"

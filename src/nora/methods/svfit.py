@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 @dataclass
 class SVFitConfig(AdapterConfig):
     method = "svfit"
-    r: int | float | None = None  # None: choose per matrix by the energy threshold
+    rank_rule = True
+    r: int | float | None = 32  # None (or energy given without r): per matrix, the smallest r keeping `energy`
     energy: float = 0.99
     energy_measure: str = "squared"  # "squared": Σσ²; "sum": Σσ
     placement: str = "none"
 
     def __post_init__(self) -> None:
+        if self.is_given("energy") and not self.is_given("r"):
+            self.r = None  # an energy given chooses the ranks by it
         if self.energy_measure not in ("squared", "sum"):
             raise AdapterError(f"energy_measure={self.energy_measure!r}: use 'squared' or 'sum'.")
         if self.placement != "none":
@@ -42,7 +45,6 @@ class SVFit(Method):
     name = "svfit"
     config_cls = SVFitConfig
     default_lr = 1e-2
-    default_adapter = {"r": 32}
 
     def rank(self, config: SVFitConfig, W: torch.Tensor) -> int:
         if config.r is None:

@@ -21,7 +21,8 @@ SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
 @dataclass
 class TrainConfig:
-    """A training run. `adapter` holds the method's own fields (r, alpha, inner_r, ...) over its defaults."""
+    """A training run. `adapter` holds the method's own fields (r, alpha, inner_r, ...) over the defaults of its
+    config class, the same defaults as in Python (`nora.NoraConfig()`); a task adds only its own targets or head."""
 
     model: str | None = None
     task: str = "causal-lm"
@@ -83,6 +84,7 @@ class TrainConfig:
     eval_tasks: list[str] | None = None
     eval_data_dir: str | None = None
     eval_limit: int | None = None
+    threads: int | None = None  # CPU threads for torch (None: torch's choice)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -113,7 +115,8 @@ class TrainConfig:
                      "save_total_limit"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
-        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "shots", "image_size"):
+        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "shots", "image_size",
+                     "threads"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
 
@@ -204,17 +207,18 @@ class TrainConfig:
         return self.learning_rate if self.learning_rate is not None else default_lr(self.method)
 
     def adapter_config(self) -> AdapterConfig:
-        method = get_method(self.method)
-        fields = method.training_fields(self.adapter)
-        if "r" not in self.adapter:
-            fields["clamp_rank"] = True  # the default rank must fit every model: narrower layers take min(d, k)
+        """The method's config: the fields given (adapter, target_modules) over the task's, over the class defaults."""
+        fields = dict(self.adapter)
         if self.target_modules is not None:
             fields["target_modules"] = self.target_modules
-        cls = method.config_cls
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
+        cls = get_method(self.method).config_cls
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
         if unknown:
-            raise AdapterError(f"adapter options {unknown} are not fields of {cls.__name__}; it takes {sorted(known)}.")
+            raise AdapterError(
+                f"adapter options {unknown} are not fields of {cls.__name__}{closest(unknown[0], known)}; it takes "
+                f"{sorted(known)}."
+            )
         fields = {**TASKS[self.task].defaults(self), **fields}
         if "alpha" in fields and fields["alpha"] is not None:
             fields["alpha"] = float(fields["alpha"])
@@ -241,11 +245,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise AdapterError(f"unknown training options {unknown}; `nora train --help` lists them all.")
+            raise AdapterError(
+                f"unknown training option {unknown[0]!r}{closest(unknown[0], known)}"
+                f"{f' (and {unknown[1:]})' if unknown[1:] else ''}; `nora train --help` lists them all."
+            )
         return cls(**values)
+
+
+def closest(name: str, names: list[str]) -> str:
+    """ " (did you mean 'X'?)" for the known name nearest `name`, or "" where none is near."""
+    import difflib
+
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def default_lr(method: str) -> float:

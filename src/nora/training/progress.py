@@ -1,4 +1,4 @@
-"""The training progress bar: steps, loss, learning rate and tokens/s (rich), silent on other processes."""
+"""The training progress bar: steps, loss, learning rate and throughput (rich), silent on other processes."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class ProgressBar:
-    def __init__(self, total: int, done: int = 0, enabled: bool = True) -> None:
+    """`counts` names what the rate counts: "tokens" for text, "images" for image tasks (Task.counts)."""
+
+    def __init__(self, total: int, done: int = 0, enabled: bool = True, counts: str = "tokens") -> None:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} tok/s"),
+            TextColumn(f"loss {{task.fields[loss]}}  lr {{task.fields[lr]}}  {{task.fields[rate]}} {counts}/s"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             disable=not enabled,
@@ -26,8 +28,8 @@ class ProgressBar:
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
 
-    def update(self, step: int, loss: float | None = None, lr: float | None = None, tokens_per_s: float | None = None):
+    def update(self, step: int, loss: float | None = None, lr: float | None = None, rate: float | None = None):
         fields = {}
         if loss is not None:
-            fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "rate": f"{tokens_per_s:,.0f}"}
+            fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "rate": f"{rate:,.0f}"}
         self._progress.update(self._task, completed=step, **fields)

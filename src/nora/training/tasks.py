@@ -53,8 +53,9 @@ class Task(ABC):
 
     Optional (defaults here):
         has_label_set           False; True where examples are classes of a label set (`labels`, the head's size)
-        adapter_defaults        {}; adapter fields the task sets unless the user does (e.g. a head to train in full);
-                                `defaults(config)` may choose them per model
+        adapter_defaults        {}; adapter fields the task sets unless the user does: what to adapt or train in full
+                                (target_modules, modules_to_save), never ranks (one default per method, in its
+                                config class); `defaults(config)` may choose them per model
         load_model(config, labels)    None: the standard loader; else the model to train (e.g. CLIP as a classifier)
         num_labels(labels)      the head's width: len(labels) for a label set, else the model's default
         prepare_model(...)      nothing; adjust the loaded model to the data (e.g. record the label names)
@@ -68,12 +69,14 @@ class Task(ABC):
         load_processor(config)  what turns rows into model inputs (default: the model's tokenizer)
         prepare(processor, model)     adjust the processor to the model (default: a pad token for text)
         count_inputs(batch)     what the run counts as seen (default: the tokens of the attention mask)
+        counts                  "tokens"; what count_inputs counts, as the progress bar and summary name its rate
     """
 
     name: ClassVar[str]
     model_kind: ClassVar[str]
     has_label_set: ClassVar[bool] = False
     adapter_defaults: ClassVar[dict[str, Any]] = {}
+    counts: ClassVar[str] = "tokens"
 
     @abstractmethod
     def encode(
@@ -259,6 +262,7 @@ class ImageClassificationTask(Task):
     name = "image-cls"
     model_kind = "image-cls"
     has_label_set = True
+    counts = "images"
     adapter_defaults = {"modules_to_save": ["classifier", "head", "fc", "_fc"]}  # the head, as models name it
 
     def defaults(self, config: TrainConfig) -> dict[str, Any]:
@@ -347,6 +351,7 @@ class DreamBoothTask(Task):
 
     name = "dreambooth"
     model_kind = "diffusion"
+    counts = "images"
 
     def defaults(self, config: TrainConfig) -> dict[str, Any]:
         from ..diffusion import TEXT_ENCODER_TARGETS, UNET_TARGETS

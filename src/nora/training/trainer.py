@@ -186,6 +186,8 @@ class Run:
         self.config = config
         self.task = TASKS[config.task]
         check_inputs(config, model is not None)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         train_rows = read_data(config, config.data)
         eval_rows = read_data(config, config.eval_data, train=False) if config.eval_data else None
         self._start_processes()
@@ -564,7 +566,8 @@ class Run:
         """Steps until total_steps, logging, evaluating and checkpointing on the way; the last step's loss."""
         last_loss = None
         window = _LogWindow(self.tokens_seen, self.part_start)
-        with ProgressBar(self.total_steps, self.step, enabled=self.config.progress and self.acc.is_main_process) as bar:
+        shown = self.config.progress and self.acc.is_main_process
+        with ProgressBar(self.total_steps, self.step, enabled=shown, counts=self.task.counts) as bar:
             while self.step < self.total_steps:
                 last_loss = self.train_step()
                 self.first_loss = last_loss if self.first_loss is None else self.first_loss
@@ -589,7 +592,7 @@ class Run:
             "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
             "loss": loss, "lr": lr, "tokens_per_s": rate,
         })  # fmt: skip
-        bar.update(self.step, loss=loss, lr=lr, tokens_per_s=rate)
+        bar.update(self.step, loss=loss, lr=lr, rate=rate)
         return _LogWindow(self.tokens_seen, now)
 
     def _due(self, every: int | None) -> bool:
