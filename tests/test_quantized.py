@@ -46,7 +46,7 @@ def test_real_weights_quantized_train_save_reload_and_cross_load(stories260k_dir
     assert quant.scheme_of(base.model.layers[0].self_attn.q_proj)["scheme"] == scheme
     ids = _ids(base.config.vocab_size)
     torch.manual_seed(0)
-    adapted = nora.get_peft_model(base, nora.NoraConfig(r=16, inner_r=4))
+    adapted = nora.get_peft_model(base, nora.NoraConfig(r=16, inner_r=4, placement="sqrt"))
     layer = adapted.layers()["model.layers.0.self_attn.q_proj"]
     W = quant.dequantized(layer.base_layer).double().numpy()
     U, S, Vt = ref_svd(W, 16)  # the outer basis is the SVD of the dequantized weight (float64 reference)
@@ -105,7 +105,8 @@ def test_merging_into_quantized_layers(tmp_path, scheme):
 
     def adapted_model():
         torch.manual_seed(0)
-        model = nora.get_peft_model(load_model(str(directory), quantize=scheme), nora.NoraConfig(r=8, inner_r=4))
+        config = nora.NoraConfig(r=8, inner_r=4, placement="sqrt")
+        model = nora.get_peft_model(load_model(str(directory), quantize=scheme), config)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:

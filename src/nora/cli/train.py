@@ -86,7 +86,15 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("eval_fraction", float, "eval_fraction", Opt(help="Hold out this fraction of --data for evaluation.")),
     CliOption("output_dir", str, "output_dir", Opt("--output-dir", "-o", help="Run directory (default runs/nora).")),
     CliOption("method", str, "method", Opt(help=_choices(METHODS, _DEFAULT["method"]))),
-    CliOption("rank", float, "adapter.r", Opt(help="Adapter (NoRA: outer) rank r; a value < 1 is a fraction."), _rank),
+    CliOption(
+        "rank",
+        float,
+        "adapter.r",
+        Opt(
+            help="Adapter (NoRA: outer) rank r, exact; < 1: a fraction (default: per method, lowered on narrow layers)."
+        ),
+        _rank,
+    ),
     CliOption("inner_rank", int, "adapter.inner_r", Opt(help="NoRA's inner rank r' (default r/4: 32 at r=128).")),
     CliOption("alpha", float, "adapter.alpha", Opt(help="Scale numerator: the update is scaled by alpha/r.")),
     CliOption("dropout", float, "adapter.dropout", Opt(help="Adapter input dropout.")),
@@ -94,7 +102,7 @@ OPTIONS: tuple[CliOption, ...] = (
         "clamp_rank",
         bool,
         "adapter.clamp_rank",
-        Opt(help="Lower a rank given with --rank/--inner-rank on layers it does not fit (a default rank always is)."),
+        Opt(help="Lower a rank given (--rank, --inner-rank) on narrower layers; --no-clamp-rank: nor the default."),
     ),
     CliOption(
         "adapter_option",
