@@ -11,6 +11,7 @@ APIs that need modules (set_adapter, merge, export_lora) turn it into one first.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from .calibrate import calibrate
 from .config import AdapterConfig
 from .errors import AdapterError
 from .export import export_lora
+from .hf_compat import blank_instance, clear_gguf_quantization, drop_tied_copies, fill_tied_copies, forwarding_class
 from .inject import (
     TrainableCopy,
     adapter_layers,
@@ -51,6 +53,10 @@ class AdaptedModel(nn.Module):
         self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default", **kwargs
     ) -> None:
         super().__init__()
+        self.__class__ = forwarding_class(type(self), type(model))  # its forward's signature is the base's
+        clear_gguf_quantization(model)
+        self.register_state_dict_post_hook(drop_tied_copies)
+        self.register_load_state_dict_pre_hook(fill_tied_copies)
         self.model = model
         self.train(model.training)
         self.peft_config: dict[str, AdapterConfig] = {}
@@ -86,8 +92,17 @@ class AdaptedModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward (its signature, plus `adapter_names`: one adapter per row of the batch)."""
+        if self.training and "transformers.trainer" in sys.modules:
+            from .hf_trainer import note_plain_trainer
+
+            note_plain_trainer()
         with self._rows(adapter_names):
             return self.model(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:  # pickled as the class it was built as; the forwarding class is remade on load
+        declared = type(self).__dict__.get("_declared_class", type(self))
+        return blank_instance, (declared, type(self.model)), self.__dict__
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._rows(adapter_names):
