@@ -6,6 +6,7 @@
 - `drop_tied_copies` / `fill_tied_copies`: a parameter tied to another (input and output embeddings) appears once
   in the state dict, as `save_pretrained` writes it, so that safetensors can write it (Trainer writes a nora model's
   state dict with it); loading fills the other name.
+- `note_trainer`: a Trainer that saves a nora model as a whole state dict says so once (nora.hf_trainer).
 - `clear_gguf_quantization`: a model loaded from a GGUF file and dequantised to float is an ordinary float model.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any
 
 from torch import nn
@@ -70,6 +72,15 @@ def fill_tied_copies(module: nn.Module, state: dict, prefix: str, *_: Any) -> No
     for name, source in _tied_copies(module).items():
         if prefix + name not in state and prefix + source in state:
             state[prefix + name] = state[prefix + source]
+
+
+def note_trainer(module: nn.Module, _: Any) -> None:
+    """Forward pre-hook (it runs whatever replaced `forward`, as TRL's fused LM head does): in training mode, with
+    transformers' Trainer imported, let nora.hf_trainer look for a plain Trainer among the callers."""
+    if module.training and "transformers.trainer" in sys.modules:
+        from .hf_trainer import note_plain_trainer
+
+        note_plain_trainer()
 
 
 _MODEL_MARKS = ("hf_quantizer", "is_quantized", "quantization_method")

@@ -79,10 +79,11 @@ class NoraTrainer(NoraTrainerMixin, Trainer):
 _TOLD: weakref.WeakSet[Trainer] = weakref.WeakSet()
 
 
-def note_plain_trainer(depth: int = 12) -> None:
-    """Called by a nora model's forward in training mode: when a Trainer without NoraTrainerMixin runs it (found
-    among the callers' frames), say once per trainer that its checkpoints are whole state dicts, and the remedy."""
-    frame = sys._getframe(2)
+def note_plain_trainer(depth: int = 16) -> None:
+    """Called as a nora model runs in training mode (nora.hf_compat.note_trainer): when a Trainer without
+    NoraTrainerMixin runs it (found among the callers' frames), say once per trainer that its checkpoints are whole
+    state dicts, and the remedy."""
+    frame = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
             return

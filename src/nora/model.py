@@ -11,7 +11,6 @@ APIs that need modules (set_adapter, merge, export_lora) turn it into one first.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,14 @@ from .calibrate import calibrate
 from .config import AdapterConfig
 from .errors import AdapterError
 from .export import export_lora
-from .hf_compat import blank_instance, clear_gguf_quantization, drop_tied_copies, fill_tied_copies, forwarding_class
+from .hf_compat import (
+    blank_instance,
+    clear_gguf_quantization,
+    drop_tied_copies,
+    fill_tied_copies,
+    forwarding_class,
+    note_trainer,
+)
 from .inject import (
     TrainableCopy,
     adapter_layers,
@@ -57,6 +63,7 @@ class AdaptedModel(nn.Module):
         clear_gguf_quantization(model)
         self.register_state_dict_post_hook(drop_tied_copies)
         self.register_load_state_dict_pre_hook(fill_tied_copies)
+        self.register_forward_pre_hook(note_trainer)
         self.model = model
         self.train(model.training)
         self.peft_config: dict[str, AdapterConfig] = {}
@@ -93,10 +100,6 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward (its signature, plus `adapter_names`: one adapter per row of the batch)."""
-        if self.training and "transformers.trainer" in sys.modules:
-            from .hf_trainer import note_plain_trainer
-
-            note_plain_trainer()
         with self._rows(adapter_names):
             return self.model(*args, **kwargs)
 
