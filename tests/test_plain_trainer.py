@@ -105,6 +105,8 @@ def _check_whole_state_dict_run(make, tmp_path: Path, remedy: str) -> None:
     assert any(not torch.equal(final_a[k], saved[k]) for k in final_a)  # it trained on after the checkpoint
     lm_head, embed = resumed.model.model.lm_head.weight, resumed.model.model.model.embed_tokens.weight
     assert lm_head is embed  # loading the checkpoint kept the tie
+    resumed.model.load_state_dict(final_a)  # strict: the tied name left out is filled from its twin
+    torch.testing.assert_close(resumed.model.model.lm_head.weight, final_a["model.model.embed_tokens.weight"])
 
 
 def test_plain_trainer_keeps_the_data_columns_and_its_eval_loss_falls(tmp_path, llm_dir):

@@ -17,6 +17,7 @@ import inspect
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -77,7 +78,7 @@ def fill_tied_copies(module: nn.Module, state: dict, prefix: str, *_: Any) -> No
 def note_trainer(module: nn.Module, _: Any) -> None:
     """Forward pre-hook (it runs whatever replaced `forward`, as TRL's fused LM head does): in training mode, with
     transformers' Trainer imported, let nora.hf_trainer look for a plain Trainer among the callers."""
-    if module.training and "transformers.trainer" in sys.modules:
+    if module.training and "transformers.trainer" in sys.modules and not torch.compiler.is_compiling():
         from .hf_trainer import note_plain_trainer
 
         note_plain_trainer()
