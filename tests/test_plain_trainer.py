@@ -137,6 +137,8 @@ def test_the_adapted_forward_has_the_base_signature_and_pickles(llm_dir):
     assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= params.keys()
     assert params["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
     assert type(model).__name__ == "AdaptedModel" and isinstance(model, nora.AdaptedModel)
+    other = type(model)(torch.nn.Linear(4, 2))  # the class of one base, given another: that one's signature
+    assert list(inspect.signature(other.forward).parameters) == ["input", "adapter_names"]
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     copy = pickle.loads(pickle.dumps(model))
     assert type(copy) is type(model)

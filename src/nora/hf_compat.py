@@ -24,8 +24,8 @@ from torch import nn
 @functools.cache
 def forwarding_class(cls: type, base: type) -> type:
     """`cls` whose `forward` has the signature of `base.forward` plus `adapter_names` (the same class name)."""
-    if "_declared_class" in cls.__dict__:
-        return cls
+    if "_declared_class" in cls.__dict__:  # a forwarding class itself (type(model)(other_base)): start from its own
+        return forwarding_class(cls.__dict__["_declared_class"], base)
     try:
         signature = inspect.signature(base.forward)
     except (TypeError, ValueError):  # a forward with no readable signature: keep *args, **kwargs
