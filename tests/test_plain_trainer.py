@@ -96,6 +96,11 @@ def _check_whole_state_dict_run(make, tmp_path: Path, remedy: str) -> None:
     assert "model.model.embed_tokens.weight" in saved and "model.lm_head.weight" not in saved  # tied: stored once
     assert any(".inner_A" in k for k in saved) and any("q_proj.base_layer.weight" in k for k in saved)
 
+    restored = make(tmp_path / "c")
+    restored._load_from_checkpoint(str(checkpoint))  # what resume_from_checkpoint does to the model
+    for key, value in restored.model.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
     resumed = make(tmp_path / "b")
     assert len(_train(resumed, resume_from_checkpoint=str(checkpoint))) == 1
     final_a, final_b = (load_file(tmp_path / run / "checkpoint-8" / "model.safetensors") for run in "ab")
