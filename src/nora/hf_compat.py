@@ -6,7 +6,7 @@
 - `drop_tied_copies` / `fill_tied_copies`: a parameter tied to another (input and output embeddings) appears once
   in the state dict, as `save_pretrained` writes it, so that safetensors can write it (Trainer writes a nora model's
   state dict with it); loading fills the other name.
-- `note_trainer`: a Trainer that saves a nora model as a whole state dict says so once (nora.hf_trainer).
+- `note_trainer`: a Trainer that saves a nora model as a whole state dict is told so once, at its first step.
 - `clear_gguf_quantization`: a model loaded from a GGUF file and dequantised to float is an ordinary float model.
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -76,12 +78,42 @@ def fill_tied_copies(module: nn.Module, state: dict, prefix: str, *_: Any) -> No
 
 
 def note_trainer(module: nn.Module, _: Any) -> None:
-    """Forward pre-hook (it runs whatever replaced `forward`, as TRL's fused LM head does): in training mode, with
-    transformers' Trainer imported, let nora.hf_trainer look for a plain Trainer among the callers."""
-    if module.training and "transformers.trainer" in sys.modules and not torch.compiler.is_compiling():
-        from .hf_trainer import note_plain_trainer
+    """Forward pre-hook (it runs whatever replaced `forward`, as TRL's fused LM head does): in training mode under
+    a transformers Trainer that saves whole state dicts (one without nora.hf_trainer.NoraTrainerMixin, found
+    among the callers' frames), say so once per trainer, with the remedy."""
+    if not module.training or "transformers.trainer" not in sys.modules or torch.compiler.is_compiling():
+        return
+    from transformers import Trainer
 
-        note_plain_trainer()
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, Trainer):
+            if not getattr(trainer, "saves_nora_adapters", False) and trainer not in _TOLD:
+                _TOLD.add(trainer)
+                warnings.warn(_whole_state_dict_note(type(trainer)), stacklevel=2)
+            return
+        frame = frame.f_back
+
+
+_TOLD: weakref.WeakSet = weakref.WeakSet()
+
+
+def _whole_state_dict_note(cls: type) -> str:
+    name = cls.__name__
+    if cls.__module__.startswith("transformers") and name == "Trainer":
+        remedy = "`from nora.hf_trainer import NoraTrainer` and NoraTrainer in place of Trainer"
+    elif cls.__module__.startswith("trl") and name == "SFTTrainer":
+        remedy = "`from nora.hf_trainer import NoraSFTTrainer` and NoraSFTTrainer in place of SFTTrainer"
+    else:
+        remedy = f"`from nora.hf_trainer import NoraTrainerMixin` and `class My{name}(NoraTrainerMixin, {name})`"
+    return (
+        f"{name} saves a nora model as its whole state dict: each checkpoint and save_model() write "
+        "model.safetensors with the frozen base model's weights, not an adapter directory (resume_from_checkpoint "
+        f"restores it exactly). For adapter-only checkpoints, which AdaptedModel.from_pretrained loads, use {remedy}."
+    )
 
 
 _MODEL_MARKS = ("hf_quantizer", "is_quantized", "quantization_method")

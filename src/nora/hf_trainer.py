@@ -4,7 +4,7 @@ A nora model trains in the plain classes: its `forward` has the base model's sig
 dataset columns, label names and loss handling are the base model's. But Trainer knows PEFT's classes by name and
 saves any other model as its whole state dict: each checkpoint (and `save_model`) holds the frozen base weights
 too, in `model.safetensors`, and `resume_from_checkpoint` loads them back (exactly). nora says so once, at the
-first training step. `NoraTrainerMixin` makes saving and loading nora's:
+first training step (nora.hf_compat.note_trainer). `NoraTrainerMixin` makes saving and loading nora's:
 
 - `_save` (every checkpoint, `save_model`) writes a nora adapter directory: `adapter_config.json` and
   `adapter_model.safetensors` with the trainable tensors only, beside the tokenizer;
@@ -21,9 +21,6 @@ model's blocks while keeping the adapters' narrow activations (nora.accel).
 from __future__ import annotations
 
 import os
-import sys
-import warnings
-import weakref
 from typing import Any
 
 from transformers import Trainer
@@ -35,6 +32,8 @@ from .state import apply_tensors
 
 class NoraTrainerMixin:
     """Put before a `Trainer` subclass in the bases: `class MyTrainer(NoraTrainerMixin, Trainer)`."""
+
+    saves_nora_adapters = True  # nora.hf_compat.note_trainer: no word about whole state dicts
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,41 +73,6 @@ class NoraTrainerMixin:
 
 class NoraTrainer(NoraTrainerMixin, Trainer):
     """transformers' `Trainer` for nora models: adapter-only checkpoints, exact resume, best-adapter reload."""
-
-
-_TOLD: weakref.WeakSet[Trainer] = weakref.WeakSet()
-
-
-def note_plain_trainer(depth: int = 16) -> None:
-    """Called as a nora model runs in training mode (nora.hf_compat.note_trainer): when a Trainer without
-    NoraTrainerMixin runs it (found among the callers' frames), say once per trainer that its checkpoints are whole
-    state dicts, and the remedy."""
-    frame = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            return
-        trainer = frame.f_locals.get("self")
-        if isinstance(trainer, Trainer):
-            if not isinstance(trainer, NoraTrainerMixin) and trainer not in _TOLD:
-                _TOLD.add(trainer)
-                warnings.warn(_whole_state_dict_note(type(trainer)), stacklevel=2)
-            return
-        frame = frame.f_back
-
-
-def _whole_state_dict_note(cls: type) -> str:
-    name = cls.__name__
-    if cls is Trainer:
-        remedy = "`from nora.hf_trainer import NoraTrainer` and NoraTrainer in place of Trainer"
-    elif name == "SFTTrainer" and cls.__module__.startswith("trl"):
-        remedy = "`from nora.hf_trainer import NoraSFTTrainer` and NoraSFTTrainer in place of SFTTrainer"
-    else:
-        remedy = f"`from nora.hf_trainer import NoraTrainerMixin` and `class My{name}(NoraTrainerMixin, {name})`"
-    return (
-        f"{name} saves a nora model as its whole state dict: each checkpoint and save_model() write "
-        "model.safetensors with the frozen base model's weights, not an adapter directory (resume_from_checkpoint "
-        f"restores it exactly). For adapter-only checkpoints, which AdaptedModel.from_pretrained loads, use {remedy}."
-    )
 
 
 def __getattr__(name: str) -> Any:
