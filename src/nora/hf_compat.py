@@ -93,7 +93,7 @@ def note_trainer(module: nn.Module, _: Any) -> None:
         if isinstance(trainer, Trainer):
             if not getattr(trainer, "saves_nora_adapters", False) and trainer not in _TOLD:
                 _TOLD.add(trainer)
-                warnings.warn(_whole_state_dict_note(type(trainer)), stacklevel=2)
+                warnings.warn(_whole_state_dict_note(type(trainer)), stacklevel=1)
             return
         frame = frame.f_back
 
