@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
         [
             "nora.errors",
             "nora.atomic",
+            "nora.hf_compat",
             "nora.svd",
             "nora.quant",
             "nora.pretrained",

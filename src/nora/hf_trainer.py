@@ -1,10 +1,11 @@
-"""nora models inside transformers' `Trainer` and TRL's `SFTTrainer`, as PEFT models train there.
+"""nora models in transformers' `Trainer` and TRL's `SFTTrainer`.
 
-`Trainer` knows PEFT's classes by name: for any other model it keeps only the dataset columns the model's own
-`forward` names (an `AdaptedModel` takes `*args, **kwargs`, so it would keep none), writes the whole state dict as
-checkpoints, and reloads only whole-model or PEFT files. `NoraTrainerMixin` makes each of those steps nora's:
+A nora model trains in the plain classes: its `forward` has the base model's signature (nora.hf_compat), so the
+dataset columns, label names and loss handling are the base model's. But Trainer knows PEFT's classes by name and
+saves any other model as its whole state dict: each checkpoint (and `save_model`) holds the frozen base weights
+too, in `model.safetensors`, and `resume_from_checkpoint` loads them back (exactly). nora says so once, at the
+first training step (nora.hf_compat.note_trainer). `NoraTrainerMixin` makes saving and loading nora's:
 
-- the columns kept, the label names and whether the model returns a loss are read off the adapted base model;
 - `_save` (every checkpoint, `save_model`) writes a nora adapter directory: `adapter_config.json` and
   `adapter_model.safetensors` with the trainable tensors only, beside the tokenizer;
 - `resume_from_checkpoint` and `load_best_model_at_end` put the checkpoint's adapter tensors back into the
@@ -19,7 +20,6 @@ model's blocks while keeping the adapters' narrow activations (nora.accel).
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
@@ -33,14 +33,11 @@ from .state import apply_tensors
 class NoraTrainerMixin:
     """Put before a `Trainer` subclass in the bases: `class MyTrainer(NoraTrainerMixin, Trainer)`."""
 
+    saves_nora_adapters = True  # nora.hf_compat.note_trainer: no word about whole state dicts
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from transformers.utils import can_return_loss, find_labels
-
-        base = type(self._adapted().model)  # what Trainer reads off the model's class, read off the base's
-        if self.args.label_names is None:  # type: ignore[attr-defined]
-            self.label_names = find_labels(base)
-        self.can_return_loss = can_return_loss(base)
+        self._adapted()  # a nora model, or the error now rather than at the first checkpoint
 
     def _adapted(self) -> AdaptedModel:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # type: ignore[attr-defined]
@@ -50,12 +47,6 @@ class NoraTrainerMixin:
                 f"given a {type(model).__name__}."
             )
         return model
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:  # type: ignore[has-type]
-            model = self.model.model if isinstance(self.model, AdaptedModel) else self.model  # type: ignore[attr-defined]
-            columns = list(inspect.signature(model.forward).parameters)
-            self._signature_columns = [*columns, "label", "label_ids", *self.label_names, "adapter_names"]  # type: ignore[attr-defined]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir  # type: ignore[attr-defined]

@@ -25,6 +25,14 @@ from .calibrate import calibrate
 from .config import AdapterConfig, RankError
 from .errors import AdapterError
 from .export import export_lora
+from .hf_compat import (
+    blank_instance,
+    clear_gguf_quantization,
+    drop_tied_copies,
+    fill_tied_copies,
+    forwarding_class,
+    note_trainer,
+)
 from .inject import (
     TrainableCopy,
     adapter_layers,
@@ -51,6 +59,11 @@ class AdaptedModel(nn.Module):
         self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default", **kwargs
     ) -> None:
         super().__init__()
+        self.__class__ = forwarding_class(type(self), type(model))  # its forward's signature is the base's
+        clear_gguf_quantization(model)
+        self.register_state_dict_post_hook(drop_tied_copies)
+        self.register_load_state_dict_pre_hook(fill_tied_copies)
+        self.register_forward_pre_hook(note_trainer)
         self.model = model
         self.train(model.training)
         self.peft_config: dict[str, AdapterConfig] = {}
@@ -86,8 +99,13 @@ class AdaptedModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward (its signature, plus `adapter_names`: one adapter per row of the batch)."""
         with self._rows(adapter_names):
             return self.model(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:  # pickled as the class it was built as; the forwarding class is remade on load
+        declared = type(self).__dict__.get("_declared_class", type(self))
+        return blank_instance, (declared, type(self.model)), self.__dict__
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._rows(adapter_names):

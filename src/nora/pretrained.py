@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
+from .hf_compat import clear_gguf_quantization
 
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -163,8 +164,7 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if gguf_file:  # loaded from the GGUF itself: no longer quantized, whatever the loader recorded
-        model.hf_quantizer = None
-        model.config.quantization_config = None
+        clear_gguf_quantization(model)
     return model
 
 
@@ -200,8 +200,7 @@ def dequantized_gguf(name: str, gguf_file: str) -> Path | None:
     def build(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        model.hf_quantizer = None  # no longer quantized, whatever the loader recorded
-        model.config.quantization_config = None
+        clear_gguf_quantization(model)  # no longer quantized, whatever the loader recorded
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "nora_gguf_source.txt").write_text(f"{source}\n")
