@@ -90,11 +90,11 @@ def check_model_source(name: str, gguf_file: str | None = None, what: str = "--m
     given = name
     name, gguf_file = locate(name, gguf_file)
     path = Path(name).expanduser()
-    if is_gguf(given) and not (path / gguf_file).is_file():  # type: ignore[operator]
+    if is_gguf(given) and not (path / str(gguf_file)).is_file():
         raise AdapterError(f"{what} {given}: no such GGUF file. Check the path (relative to {Path.cwd()}).")
     if path.exists():
         if path.is_file():
-            raise AdapterError(f"{what} {name} is a file; a model is a directory (or a .gguf file): pass its folder.")
+            raise AdapterError(f"{what} {name} is a file; a model is a directory or a .gguf file: pass its directory.")
         if gguf_file is not None:
             if not (path / gguf_file).is_file():
                 raise AdapterError(f"{what} {name} holds no GGUF file {gguf_file!r}; check --gguf-file.")
