@@ -131,7 +131,7 @@ def test_train_refuses_bad_model_paths_at_once(llm_dir, data_file, tmp_path):
         ("./no-such-model", r"--model ./no-such-model: no such directory"),
         (tmp_path / "missing" / "model", r"no such directory"),
         (tmp_path / "empty", r"holds no config.json, so it is not a transformers model directory"),
-        (tmp_path / "weights.gguf", r"is a file; a model is a directory \(pass --model .* --gguf-file weights.gguf\)"),
+        (tmp_path / "weights.gguf", r"weights.gguf is not a GGUF file \(it does not start with GGUF\); check the path"),
         ("bad name!!", r"neither an existing directory nor a hub id like 'owner/name'"),
     ]
     for model, message in cases:

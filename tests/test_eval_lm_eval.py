@@ -12,7 +12,7 @@ from test_eval_support import byte_llama, byte_tokenizer, items
 import nora
 from nora.evaluation import LoglikRequest, continuation_logliks, score_commonsense
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'nora-peft[eval]')")
+lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[eval]")')
 
 TASK_YAML = """\
 task: nora_local_commonsense

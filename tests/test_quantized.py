@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes", reason="bitsandbytes is the quantizer (pip install 'nora-peft[quant]')")
+pytest.importorskip("bitsandbytes", reason='bitsandbytes is the quantizer (pip install -e ".[quant]")')
 
 from conftest import ref_svd, save_tiny_llm  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

@@ -55,18 +55,51 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or name.count("/") > 1 or "\\" in name
 
 
+def is_gguf(name: str | os.PathLike) -> bool:
+    """Whether a base model is given as the path of a GGUF file (DIR/model.gguf)."""
+    return str(name).lower().endswith(".gguf")
+
+
+def locate(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(model directory or hub id, GGUF file in it or None) of a base given as a directory or hub id with an
+    optional `gguf_file`, or as the path of a GGUF file — the form an adapter trained from one records, so that
+    a `.gguf` path works as a base everywhere."""
+    if not is_gguf(name):
+        return name, gguf_file
+    path = Path(name).expanduser()
+    if gguf_file is not None and Path(gguf_file).name != path.name:
+        raise AdapterError(f"{name} is a GGUF file and --gguf-file names another ({gguf_file}); give one of them.")
+    return str(path.parent), path.name
+
+
+def base_reference(name: str, gguf_file: str | None = None) -> str:
+    """How an adapter records its base so that every command finds it again: a local directory as its absolute
+    path, a hub id as it is, a GGUF file (local, or a hub one in the Hugging Face cache) as its absolute path."""
+    name, gguf_file = locate(name, gguf_file)
+    source = _gguf_path(name, gguf_file) if gguf_file else None
+    if source is not None:
+        return os.path.abspath(source)  # not resolved: a hub cache entry is a link to a blob without the suffix
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
 def check_model_source(name: str, gguf_file: str | None = None, what: str = "--model") -> None:
     """Refuse, at once and saying how to fix it, a model that cannot be loaded: a local path that does not exist
-    or is not a model directory, a malformed hub id, or a hub model that is neither cached nor reachable (which
-    transformers would retry for about a minute before a long traceback)."""
+    or is not a model directory, a GGUF path that is not there or not a GGUF file, a malformed hub id, or a hub
+    model that is neither cached nor reachable (which transformers would retry for about a minute before a long
+    traceback)."""
+    given = name
+    name, gguf_file = locate(name, gguf_file)
     path = Path(name).expanduser()
+    if is_gguf(given) and not (path / str(gguf_file)).is_file():
+        raise AdapterError(f"{what} {given}: no such GGUF file. Check the path (relative to {Path.cwd()}).")
     if path.exists():
         if path.is_file():
-            hint = f"--model {path.parent} --gguf-file {path.name}" if path.suffix == ".gguf" else "its directory"
-            raise AdapterError(f"{what} {name} is a file; a model is a directory (pass {hint}).")
+            raise AdapterError(f"{what} {name} is a file; a model is a directory or a .gguf file: pass its directory.")
         if gguf_file is not None:
             if not (path / gguf_file).is_file():
                 raise AdapterError(f"{what} {name} holds no GGUF file {gguf_file!r}; check --gguf-file.")
+            _check_gguf_magic(path / gguf_file, what)
         elif not (path / "config.json").is_file():
             raise AdapterError(
                 f"{what} {name} holds no config.json, so it is not a transformers model directory (save one with "
@@ -91,6 +124,12 @@ def check_model_source(name: str, gguf_file: str | None = None, what: str = "--m
         f"(offline{' mode' if _offline_mode() else ''}). On a machine with internet run `hf download {name} "
         f"--local-dir DIR`, copy DIR here and pass {what} DIR."
     )
+
+
+def _check_gguf_magic(path: Path, what: str) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise AdapterError(f"{what}: {path} is not a GGUF file (it does not start with GGUF); check the path.")
 
 
 def _offline_mode() -> bool:
@@ -130,13 +169,16 @@ def load_model(
     gguf_file: str | None = None,
     quantize: str | None = None,
 ) -> nn.Module:
-    """The pretrained causal LM, sequence classifier or image classifier at `name`. `dtype`: a torch dtype, "auto"
-    (the checkpoint's) or None (float32). A GGUF file is dequantised to float, so the model trains, merges and
-    saves like any other — once: the dequantised copy is kept in the GGUF cache (`dequantized_gguf`). `quantize`
-    ("nf4", "fp4": 4-bit, QLoRA's setting; "int8") loads the linear layers in bitsandbytes on CUDA when present,
-    else on the CPU (its CPU backend), computing in `dtype`; the output head stays in float."""
+    """The pretrained causal LM, sequence classifier or image classifier at `name` (a directory, a hub id, or a
+    .gguf file). `dtype`: a torch dtype, "auto" (the checkpoint's) or None (float32). A GGUF file is dequantised to
+    float, so the model trains, merges and saves like any other — once: the dequantised copy is kept in the GGUF
+    cache (`dequantized_gguf`); the model's `name_or_path` is the GGUF file, which an adapter saved on it records.
+    `quantize` ("nf4", "fp4": 4-bit, QLoRA's setting; "int8") loads the linear layers in bitsandbytes on CUDA when
+    present, else on the CPU (its CPU backend), computing in `dtype`; the output head stays in float."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    name, gguf_file = locate(name, gguf_file)
+    reference = base_reference(name, gguf_file) if gguf_file else None
     cached = dequantized_gguf(name, gguf_file) if gguf_file else None
     if cached is not None:  # the dequantised copy: a plain checkpoint
         name, gguf_file = str(cached), None
@@ -165,6 +207,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if gguf_file:  # loaded from the GGUF itself: no longer quantized, whatever the loader recorded
         clear_gguf_quantization(model)
+    if reference is not None:
+        model.name_or_path = model.config.name_or_path = reference
     return model
 
 
@@ -177,15 +221,17 @@ def gguf_cache_root() -> Path | None:
     return Path(root) / "gguf"
 
 
-def dequantized_gguf(name: str, gguf_file: str) -> Path | None:
+def dequantized_gguf(name: str, gguf_file: str | None = None) -> Path | None:
     """A save_pretrained directory of the model in GGUF file `gguf_file` of `name` (a local directory, or a hub id
-    whose file is in the Hugging Face cache), dequantised to float32 on first use and kept, keyed by the file's
-    path, size and modification time, so later loads (train, eval, serve, benchmarks) skip the dequantisation.
-    None where the file cannot be found here or the cache is off (the caller loads the GGUF itself)."""
+    whose file is in the Hugging Face cache; or `name` is the GGUF file's path), dequantised to float32 on first use
+    and kept, keyed by the file's path, size and modification time, so later loads (train, eval, serve, benchmarks)
+    skip the dequantisation. None where the file cannot be found here or the cache is off (the caller loads the
+    GGUF itself)."""
     import hashlib
 
+    name, gguf_file = locate(name, gguf_file)
     root = gguf_cache_root()
-    source = _gguf_path(name, gguf_file)
+    source = _gguf_path(name, gguf_file) if gguf_file else None
     if root is None or source is None:
         return None
     stat = source.stat()
@@ -247,9 +293,10 @@ def name_labels(model: nn.Module, labels: Sequence[str] | None) -> None:
 
 
 def load_tokenizer(name: str | Path, gguf_file: str | None = None, chat_template: Path | None = None) -> Any:
-    """The tokenizer at `name` (read from the GGUF file when one is given)."""
+    """The tokenizer at `name` (read from the GGUF file when one is given, or when `name` is one)."""
     from transformers import AutoTokenizer
 
+    name, gguf_file = locate(str(name), gguf_file)
     cached = dequantized_gguf(str(name), gguf_file) if gguf_file else None
     if cached is not None:
         name, gguf_file = cached, None

@@ -6,13 +6,18 @@ from `dequantized(layer)`, while the forward runs the quantized kernel and adds 
 weight cannot hold W0 + ΔW exactly, so a reversible merge is refused; `fold` dequantizes, adds ΔW and requantizes
 (returning the rounding it cost), or returns a plain float layer holding the exact merged weight. `roundtrip`
 gives deq(Q(W)) of a float weight, for checking that full-precision weights are those an adapter's quantized base
-came from. bitsandbytes is imported only where a layer or scheme needs it.
+came from. bitsandbytes runs only where a layer or scheme needs it: importing nora makes any later `import
+bitsandbytes` lazy (peft imports it on import, and transformers' Trainer and schedulers import peft), so its code,
+its start-up time and its CPU-kernel warning come with the first use of one of its names.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
 from typing import Any
 
 import torch
@@ -24,27 +29,54 @@ SCHEMES = ("nf4", "fp4", "int8")
 _BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block
 
 
+class _LazyBitsandbytes:
+    """A meta-path finder that finds bitsandbytes as the other finders do and loads it lazily: `import bitsandbytes`
+    binds the module at once and runs it at the first attribute read."""
+
+    def find_spec(self, name: str, path: Sequence[str] | None = None, target: Any = None) -> ModuleSpec | None:
+        if name != "bitsandbytes":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = importlib.util.LazyLoader(spec.loader)
+                return spec
+        return None
+
+
+def _defer_bitsandbytes() -> None:
+    if "bitsandbytes" not in sys.modules and not any(isinstance(f, _LazyBitsandbytes) for f in sys.meta_path):
+        sys.meta_path.insert(0, _LazyBitsandbytes())
+
+
+_defer_bitsandbytes()
+
+
 def _bnb() -> Any:
     try:
         import bitsandbytes
     except ImportError as e:
         raise AdapterError(
-            "quantized base layers need bitsandbytes: pip install 'nora-peft[quant]' (or bitsandbytes>=0.46)."
+            'quantized base layers need bitsandbytes: pip install -e ".[quant]" in nora\'s checkout (or pip install '
+            '"bitsandbytes>=0.46").'
         ) from e
     return bitsandbytes
 
 
 def scheme_of(module: nn.Module) -> dict[str, Any] | None:
     """The quantization of a bitsandbytes layer ({"scheme": "nf4" | "fp4" | "int8", ...}), None for any other."""
-    bnb = sys.modules.get("bitsandbytes")  # a bitsandbytes layer exists only once bitsandbytes is imported
-    if bnb is None:
+    bnb_nn = sys.modules.get("bitsandbytes.nn")  # a bitsandbytes layer exists only once bitsandbytes has run
+    if bnb_nn is None:
         return None
-    if isinstance(module, bnb.nn.Linear4bit):
+    if isinstance(module, bnb_nn.Linear4bit):
         w = module.weight
         state = getattr(w, "quant_state", None)
         return {"scheme": w.quant_type, "blocksize": int(getattr(state, "blocksize", None) or w.blocksize),
                 "double_quant": bool(getattr(state, "nested", False))}  # fmt: skip
-    if isinstance(module, bnb.nn.Linear8bitLt):
+    if isinstance(module, bnb_nn.Linear8bitLt):
         return {"scheme": "int8"}
     return None
 

@@ -23,7 +23,7 @@ def _split(values: list[str] | None, default: list[str]) -> list[str]:
 @app.command("eval")
 def evaluate(
     model: Annotated[
-        str, typer.Argument(help="Base or merged model (directory or Hugging Face id), or an adapter directory.")
+        str, typer.Argument(help="Base or merged model (directory, hub id or .gguf file), or an adapter directory.")
     ],
     tasks: Annotated[
         list[str] | None,
@@ -38,7 +38,7 @@ def evaluate(
     ] = None,
     adapter: Annotated[Path | None, typer.Option(help="A nora or PEFT adapter directory to put on MODEL.")] = None,
     base: Annotated[
-        str | None, typer.Option(help="Base model of an adapter given as MODEL (default: recorded).")
+        str | None, typer.Option(help="Base model of an adapter given as MODEL (default: the one it records).")
     ] = None,
     data_dir: Annotated[
         Path,
@@ -88,7 +88,7 @@ def evaluate(
     """Evaluate MODEL on --tasks and print accuracy per task and on average."""
     from ..evaluation import Columns, evaluate_tasks
     from ..evaluation.fewshot import PromptStyle, require_chat_template
-    from ..evaluation.loading import adapter_head, eval_tokenizer, load_for_eval, resolve_target
+    from ..evaluation.loading import RECORDED_BASE, adapter_head, eval_tokenizer, load_for_eval, resolve_target
     from ..evaluation.report import print_results, write_results
     from ..evaluation.runner import PROTOCOLS, prepare_tasks
     from ..evaluation.tasks import missing_suite_tasks, no_head_message
@@ -122,8 +122,7 @@ def evaluate(
         unscorable = next((spec for spec in specs if spec.kind == "classification" and not spec.layout), None)
         if unscorable is not None and head is None:
             raise AdapterError(no_head_message(unscorable))
-        recorded = "the base model the adapter records (pass --base for another)"
-        check_model_source(target.base, gguf_file, "--base" if base else recorded if target.adapter else "MODEL")
+        check_model_source(target.base, gguf_file, "--base" if base else RECORDED_BASE if target.adapter else "MODEL")
         if chat_template:
             require_chat_template(eval_tokenizer(target, gguf_file))
         missing = missing_suite_tasks(names, data_dir)

@@ -22,21 +22,26 @@ def export(
     format: Annotated[str, typer.Option(help="peft (default for models) or diffusers (default for pipelines).")] = (
         "auto"
     ),
-    base: Annotated[str | None, typer.Option(help="The base model (default: the one the adapter records).")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="The base model: directory, hub id or .gguf file (default: recorded).")
+    ] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from the base (dequantised).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --output if it holds files.")] = False,
 ) -> None:
     """Write ADAPTER as a LoRA adapter with exactly its ΔW (ranks and scales folded in)."""
     try:
-        path = export_adapter(adapter, output, format, base, overwrite)
+        path = export_adapter(adapter, output, format, base, overwrite, gguf_file)
     except (AdapterError, OSError) as e:
         raise typer.BadParameter(str(e)) from e
     typer.echo(f"exported {adapter} -> {path}")
 
 
-def export_adapter(adapter: Path, output: Path, format: str, base: str | None, overwrite: bool) -> Path:
-    from ..evaluation.loading import adapter_head, load_for_eval, resolve_target
+def export_adapter(
+    adapter: Path, output: Path, format: str, base: str | None, overwrite: bool, gguf_file: str | None = None
+) -> Path:
+    from ..evaluation.loading import RECORDED_BASE, adapter_head, load_for_eval, resolve_target
     from ..export import export_diffusers_lora, export_lora
-    from ..pretrained import looks_local
+    from ..pretrained import check_model_source, looks_local
 
     if format not in (*FORMATS, "auto"):
         raise AdapterError(f"--format {format!r}: choose peft or diffusers.")
@@ -71,6 +76,7 @@ def export_adapter(adapter: Path, output: Path, format: str, base: str | None, o
             "export it from Python: AdaptedModel.from_pretrained(ClipClassifier..., DIR).export_lora(OUT)."
         )
     kind = "causal" if head is None else "image-cls" if head.task == "image-cls" else "seq-cls"
-    model, _ = load_for_eval(target, kind, head.num_labels if head else None, "float32", "cpu", merge=False)
+    check_model_source(target.base, gguf_file, "--base" if base else RECORDED_BASE)
+    model, _ = load_for_eval(target, kind, head.num_labels if head else None, "float32", "cpu", False, gguf_file)
     export_lora(model, "default", output)
     return output

@@ -23,9 +23,25 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _recorded_base(adapters: dict[str, Path]) -> str:
+    """The base model the adapters record, where they agree."""
+    from ..evaluation.loading import recorded_base
+
+    if not adapters:
+        raise AdapterError("no base model: pass --base (a directory, hub id or .gguf file), or --adapter NAME=PATH.")
+    bases = {name: recorded_base(path) for name, path in adapters.items()}
+    if len(set(bases.values())) > 1:
+        listed = ", ".join(f"{name}: {base}" for name, base in bases.items())
+        raise AdapterError(f"the adapters record different base models ({listed}); pass the one to serve as --base.")
+    return next(iter(bases.values()))
+
+
 @app.command("serve")
 def serve(
-    base: Annotated[str, typer.Option(help="Base model: a local directory or a Hugging Face id.")],
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model: a directory, hub id or .gguf file (default: the one the adapters record)."),
+    ] = None,
     adapter: Annotated[
         list[str] | None, typer.Option("--adapter", "-a", help="NAME=PATH of an adapter to load at start; repeat.")
     ] = None,
@@ -42,7 +58,7 @@ def serve(
     chat_template: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="A Jinja chat template file to use.")
     ] = None,
-    gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from --base (dequantised).")] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="Load this GGUF file from the base (dequantised).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1, ...")] = "auto",
     max_batch_size: Annotated[int, typer.Option(min=1, help="Rows decoded together.")] = 16,
@@ -68,12 +84,14 @@ def serve(
     try:
         import uvicorn
 
+        from ..evaluation.loading import RECORDED_BASE
         from ..pretrained import check_model_source, parse_dtype, resolve_device
         from ..serving import Engine, EngineConfig, ServerSettings, create_app
         from ..serving.loading import attach_adapters, load_base, parse_adapter_specs
     except ModuleNotFoundError as e:
         raise typer.BadParameter(
-            f"nora serve needs {e.name}: install the serve extra, pip install 'nora-peft[serve]'."
+            f'nora serve needs {e.name}: install the serve extra, pip install -e ".[serve]" in nora\'s checkout '
+            "(or pip install fastapi uvicorn)."
         ) from e
     if log_level not in LOG_LEVELS:
         raise typer.BadParameter(f"{log_level!r}: choose one of {', '.join(LOG_LEVELS)}.", param_hint="--log-level")
@@ -83,7 +101,9 @@ def serve(
         specs = parse_adapter_specs(adapter or [])
         parse_dtype(dtype)
         resolve_device(device)
-        check_model_source(base, gguf_file, "--base")
+        given = base is not None
+        base = base if given else _recorded_base(specs)
+        check_model_source(base, gguf_file, "--base" if given else RECORDED_BASE)
         if tokenizer is not None:
             check_model_source(tokenizer, None, "--tokenizer")
         model, tok = load_base(base, tokenizer, gguf_file, dtype, device, chat_template)

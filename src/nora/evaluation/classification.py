@@ -80,7 +80,8 @@ def classification_metrics(gold: Sequence[int], predicted: Sequence[int]) -> dic
         from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
     except ImportError as e:
         raise AdapterError(
-            "classification metrics need scikit-learn: pip install 'nora-peft[eval]' (or scikit-learn)."
+            'classification metrics need scikit-learn: pip install -e ".[eval]" in nora\'s checkout (or pip install '
+            "scikit-learn)."
         ) from e
     if len(gold) != len(predicted) or not gold:
         raise AdapterError(f"{len(gold)} gold labels and {len(predicted)} predictions: need equal, non-zero counts.")

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..errors import AdapterError
-from .loglik import inference, model_device, model_max_length, pad_id
+from .loglik import Truncated, inference, model_device, model_max_length, pad_id, report_truncated
 
 
 def generate_responses(
@@ -26,8 +26,10 @@ def generate_responses(
     max_length: int | None = None,
     progress: bool = False,
     desc: str = "generate",
+    truncated: Truncated | None = None,
 ) -> list[str]:
-    """The decoded response (new tokens only, special tokens dropped) to each prompt, in order."""
+    """The decoded response (new tokens only, special tokens dropped) to each prompt, in order. A prompt cut to
+    leave room for the response in the model's positions is recorded in `truncated`, or warned of without one."""
     if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
         raise AdapterError(
             f"batch_size={batch_size}, max_new_tokens={max_new_tokens} and num_beams={num_beams} must be at least 1."
@@ -35,7 +37,9 @@ def generate_responses(
     room = (max_length or model_max_length(model, tokenizer)) - max_new_tokens
     if room < 1:
         raise AdapterError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's positions.")
-    encoded = [list(tokenizer(p)["input_ids"])[-room:] for p in prompts]
+    whole = [list(tokenizer(p, verbose=False)["input_ids"]) for p in prompts]  # cut below: no 'indexing errors'
+    report_truncated([len(ids) > room for ids in whole], room + max_new_tokens, truncated, desc)
+    encoded = [ids[-room:] for ids in whole]
     config = _greedy_config(model, tokenizer, max_new_tokens, num_beams)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     responses = [""] * len(encoded)

@@ -20,6 +20,7 @@ from ..pretrained import load_model, load_tokenizer, name_labels, parse_dtype, r
 from .tasks import Head
 
 ADAPTER_CONFIG = "adapter_config.json"
+RECORDED_BASE = "the base model the adapter records (pass --base for another)"  # how errors name it
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,7 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
         if adapter is not None:
             raise AdapterError(f"{model} is an adapter directory; pass the base model as --base, not MODEL.")
         adapter = Path(model)
-        recorded = _adapter_config(adapter).get("base_model_name_or_path")
-        base = base or recorded
-        if not base:
-            raise AdapterError(f"{adapter} records no base model; pass it with --base.")
+        base = base or recorded_base(adapter)
     elif base is not None:
         raise AdapterError("--base is only for an adapter directory given as MODEL; use --adapter to add one.")
     else:
@@ -52,6 +50,17 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
         raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
     kind: Literal["nora", "peft"] = "peft" if "peft_type" in _adapter_config(adapter) else "nora"
     return EvalTarget(base, adapter, kind)
+
+
+def recorded_base(adapter: Path) -> str:
+    """The base model an adapter directory records (`base_model_name_or_path`: a directory, a hub id or a .gguf
+    file)."""
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
+    base = _adapter_config(adapter).get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
+        raise AdapterError(f"{adapter} records no base model; pass it with --base.")
+    return base
 
 
 def adapter_head(target: EvalTarget) -> Head | None:

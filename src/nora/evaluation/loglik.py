@@ -5,14 +5,16 @@ to the continuation, and a continuation's tokens are those of context+continuati
 
 Each context runs once and its key/value cache is repeated for its continuations, which then run together. The
 padding side is set here, not taken from the tokenizer: contexts are left-padded and every position id is given
-explicitly, so a model with absolute positions (GPT-2) scores a request the same in a batch as alone.
+explicitly, so a model with absolute positions (GPT-2) scores a request the same in a batch as alone. A context
+longer than the model's positions loses its start (as in lm-evaluation-harness); `Truncated` says which did.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +34,35 @@ class LoglikRequest:
 class _Encoded:
     context: list[int]
     continuations: list[list[int]]
+    truncated: bool = False
+
+
+@dataclass
+class Truncated:
+    """The prompts (indices into one call's list) longer than the model's `context` positions, which lost their
+    start to fit. Passed to a scoring call, it is filled and the call stays quiet; without one, the call warns."""
+
+    indices: set[int] = field(default_factory=set)
+    context: int = 0
+
+    def record(self, flags: Sequence[bool], context: int) -> None:
+        self.indices.update(i for i, cut in enumerate(flags) if cut)
+        self.context = context
+
+
+def report_truncated(flags: Sequence[bool], context: int, into: Truncated | None, what: str) -> None:
+    """Fill `into`, or with none given warn of the prompts cut to fit the model's context."""
+    if into is not None:
+        into.record(flags, context)
+    elif any(flags):
+        warnings.warn(truncation_message(sum(flags), len(flags), context, what), stacklevel=3)
+
+
+def truncation_message(count: int, total: int, context: int, what: str, detail: str = "") -> str:
+    return (
+        f"{count} of {total} {what} prompt(s) were longer than the model's {context}-token context and lost their "
+        f"beginning (left-truncated to fit){': ' + detail if detail else ''}."
+    )
 
 
 def continuation_logliks(
@@ -42,13 +73,16 @@ def continuation_logliks(
     max_length: int | None = None,
     progress: bool = False,
     desc: str = "log-likelihood",
+    truncated: Truncated | None = None,
 ) -> list[list[float]]:
     """Sum of log p(continuation token | everything before it) for each continuation of each request.
-    `batch_size` counts contexts; a context's continuations share its batch."""
+    `batch_size` counts contexts; a context's continuations share its batch. A context cut to fit the model's
+    positions is recorded in `truncated`, or warned of without one."""
     if batch_size < 1:
         raise AdapterError(f"batch_size={batch_size} must be at least 1.")
     limit = max_length or model_max_length(model, tokenizer)
     encoded = [_encode(tokenizer, request, limit) for request in requests]
+    report_truncated([e.truncated for e in encoded], limit, truncated, desc)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].context))
     results: list[list[float]] = [[] for _ in encoded]
     with inference(model, len(order), desc, progress) as bar:
@@ -116,11 +150,13 @@ def _encode(tokenizer, request: LoglikRequest, max_length: int) -> _Encoded:
     longest = max(len(ids) for ids in continuations)
     if longest >= max_length:
         raise AdapterError(f"a continuation of {longest} tokens does not fit the model's {max_length} positions.")
-    return _Encoded(context_ids[-(max_length - longest) :], continuations)
+    room = max_length - longest
+    return _Encoded(context_ids[-room:], continuations, len(context_ids) > room)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text)["input_ids"])
+    """The text's token ids; verbose=False: no 'indexing errors' warning for a long text, which is cut here."""
+    return list(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _score_batch(model: nn.Module, batch: list[_Encoded], pad: int) -> list[list[float]]:

@@ -37,7 +37,7 @@ from .fewshot import (
     require_chat_template,
 )
 from .generation import generate_responses
-from .loglik import LoglikRequest, continuation_logliks
+from .loglik import LoglikRequest, Truncated, continuation_logliks, truncation_message
 from .records import CommonsenseItem, extract_answer
 from .tasks import (
     Columns,
@@ -136,7 +136,9 @@ def evaluate_tasks(
     classifier predicts (its label set, or regression: `nora.evaluation.loading.adapter_head`); with it, any
     labelled file is scored, its columns found by name or given as `columns`. `num_fewshot`, `fewshot_from` and
     `chat_template` shape the commonsense prompts (`nora.evaluation.fewshot`). `log_samples` keeps, per example,
-    the full prompt, each choice's log-likelihood and the picks. The model's train/eval mode is restored."""
+    the full prompt, each choice's log-likelihood and the picks. A commonsense task's metrics count the prompts
+    cut from the left to fit the model's context (`truncated`, `context`), and one warning sums them over the
+    tasks. The model's train/eval mode is restored."""
     if tasks and all(isinstance(t, PreparedTask) for t in tasks):
         prepared = list(tasks)
     else:
@@ -179,7 +181,23 @@ def evaluate_tasks(
             if task.style.num_fewshot:
                 metrics.update(num_fewshot=task.style.num_fewshot, fewshot_file=str(task.fewshot_file))
             results.setdefault(protocol, {})[spec.name] = metrics
+    _warn_truncated(results, prepared)
     return {protocol: {"tasks": per_task, "average": average(per_task)} for protocol, per_task in results.items()}
+
+
+def _warn_truncated(results: dict[str, dict[str, Any]], prepared: Sequence[PreparedTask]) -> None:
+    """One warning for every prompt cut to fit the model's context, over all tasks and protocols."""
+    cut = {
+        (protocol, task): m for protocol, tasks in results.items() for task, m in tasks.items() if m.get("truncated")
+    }
+    if not cut:
+        return
+    count, total = sum(m["truncated"] for m in cut.values()), sum(m["n"] for m in cut.values())
+    where = ", ".join(f"{task} {protocol} {m['truncated']}" for (protocol, task), m in cut.items())
+    fewshot = any(task.style.num_fewshot for task in prepared)
+    message = truncation_message(count, total, next(iter(cut.values()))["context"], "commonsense", where)
+    warnings.warn(message + (" Fewer few-shot examples (--num-fewshot) keep them whole." if fewshot else ""),
+                  stacklevel=3)  # fmt: skip
 
 
 def score_commonsense(
@@ -197,7 +215,8 @@ def score_commonsense(
 ) -> dict[str, dict[str, Any]]:
     """Metrics of one commonsense task under each requested protocol, each item after its `shots` (solved
     examples) and in the chat template of `chat` (a tokenizer) when given. Where both log-likelihood protocols
-    see the same prompt (zero-shot) they share one pass over it."""
+    see the same prompt (zero-shot) they share one pass over it. Each protocol's metrics count in `truncated` the
+    prompts that lost their start to fit the model's `context` positions."""
     shots = shots if shots is not None else [() for _ in items]
     prompts = {
         kind: [render(item, drawn, answer, chat) for item, drawn in zip(items, shots, strict=True)]
@@ -230,8 +249,13 @@ def _loglik_protocols(model, tokenizer, items, protocols, prompts, name, log_sam
         for protocol, context, targets in wanted:
             where[(protocol, i)] = (len(requests), 0)
             requests.append(LoglikRequest(context, tuple(targets)))
-    scores = continuation_logliks(model, tokenizer, requests, desc=f"{name} log-likelihood", **options)
+    cut = Truncated()
+    scores = continuation_logliks(model, tokenizer, requests, desc=f"{name} log-likelihood", truncated=cut, **options)
     seconds = round(time.perf_counter() - start, 2)
+
+    def truncated(protocol: str) -> dict[str, int]:
+        return {"truncated": sum(where[(protocol, i)][0] in cut.indices for i in range(len(items))),
+                "context": cut.context}  # fmt: skip
 
     def logliks(protocol: str, i: int, count: int) -> list[float]:
         request, first = where[(protocol, i)]
@@ -245,6 +269,7 @@ def _loglik_protocols(model, tokenizer, items, protocols, prompts, name, log_sam
         metrics = _rates(items, picks, seconds)
         norm = _rates(items, norm_picks, seconds)
         metrics.update(acc_norm=norm["acc"], acc_norm_stderr=norm["acc_stderr"], correct_norm=norm["correct"])
+        metrics.update(truncated("loglik"))
         if log_samples:
             metrics["samples"] = [
                 {**_sample(item, item.labels[p], prompt, p), "choices": list(item.choices), "logliks": t,
@@ -255,7 +280,7 @@ def _loglik_protocols(model, tokenizer, items, protocols, prompts, name, log_sam
     if by_label:
         labelled = [logliks("loglik-label", i, len(item.labels)) for i, item in enumerate(items)]
         picks = [best(t) for t in labelled]
-        metrics = _rates(items, picks, seconds)
+        metrics = _rates(items, picks, seconds) | truncated("loglik-label")
         if log_samples:
             metrics["samples"] = [
                 {**_sample(item, item.labels[p], prompt, p), "targets": list(item.label_targets), "logliks": t}
@@ -267,6 +292,7 @@ def _loglik_protocols(model, tokenizer, items, protocols, prompts, name, log_sam
 
 def _generate_protocol(model, tokenizer, items, prompts, name, max_new_tokens, num_beams, log_samples, options):
     start = time.perf_counter()
+    cut = Truncated()
     responses = generate_responses(
         model,
         tokenizer,
@@ -274,12 +300,13 @@ def _generate_protocol(model, tokenizer, items, prompts, name, max_new_tokens, n
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
         desc=f"{name} generate",
+        truncated=cut,
         **options,
     )
     predicted = [extract_answer(r, i.labels) for i, r in zip(items, responses, strict=True)]
     picks = [i.labels.index(p) if p in i.labels else None for i, p in zip(items, predicted, strict=True)]
     metrics = _rates(items, picks, round(time.perf_counter() - start, 2))
-    metrics["unparsed"] = sum(p is None for p in predicted)
+    metrics.update(unparsed=sum(p is None for p in predicted), truncated=len(cut.indices), context=cut.context)
     if log_samples:
         metrics["samples"] = [
             {**_sample(item, label or "", prompt, pick), "response": response}

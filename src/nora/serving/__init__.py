@@ -1,7 +1,7 @@
 """Serving many adapters of one base model: a batching engine and an OpenAI-compatible HTTP server (`nora serve`).
 
 The engine needs only torch and transformers; the HTTP app (`create_app`) needs the `serve` extra
-(`pip install "nora-peft[serve]"`: FastAPI and uvicorn).
+(`pip install -e ".[serve]"` in nora's checkout: FastAPI and uvicorn).
 """
 
 from __future__ import annotations

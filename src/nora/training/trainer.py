@@ -32,7 +32,7 @@ from ..errors import AdapterError
 from ..io import read_adapter, write_adapter
 from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
-from ..pretrained import load_model, load_tokenizer
+from ..pretrained import base_reference, load_model, load_tokenizer
 from ..state import adapter_payload, apply_tensors
 from .checkpoint import (
     check_resumable,
@@ -280,8 +280,7 @@ class Run:
     def _adapter_config(self) -> AdapterConfig:
         adapter_config = self.config.adapter_config()
         if adapter_config.base_model_name_or_path is None and self.config.model is not None:
-            local = Path(self.config.model).expanduser()
-            adapter_config.base_model_name_or_path = str(local.resolve()) if local.exists() else self.config.model
+            adapter_config.base_model_name_or_path = base_reference(self.config.model, self.config.gguf_file)
         return adapter_config
 
     def _accelerate(self, config: TrainConfig) -> dict[str, str]:
