@@ -149,7 +149,12 @@ OPTIONS: tuple[CliOption, ...] = (
         "instance_prompt",
         Opt(help='dreambooth: the prompt of --data\'s images ("a photo of sks dog").'),
     ),
-    CliOption("class_data", str, "class_data", Opt(help="dreambooth prior preservation: folder of class images.")),
+    CliOption(
+        "class_data",
+        str,
+        "class_data",
+        Opt(help="dreambooth prior preservation: folder of class images (made only with --generate-class-images)."),
+    ),
     CliOption("class_prompt", str, "class_prompt", Opt(help='dreambooth prior preservation: "a photo of a dog".')),
     CliOption(
         "num_class_images",

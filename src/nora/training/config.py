@@ -50,7 +50,7 @@ class TrainConfig:
     max_image_pixels: int | None = None  # image-cls/dreambooth: larger images are refused (None: Pillow's limit)
     clip_template: str = "a photo of a {}."  # image-cls with a CLIP model: each class's prompt
     instance_prompt: str | None = None  # dreambooth: the prompt of --data's subject images ("a photo of sks dog")
-    class_data: str | None = None  # dreambooth prior preservation: class images (generated up to num_class_images)
+    class_data: str | None = None  # dreambooth prior preservation: class images (sampled up to num_class_images)
     class_prompt: str | None = None  # dreambooth prior preservation: the class's prompt ("a photo of a dog")
     num_class_images: int = 100
     generate_class_images: bool = False  # dreambooth: a --class-data folder that does not exist is made and filled

@@ -350,7 +350,8 @@ class ImageClassificationTask(Task):
 class DreamBoothTask(Task):
     """Subject-driven generation (nora.diffusion): --data is a folder of the subject's images, each captioned
     --instance-prompt; with --class-data and --class-prompt, prior preservation adds class images (sampled from the
-    base pipeline up to --num-class-images where the folder has fewer), their loss weighted --prior-loss-weight.
+    base pipeline up to --num-class-images where the folder has fewer; a folder that does not exist only with
+    --generate-class-images), their loss weighted --prior-loss-weight.
     The loss is the noise-prediction mean squared error per image; the run counts images."""
 
     name = "dreambooth"

@@ -177,7 +177,7 @@ def _warn_truncated(encoded: Encoded | None, name: str, max_length: int) -> None
             f"{encoded.truncated} {name} example(s) were longer than max_length={max_length} tokens and were "
             f"truncated ({encoded.dropped} dropped: their prompt alone filled it); raise --max-length to keep them "
             "whole.",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -365,7 +365,7 @@ class Run:
                 self.accelerations["compile"] = "off (no CUDA device: compiling for CPU training rarely pays)"
         for feature, status in self.accelerations.items():
             if status.startswith("off"):
-                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=3)
+                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=4)
 
     # ---- stage 4: the loop's state ------------------------------------------------------------------------------
     def _reset_progress(self) -> None:
