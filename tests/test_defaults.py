@@ -337,7 +337,10 @@ SAMPLES: dict[str, tuple[object, dict[str, object]]] = {
     "fsdp": (True, {}), "logging_steps": (3, {}), "eval_steps": (3, {}), "save_steps": (3, {}),
     "save_total_limit": (3, {}), "resume": ("latest", {}), "overwrite": (True, {}), "plot": (False, {}),
     "progress": (False, {}), "eval_tasks": ("boolq,piqa", {}), "eval_data_dir": ("d", {}), "eval_limit": (4, {}),
-    "threads": (2, {}),
+    "threads": (2, {}), "resume_changes": (True, {"resume": "latest"}),
+    "max_image_pixels": (1000, {"task": "image-cls"}),
+    "generate_class_images": (True, {"task": "dreambooth", "instance_prompt": "a sks dog", "class_data": "c",
+                                     "class_prompt": "a dog"}),
 }  # fmt: skip
 
 

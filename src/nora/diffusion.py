@@ -186,16 +186,22 @@ def grid(images: list, columns: int):
     return canvas
 
 
-def class_images(model: str, folder: str, prompt: str, count: int, seed: int) -> list[Path]:
+def class_images(model: str, folder: str, prompt: str, count: int, seed: int, generate: bool = False) -> list[Path]:
     """Prior preservation's class images: the first `count` of `folder`, which is first filled up to `count` with
     images of `prompt` sampled from the base pipeline (as DreamBooth makes them; existing images are kept, each
-    new file is written whole or not at all)."""
+    new file is written whole or not at all). A `folder` that does not exist is refused (a mistyped path would
+    otherwise be filled with sampled images) unless `generate` asks for it to be made."""
     import io
     import os
 
     from .atomic import atomic_write_bytes
 
     root = Path(folder).expanduser()
+    if not root.exists() and not generate:
+        raise AdapterError(
+            f"--class-data {folder}: no such directory (relative to {Path.cwd()}). Give the folder of class images, "
+            f"or pass --generate-class-images to have the base pipeline sample {count} images of {prompt!r} into it."
+        )
     have = image_files(folder, "--class-data", empty_ok=True) if root.exists() else []
     missing = count - len(have)
     if missing <= 0:

@@ -3,8 +3,8 @@
 few-shot protocol); preprocessing by the model's own image processor, or by stated transforms (resize, centre
 crop, ImageNet mean/std) where it has none.
 
-Every image is decoded and preprocessed once, when the run starts; an unreadable image, an empty class folder or a
-class with fewer images than --shots stops the run naming it, before the model loads.
+Every image is decoded and preprocessed once, when the run starts; an unreadable image, one over --max-image-pixels,
+an empty class folder or a class with fewer images than --shots stops the run naming it, before the model loads.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .datafiles import Row, read_rows
@@ -32,15 +33,50 @@ def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def open_rgb(path: str | Path) -> Any:
-    """The image at `path` decoded as RGB; an unreadable file is an error naming it."""
+def open_rgb(path: str | Path, max_pixels: int | None = None) -> Any:
+    """The image at `path` decoded as 8-bit RGB (`to_rgb`). An unreadable file, or one of more than `max_pixels`
+    pixels (None: Pillow's MAX_IMAGE_PIXELS, its guard against decompression bombs), is an error naming it."""
     from PIL import Image, UnidentifiedImageError
 
+    guard = Image.MAX_IMAGE_PIXELS
+    limit = max_pixels or guard
+    Image.MAX_IMAGE_PIXELS = None  # the check below is Pillow's, naming the file and the option that raises it
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+            width, height = image.size
+            if limit is not None and width * height > limit:
+                raise _bomb(path, width, height, limit)
+            return to_rgb(image)
+    except AdapterError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError) as e:  # (ValueError: e.g. a text chunk too large)
         raise AdapterError(f"{path}: not a readable image ({e}); replace or remove it.") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _bomb(path: str | Path, width: int, height: int, limit: int) -> AdapterError:
+    return AdapterError(
+        f"{path}: {width}×{height} = {width * height:,} pixels, over the limit of {limit:,} (Pillow's guard "
+        "against decompression bombs: a small file that decodes to a huge image). If the image is genuine, raise "
+        f"the limit with --max-image-pixels {width * height} (max_image_pixels), or shrink the image."
+    )
+
+
+def to_rgb(image: Any) -> Any:
+    """`image` as 8-bit RGB, its levels scaled rather than clipped: 16-bit greyscale ("I;16", "I") divided by 257
+    so 65535 is white (Pillow's convert("RGB") clips everything above 255 to white); palette images through their
+    palette; transparency composited onto white (as transformers' image processors do)."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        levels = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def image_rows(source: str) -> list[Row]:
@@ -139,8 +175,11 @@ def load_image_processor(model: str | None, image_size: int | None) -> Any:
         ) from None
 
 
-def encode_images(rows: list[Row], processor: Any, labels: list[str], source: str) -> list[dict[str, Any]]:
-    """Each row's image decoded (RGB) and preprocessed, with its class id in `labels`."""
+def encode_images(
+    rows: list[Row], processor: Any, labels: list[str], source: str, max_pixels: int | None = None
+) -> list[dict[str, Any]]:
+    """Each row's image decoded (RGB, at most `max_pixels`: `open_rgb`) and preprocessed, with its class id in
+    `labels`."""
     ids = {label: i for i, label in enumerate(labels)}
     examples = []
     for row in rows:
@@ -149,7 +188,7 @@ def encode_images(rows: list[Row], processor: Any, labels: list[str], source: st
                 f"{row.where}: label {row['label']!r} is outside the label set {labels}; fix the data or pass the "
                 "full set with --labels."
             )
-        pixels = processor([open_rgb(row["path"])], return_tensors="pt")["pixel_values"][0]
+        pixels = processor([open_rgb(row["path"], max_pixels)], return_tensors="pt")["pixel_values"][0]
         examples.append({"pixel_values": pixels, "label": ids[row["label"]]})
     if not examples:
         raise AdapterError(f"{source}: no images to train or evaluate on.")

@@ -138,18 +138,35 @@ OPTIONS: tuple[CliOption, ...] = (
         Opt(help="image-cls/dreambooth: resize and centre-crop to N (image-cls: models with no processor)."),
     ),
     CliOption(
+        "max_image_pixels",
+        int,
+        "max_image_pixels",
+        Opt(help="image-cls/dreambooth: refuse larger images (default 89,478,485: Pillow's decompression-bomb guard)."),
+    ),
+    CliOption(
         "instance_prompt",
         str,
         "instance_prompt",
         Opt(help='dreambooth: the prompt of --data\'s images ("a photo of sks dog").'),
     ),
-    CliOption("class_data", str, "class_data", Opt(help="dreambooth prior preservation: folder of class images.")),
+    CliOption(
+        "class_data",
+        str,
+        "class_data",
+        Opt(help="dreambooth prior preservation: folder of class images (made only with --generate-class-images)."),
+    ),
     CliOption("class_prompt", str, "class_prompt", Opt(help='dreambooth prior preservation: "a photo of a dog".')),
     CliOption(
         "num_class_images",
         int,
         "num_class_images",
         Opt(help="dreambooth: class images used; --class-data is filled up to N by the base pipeline."),
+    ),
+    CliOption(
+        "generate_class_images",
+        bool,
+        "generate_class_images",
+        Opt(help="dreambooth: make --class-data if it does not exist, and fill it with class images sampled."),
     ),
     CliOption(
         "prior_loss_weight", float, "prior_loss_weight", Opt(help="dreambooth: weight of the class images' loss.")
@@ -200,7 +217,18 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption("save_steps", int, "save_steps", Opt(help="Write a checkpoint every N steps.")),
     CliOption("save_total_limit", int, "save_total_limit", Opt(help="Keep the newest K checkpoints.")),
     CliOption("resume", str, "resume", Opt(help="'latest' or a checkpoint directory to continue from.")),
-    CliOption("overwrite", bool, "overwrite", Opt(help="Start over in an output dir that holds a run.")),
+    CliOption(
+        "resume_changes",
+        bool,
+        "resume_changes",
+        Opt(help="With --resume: continue with other data, model, adapter or batch settings (log.jsonl records them)."),
+    ),
+    CliOption(
+        "overwrite",
+        bool,
+        "overwrite",
+        Opt(help="Start over in an output dir that holds a run; it is replaced once the new run has its adapter."),
+    ),
     CliOption("plot", bool, "plot", Opt(help="Write curves.png at the end.")),
     CliOption("progress", bool, "progress", Opt(help="Show a progress bar.")),
     CliOption("eval_tasks", str, "eval_tasks", Opt(help="After training, evaluate these tasks (see `nora eval`).")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -46,11 +47,13 @@ class TrainConfig:
     max_examples: int | None = None
     shots: int | None = None  # image-cls: K seeded training images per class (the few-shot protocol)
     image_size: int | None = None  # image-cls: stated transforms (resize, crop) for a model without an image processor
+    max_image_pixels: int | None = None  # image-cls/dreambooth: larger images are refused (None: Pillow's limit)
     clip_template: str = "a photo of a {}."  # image-cls with a CLIP model: each class's prompt
     instance_prompt: str | None = None  # dreambooth: the prompt of --data's subject images ("a photo of sks dog")
-    class_data: str | None = None  # dreambooth prior preservation: class images (generated up to num_class_images)
+    class_data: str | None = None  # dreambooth prior preservation: class images (sampled up to num_class_images)
     class_prompt: str | None = None  # dreambooth prior preservation: the class's prompt ("a photo of a dog")
     num_class_images: int = 100
+    generate_class_images: bool = False  # dreambooth: a --class-data folder that does not exist is made and filled
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False  # dreambooth: adapters on the text encoder's attention too
     # optimisation
@@ -78,6 +81,7 @@ class TrainConfig:
     save_steps: int | None = None
     save_total_limit: int = 2
     resume: bool | str = False
+    resume_changes: bool = False  # resume with data, model, adapter or batch settings other than the run's
     overwrite: bool = False
     plot: bool = True
     progress: bool = True
@@ -96,6 +100,7 @@ class TrainConfig:
         self._check_dreambooth()
         self._check_parallelism()
         self._check_quantize()
+        self._check_resume()
         self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
     def _check_choices(self) -> None:
@@ -116,7 +121,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
         for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "shots", "image_size",
-                     "threads"):  # fmt: skip
+                     "max_image_pixels", "threads"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
 
@@ -151,7 +156,8 @@ class TrainConfig:
 
     def _check_images(self) -> None:
         images = self.task in ("image-cls", "dreambooth")
-        for name, tasks in (("shots", ("image-cls",)), ("image_size", ("image-cls", "dreambooth"))):
+        both = ("image-cls", "dreambooth")
+        for name, tasks in (("shots", ("image-cls",)), ("image_size", both), ("max_image_pixels", both)):
             if getattr(self, name) is not None and self.task not in tasks:
                 raise AdapterError(f"{name} is an option of --task {' or '.join(tasks)}, not of --task {self.task}.")
         if images and self.group_by_length:
@@ -160,7 +166,7 @@ class TrainConfig:
     def _check_dreambooth(self) -> None:
         options = ("instance_prompt", "class_data", "class_prompt")
         if self.task != "dreambooth":
-            given = [n for n in (*options, "train_text_encoder") if getattr(self, n)]
+            given = [n for n in (*options, "train_text_encoder", "generate_class_images") if getattr(self, n)]
             if given:
                 raise AdapterError(f"{given} are options of --task dreambooth, not of --task {self.task}.")
             return
@@ -173,6 +179,11 @@ class TrainConfig:
             raise AdapterError(
                 "prior preservation takes --class-data DIR and --class-prompt together (e.g. --class-data "
                 'class-images --class-prompt "a photo of a dog"); give both, or neither to train without it.'
+            )
+        if self.generate_class_images and self.class_data is None:
+            raise AdapterError(
+                "--generate-class-images samples prior preservation's class images into --class-data: give "
+                '--class-data DIR and --class-prompt (e.g. "a photo of a dog") with it.'
             )
         if self.num_class_images < 1 or not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
             raise AdapterError("num_class_images must be at least 1 and prior_loss_weight a number ≥ 0.")
@@ -192,6 +203,12 @@ class TrainConfig:
             raise AdapterError("--quantize with --fsdp is not supported: shard a quantized base with DDP instead.")
         if self.task in ("image-cls", "dreambooth"):
             raise AdapterError(f"--quantize loads transformers text models in bitsandbytes; not --task {self.task}.")
+
+    def _check_resume(self) -> None:
+        if self.resume_changes and not self.resume:
+            raise AdapterError(
+                "--resume-changes accepts changed settings when resuming a run: add --resume latest (or a checkpoint)."
+            )
 
     def _check_parallelism(self) -> None:
         if self.fsdp and self.precision == "fp16":
@@ -240,8 +257,20 @@ class TrainConfig:
         values["adapter"] = adapter
         values["target_modules"] = None  # inside adapter
         values["resume"] = False
+        values["resume_changes"] = False
         values["overwrite"] = False
         return values
+
+    def changes_since(self, recorded: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The settings a resumed run must share with the run it continues (RESUME_KEYS, each adapter field) that
+        differ from `recorded` (a train_config.json): {name: (recorded, now)}. Keys a file lacks are not compared
+        (an older nora wrote it)."""
+        now = json.loads(json.dumps(self.resolved()))  # as the file holds it: tuples as lists
+        pairs = [(key, recorded[key], now[key]) for key in RESUME_KEYS if key != "adapter" and key in recorded]
+        adapter = recorded.get("adapter")
+        if isinstance(adapter, dict):
+            pairs += [(f"adapter.{k}", adapter[k], now["adapter"][k]) for k in sorted(adapter) if k in now["adapter"]]
+        return {key: (old, new) for key, old, new in pairs if not _same_setting(key, old, new)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -253,6 +282,29 @@ class TrainConfig:
                 f"{f' (and {unknown[1:]})' if unknown[1:] else ''}; `nora train --help` lists them all."
             )
         return cls(**values)
+
+
+# What a resumed run must share with the run it continues: the model, the data and its order, the adapter, the batch.
+RESUME_KEYS = (
+    "model", "gguf_file", "quantize", "task", "data", "max_examples", "eval_fraction", "shots", "labels",
+    "text_column", "text_pair_column", "label_column", "max_length", "mask_prompt", "image_size", "clip_template",
+    "instance_prompt", "class_data", "class_prompt", "num_class_images", "prior_loss_weight", "method", "adapter",
+    "batch_size", "grad_accum", "group_by_length", "seed",
+)  # fmt: skip
+_PATHS = ("model", "data", "class_data", "adapter.base_model_name_or_path")
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    """Equal, or (a path setting) naming the same files: "data.json" and "./data.json" are one file."""
+    if old == new:
+        return True
+    if key not in _PATHS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+
+    def files(value: str) -> list[Path]:
+        return [Path(part.strip()).expanduser().resolve() for part in value.split(",")]
+
+    return files(old) == files(new)
 
 
 def closest(name: str, names: list[str]) -> str:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import AdapterError
 from ..pretrained import name_labels
 from .data import (
     IGNORE,
@@ -174,10 +175,12 @@ class SequenceClassificationTask(Task):
     def encode(
         self, config: TrainConfig, tokenizer: Any, rows: list[dict[str, Any]], source: str, labels: list[str] | None
     ) -> Encoded:
-        return encode_classification(
+        encoded = encode_classification(
             rows, tokenizer, config.max_length, labels, source,
             config.text_column, config.text_pair_column, config.label_column,
         )  # fmt: skip
+        _two_classes(encoded.labels, source)
+        return encoded
 
     def collate(self, examples: list[Example], pad_id: int) -> Batch:
         batch = pad_inputs(examples, pad_id)
@@ -301,7 +304,8 @@ class ImageClassificationTask(Task):
         from ..imagefiles import encode_images
 
         label_set = list(labels) if labels is not None else sorted({r["label"] for r in rows})
-        return Encoded(encode_images(rows, tokenizer, label_set, source), labels=label_set)
+        _two_classes(label_set, source)
+        return Encoded(encode_images(rows, tokenizer, label_set, source, config.max_image_pixels), labels=label_set)
 
     def collate(self, examples: list[Example], pad_id: int) -> Batch:
         return {
@@ -346,7 +350,8 @@ class ImageClassificationTask(Task):
 class DreamBoothTask(Task):
     """Subject-driven generation (nora.diffusion): --data is a folder of the subject's images, each captioned
     --instance-prompt; with --class-data and --class-prompt, prior preservation adds class images (sampled from the
-    base pipeline up to --num-class-images where the folder has fewer), their loss weighted --prior-loss-weight.
+    base pipeline up to --num-class-images where the folder has fewer; a folder that does not exist only with
+    --generate-class-images), their loss weighted --prior-loss-weight.
     The loss is the noise-prediction mean squared error per image; the run counts images."""
 
     name = "dreambooth"
@@ -376,7 +381,7 @@ class DreamBoothTask(Task):
         rows = [{"image": str(p), "prompt": config.instance_prompt, "prior": False} for p in files]
         if train and config.class_data is not None:
             images = class_images(config.model, config.class_data, config.class_prompt, config.num_class_images,
-                                  config.seed)  # fmt: skip
+                                  config.seed, config.generate_class_images)  # fmt: skip
             rows += [{"image": str(p), "prompt": config.class_prompt, "prior": True} for p in images]
         return rows
 
@@ -394,7 +399,8 @@ class DreamBoothTask(Task):
         from ..imagefiles import open_rgb
 
         examples = [
-            {"pixel_values": tokenizer.pixels(open_rgb(r["image"])), "input_ids": tokenizer.ids(r["prompt"]),
+            {"pixel_values": tokenizer.pixels(open_rgb(r["image"], config.max_image_pixels)),
+             "input_ids": tokenizer.ids(r["prompt"]),
              "weight": config.prior_loss_weight if r["prior"] else 1.0}
             for r in rows
         ]  # fmt: skip
@@ -416,6 +422,15 @@ class DreamBoothTask(Task):
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
         per_image = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"])
         return Loss((per_image * batch["weight"]).sum() / num_items, per_image)
+
+
+def _two_classes(labels: list[str] | None, source: str) -> None:
+    """A classifier of one class has nothing to learn (its loss is 0 from the start): refused."""
+    if labels is not None and len(labels) < 2:
+        raise AdapterError(
+            f"{source} holds {len(labels)} class(es) {labels}: a classifier needs at least two. Add the other "
+            "classes' examples (an image folder: one sub-folder per class), or name the full label set with --labels."
+        )
 
 
 def _inputs(batch: Batch) -> Batch:

@@ -8,15 +8,15 @@ loss is, and how data becomes batches, is the run's Task's (tasks.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import resource
-import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ from torch import nn
 from ..accel import compile_model, enable_adapter_checkpointing, enable_fused_kernels
 from ..atomic import atomic_write_json
 from ..config import AdapterConfig
-from ..errors import AdapterError
 from ..io import read_adapter, write_adapter
 from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
@@ -47,13 +46,10 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import Encoded, split_eval
 from .progress import ProgressBar
+from .rundir import RunDir, TrainingError, note
 from .tasks import TASKS
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(AdapterError):
-    """Training cannot go on (diverged, no data, unusable output directory)."""
 
 
 @dataclass
@@ -108,7 +104,7 @@ def read_data(config: TrainConfig, source: str, train: bool = True) -> list[dict
 
 
 def check_inputs(config: TrainConfig, model_given: bool) -> None:
-    """Everything that can be checked before a model loads or the run directory is touched."""
+    """Everything that can be checked before the run directory is claimed, data is read or a model loads."""
     if config.data is None:
         raise TrainingError("no training data given: pass --data (a .json/.jsonl/.csv/.tsv/.txt file or hub name).")
     if config.model is None and not model_given:
@@ -119,25 +115,60 @@ def check_inputs(config: TrainConfig, model_given: bool) -> None:
         from ..evaluation import resolve_tasks
 
         resolve_tasks(config.eval_tasks, config.eval_data_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _occupied(config)
     resume = config.resume
     if isinstance(resume, str) and resume not in ("true", "latest", "auto") and not Path(resume).is_dir():
         raise TrainingError(f"--resume {resume}: no such checkpoint directory; pass 'latest' or a checkpoint path.")
 
 
-def _occupied(config: TrainConfig) -> bool:
-    """Whether the output dir holds another run that this one would have to replace (refused unless --overwrite)."""
-    run_dir = Path(config.output_dir).expanduser()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"output dir {run_dir} is a file; choose another --output-dir.")
-    occupied = run_dir.is_dir() and any(run_dir.iterdir()) and not config.resume
-    if occupied and not config.overwrite:
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint --resume continues from: the one given, or the newest in `run_dir` (None: start afresh)."""
+    resume = config.resume
+    if not resume:
+        return None
+    if isinstance(resume, str) and resume not in ("true", "latest", "auto"):
+        return Path(resume)
+    found = checkpoints(run_dir)
+    if not found:
+        if _rank() == 0:
+            print(f"no checkpoint in {run_dir}/checkpoints: starting from the beginning.")
+        return None
+    return found[-1]
+
+
+def _resume_changes(config: TrainConfig, checkpoint: Path | None) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from those of the run `checkpoint` belongs to (its train_config.json): refused,
+    naming each, unless --resume-changes accepts them."""
+    recorded_file = checkpoint.parent.parent / "train_config.json" if checkpoint is not None else None
+    if recorded_file is None or checkpoint.parent.name != "checkpoints" or not recorded_file.is_file():
+        return {}  # a checkpoint outside a run directory records no settings to compare
+    try:
+        recorded = json.loads(recorded_file.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError(f"it holds {type(recorded).__name__}, not the run's settings")
+    except (OSError, ValueError, RecursionError) as e:
+        if config.resume_changes:
+            return {}
         raise TrainingError(
-            f"output dir {run_dir} already holds files; pass --resume to continue that run, --overwrite to "
-            "start over in it, or choose another --output-dir."
+            f"--resume: cannot read {recorded_file} to compare this run's settings with the recorded ones ({e}); "
+            "restore it, or pass --resume-changes to resume without the comparison."
+        ) from e
+    changes = config.changes_since(recorded)
+    if changes and not config.resume_changes:
+        raise TrainingError(
+            f"--resume continues the run recorded in {recorded_file}, but these settings differ from it: "
+            f"{_listed(changes)}. A resumed run repeats its data order, model and adapter: resume with the recorded "
+            f"settings (nora train --config {recorded_file} --resume latest), or pass --resume-changes to continue "
+            "with these on purpose (log.jsonl records them)."
         )
-    return occupied
+    return changes
+
+
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items())
 
 
 def _warn_truncated(encoded: Encoded | None, name: str, max_length: int) -> None:
@@ -146,23 +177,8 @@ def _warn_truncated(encoded: Encoded | None, name: str, max_length: int) -> None
             f"{encoded.truncated} {name} example(s) were longer than max_length={max_length} tokens and were "
             f"truncated ({encoded.dropped} dropped: their prompt alone filled it); raise --max-length to keep them "
             "whole.",
-            stacklevel=4,
+            stacklevel=5,
         )
-
-
-def _prepare_run_dir(config: TrainConfig, is_main: bool) -> Path:
-    run_dir = Path(config.output_dir).expanduser()
-    if is_main:
-        if _occupied(config):
-            shutil.rmtree(run_dir)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise TrainingError(f"cannot write to output dir {run_dir} ({e}); choose a writable --output-dir.") from e
-    return run_dir
 
 
 def _scheduler(config: TrainConfig, optimizer, total_steps: int):
@@ -186,6 +202,23 @@ class Run:
         self.config = config
         self.task = TASKS[config.task]
         check_inputs(config, model is not None)
+        self.output = RunDir(config.output_dir)
+        try:
+            if _rank() == 0:  # the lock, and what a killed run left, before anything is read or loaded
+                self.output.claim(config.overwrite, bool(config.resume))
+            self._build(model, tokenizer)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output directory: a staged --overwrite run that did not finish is dropped."""
+        self.output.close()
+
+    def _build(self, model: nn.Module | None, tokenizer) -> None:
+        config = self.config
+        self.checkpoint = _resume_point(config, self.output.final)
+        self.changes = _resume_changes(config, self.checkpoint)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         train_rows = read_data(config, config.data)
@@ -195,8 +228,7 @@ class Run:
             tokenizer = _loading(config.model, lambda: self.task.load_processor(config))
         self.tokenizer = tokenizer
         self._build_data(train_rows, eval_rows)
-        self.run_dir = _prepare_run_dir(config, self.acc.is_main_process)
-        self.acc.wait_for_everyone()
+        self.run_dir = self._prepare_run_dir()
         self._build_model(model)
         self._build_optimizer()
         self._wrap_model()
@@ -211,6 +243,15 @@ class Run:
         self.acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = self.acc.num_processes
         set_seed(self.config.seed)
+
+    def _prepare_run_dir(self) -> Path:
+        """The directory this run writes: the output dir, or under --overwrite of a run a staging one beside it."""
+        run_dir = self.output.prepare() if self.acc.is_main_process else None
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            run_dir = broadcast_object_list([run_dir])[0]
+        return run_dir
 
     # ---- stage 1: data ------------------------------------------------------------------------------------------
     def _build_data(self, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]] | None) -> None:
@@ -296,7 +337,6 @@ class Run:
 
     def _load_checkpoint_adapter(self) -> None:
         """The adapter weights of the checkpoint resumed from; `resume_state` restores the rest of it later."""
-        self.checkpoint = self._resume_point()
         self.resumed: dict[str, Any] | None = None
         if self.checkpoint is not None:
             self.resumed = read_checkpoint(self.checkpoint, self.acc.process_index)
@@ -324,7 +364,7 @@ class Run:
                 self.accelerations["compile"] = "off (no CUDA device: compiling for CPU training rarely pays)"
         for feature, status in self.accelerations.items():
             if status.startswith("off"):
-                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=3)
+                warnings.warn(f"{feature}: {status}; training goes on without it.", stacklevel=4)
 
     # ---- stage 4: the loop's state ------------------------------------------------------------------------------
     def _reset_progress(self) -> None:
@@ -409,13 +449,37 @@ class Run:
     def _stop_if_diverged(self, step_loss: float) -> None:
         if math.isfinite(step_loss):
             return
-        saved = checkpoints(self.run_dir)
-        keep = f"the last good checkpoint is {saved[-1]} (resume it with --resume)" if saved else "no checkpoint yet"
         lr = self.scheduler.get_last_lr()[0]
         raise TrainingError(
             f"the loss became {step_loss} at step {self.step + 1} (learning rate {lr:.3g}); training stopped and "
-            f"nothing was overwritten: {keep}. Lower --learning-rate or the adapter's alpha, or add warmup."
+            f"nothing was overwritten: {self._kept()}. Lower --learning-rate or the adapter's alpha, or add warmup."
         )
+
+    def _kept(self) -> str:
+        """What a run that stops now leaves: the previous run it was to replace, or its last checkpoint."""
+        if self.run_dir != self.output.final:
+            return (
+                f"the previous run in {self.output.final} is unchanged (--overwrite replaces it only once the new run "
+                "has its adapter)"
+            )
+        saved = checkpoints(self.run_dir)
+        return f"the last good checkpoint is {saved[-1]} (resume it with --resume latest)" if saved else "no checkpoint"
+
+    @contextmanager
+    def _writing(self):
+        """A failed write (a full disk, a folder gone read-only) stops the run, naming the folder and what is kept;
+        a checkpoint or adapter is written whole or not at all, so the last good one is intact."""
+        try:
+            yield
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            cause = f"the disk is full: {e.strerror}" if full else (e.strerror or str(e))
+            where = f", writing {e.filename}" if e.filename else ""
+            fix = "free some space there" if full else "make it writable"
+            raise TrainingError(
+                f"cannot write to {self.output.final} ({cause}{where}); training stopped at step {self.step}: "
+                f"{self._kept()}. {fix.capitalize()}, or choose another --output-dir."
+            ) from e
 
     def _clip_gradients(self) -> None:
         if not self.config.max_grad_norm:
@@ -489,10 +553,11 @@ class Run:
         optim_state = self._optimizer_state()
         path = None
         if self.acc.is_main_process:
-            path = save_checkpoint(
-                self.run_dir, self.step, lambda d: write_adapter(*payload, d), optim_state, self.scheduler,
-                self._progress(), self.config.save_total_limit, dict(gathered),
-            )  # fmt: skip
+            with self._writing():
+                path = save_checkpoint(
+                    self.run_dir, self.step, lambda d: write_adapter(*payload, d), optim_state, self.scheduler,
+                    self._progress(), self.config.save_total_limit, dict(gathered),
+                )  # fmt: skip
         self.acc.wait_for_everyone()
         return path
 
@@ -525,28 +590,22 @@ class Run:
         if self.acc.is_main_process:
             _truncate_log(self.run_dir / "log.jsonl", self.step)
 
-    def _resume_point(self) -> Path | None:
-        resume = self.config.resume
-        if not resume:
-            return None
-        if isinstance(resume, str) and resume not in ("true", "latest", "auto"):
-            return Path(resume)
-        found = checkpoints(self.run_dir)
-        if not found:
-            self.acc.print(f"no checkpoint in {self.run_dir}/checkpoints: starting from the beginning.")
-            return None
-        return found[-1]
-
     def _log(self, record: dict[str, Any]) -> None:
         if self.acc.is_main_process:
-            with open(self.run_dir / "log.jsonl", "a") as f:
+            with self._writing(), open(self.run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        self.resume_state()
-        if self.acc.is_main_process:
-            atomic_write_json(self.config.resolved(), self.run_dir / "train_config.json")
+        with self._writing():
+            self.resume_state()
+            if self.acc.is_main_process:
+                atomic_write_json(self.config.resolved(), self.run_dir / "train_config.json")
+        if self.changes:
+            if self.acc.is_main_process:
+                note(f"resuming with settings other than the run's (--resume-changes): {_listed(self.changes)}.")
+            self._log({"step": self.step, "resume_changes": {k: {"was": old, "now": new}
+                                                              for k, (old, new) in self.changes.items()}})  # fmt: skip
         trainable, total = self.acc.unwrap_model(self.model).get_nb_trainable_parameters()
         start = self.part_start = time.perf_counter()
         self.initial_eval = self.evaluate() if self.step == 0 else {}
@@ -604,8 +663,9 @@ class Run:
         summary: dict[str, Any] = {}
         payload = self._adapter_payload()
         if self.acc.is_main_process:
-            write_adapter(*payload, adapter_dir)
-            self.tokenizer.save_pretrained(adapter_dir)
+            with self._writing():
+                write_adapter(*payload, adapter_dir)
+                self.tokenizer.save_pretrained(adapter_dir)
             files = list(adapter_dir.glob("*.safetensors"))
             summary = {
                 "method": self.config.method,
@@ -635,13 +695,16 @@ class Run:
             }
             if self.config.eval_tasks:
                 summary["eval_tasks"] = self._eval_tasks(adapted)
-            atomic_write_json(summary, self.run_dir / "summary.json")
-            if self.config.plot:
-                from ..plots import plot_curves
+            with self._writing():
+                atomic_write_json(summary, self.run_dir / "summary.json")
+                if self.config.plot:
+                    from ..plots import plot_curves
 
-                plot_curves(self.run_dir)
+                    plot_curves(self.run_dir)
+                self.output.finish()  # under --overwrite: the new run takes the previous one's place now
         self.acc.wait_for_everyone()
-        return TrainResult(self.run_dir, adapter_dir, summary, adapted)
+        self.run_dir = self.output.final
+        return TrainResult(self.run_dir, self.run_dir / "adapter", summary, adapted)
 
     def _eval_tasks(self, adapted: AdaptedModel) -> dict[str, Any]:
         from ..evaluation import evaluate_tasks
@@ -695,4 +758,12 @@ def _shard(model: AdaptedModel, world: int) -> None:
 
 def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
     """Train an adapter as `config` says; `model`/`tokenizer` may be given already loaded."""
-    return Run(config, model, tokenizer).run()
+    run = Run(config, model, tokenizer)
+    try:
+        return run.run()
+    except KeyboardInterrupt:
+        if run.run_dir != run.output.final:
+            raise TrainingError(f"interrupted; {run._kept()}.") from None
+        raise
+    finally:
+        run.close()
