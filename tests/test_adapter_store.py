@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import model_input, tiny_llama
+from conftest import assert_float_close, model_input, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,7 +68,7 @@ def test_three_hundred_resident_adapters_match_their_modules_through_adds_and_re
         row = {k: v[j : j + 1] for k, v in batch.items()}
         reference = tiny_llama() if name == nora.BASE else refs[int(name[1:])]
         ref = reference(**row).logits
-        torch.testing.assert_close(mixed[j : j + 1], ref, rtol=1e-5, atol=1e-5)
+        assert_float_close(mixed[j : j + 1], ref)
 
     # removing adapters (swap-remove moves the last slots) and adding new ones leaves the others unchanged
     for gone in (1, 100, 299, 17):
@@ -79,7 +79,7 @@ def test_three_hundred_resident_adapters_match_their_modules_through_adds_and_re
         model.load_adapter(path, f"new{i}")
     for i in (0, 2, 57, 150, 298):
         got = model(**inputs, adapter_names=[f"a{i}"]).logits
-        torch.testing.assert_close(got, alone[i], rtol=1e-5, atol=1e-5)
+        assert_float_close(got, alone[i])
     assert not torch.allclose(alone[57], base, atol=1e-3)  # the adapters do change the output
     with pytest.raises(nora.AdapterError, match="not loaded"):
         model(**inputs, adapter_names=["a299"])
@@ -126,7 +126,7 @@ def test_a_file_with_another_layout_of_bytes_takes_the_checked_path(tmp_path):
     inputs = model_input("llama", batch=1)
     expected = model(**inputs).logits  # "a", the same tensors as modules
     for name in ("fast", "checked"):
-        torch.testing.assert_close(model(**inputs, adapter_names=[name]).logits, expected, rtol=1e-5, atol=1e-5)
+        assert_float_close(model(**inputs, adapter_names=[name]).logits, expected)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +156,7 @@ def test_each_stackable_method_is_resident_and_matches_its_modules(config, tmp_p
             ref = model(**row).logits
         else:
             ref = _module_reference(paths[int(name[1:])])(**row).logits
-        torch.testing.assert_close(mixed[j : j + 1], ref, rtol=1e-5, atol=1e-5)
+        assert_float_close(mixed[j : j + 1], ref)
 
 
 def test_adapters_that_do_not_stack_or_train_are_modules(tmp_path):
@@ -335,4 +335,4 @@ def test_reserved_slots_mean_no_load_grows_or_moves_the_stores(tmp_path):
     for i, logits in before.items():
         torch.testing.assert_close(model(**inputs, adapter_names=[f"a{i}"]).logits, logits, rtol=0, atol=0)
     ref = _module_reference(paths[21])(**inputs).logits
-    torch.testing.assert_close(model(**inputs, adapter_names=["a21"]).logits, ref, rtol=1e-5, atol=1e-5)
+    assert_float_close(model(**inputs, adapter_names=["a21"]).logits, ref)

@@ -52,7 +52,8 @@ def _run_python(code: str) -> str:
 
 def test_save_load_in_a_fresh_process_gives_identical_outputs(tmp_path):
     """Every method's adapter, saved here, loads in one fresh process (nothing shared but the files) to the
-    same outputs, bit for bit."""
+    same outputs, to float32 rounding (another process may run other kernels: another thread count or
+    instruction set)."""
     for method, make in CONFIGS.items():
         model = _trained("llama", make())
         inputs = model_input("llama")
@@ -64,12 +65,12 @@ def test_save_load_in_a_fresh_process_gives_identical_outputs(tmp_path):
         assert sum(t.numel() for t in tensors.values()) == model.get_nb_trainable_parameters()[0], method
     _run_python(f"""
         import torch, nora
-        from conftest import tiny_llama, model_input, model_output
+        from conftest import assert_float_close, tiny_llama, model_input, model_output
         for method in {list(CONFIGS)!r}:
             model = nora.AdaptedModel.from_pretrained(tiny_llama(), {str(tmp_path)!r} + "/" + method)
             got = model_output(model, model_input("llama"))
             want = torch.load({str(tmp_path)!r} + "/" + method + ".pt")
-            assert torch.equal(got, want), (method, (got - want).abs().max())
+            assert_float_close(got, want, msg=method)
             assert not any(p.requires_grad for p in model.parameters()), method
     """)
 

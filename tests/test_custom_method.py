@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECORDS
+from conftest import RECORDS, assert_float_close
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
@@ -94,7 +94,7 @@ def test_a_method_defined_in_a_test_file_merges_saves_loads_exports_and_mixes(st
     rows = ["a0", "a0", "a1", "a1", nora.BASE, nora.BASE]
     mixed = loaded(input_ids=ids.repeat(3, 1), adapter_names=rows).logits
     for got, want in zip(mixed.split(2), (logits[0], logits[1], base_logits), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_float_close(got, want)
 
     # export to PEFT LoRA, loaded by PEFT itself
     from peft import PeftModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_input, tiny_llama
+from conftest import assert_float_close, model_input, tiny_llama
 
 import nora
 
@@ -58,7 +58,7 @@ def test_mixed_batch_uses_the_shared_basis_and_equals_each_adapter_alone():
     assert len(layer.stacks) == 7
     for i, name in enumerate(rows):
         row = {k: v[i : i + 1] for k, v in inputs.items()}
-        torch.testing.assert_close(mixed[i : i + 1], _alone(model, name, row), rtol=1e-5, atol=1e-5)
+        assert_float_close(mixed[i : i + 1], _alone(model, name, row))
 
 
 @torch.no_grad()

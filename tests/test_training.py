@@ -203,8 +203,6 @@ def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_
         [sys.executable, "-m", "nora", "train", "--config", str(yaml_file)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    # the uninterrupted run trains here meanwhile, in less time than that process takes to import and start
-    fresh = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "fresh")}))
     ckpt_root = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -215,6 +213,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(llm_dir, data_file, tmp_
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (tmp_path / "killed" / "adapter").exists()
+    # the uninterrupted run trains only now: beside the process, a slow or busy machine could let that one finish
+    fresh = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "fresh")}))
     resumed = train(TrainConfig(**{**common, "resume": "latest"}))
     assert resumed.summary["steps"] == max_steps
     _assert_same_adapter(resumed.run_dir, fresh.run_dir)
@@ -246,18 +246,22 @@ def test_group_by_length_batches_similar_lengths_and_still_takes_every_example_o
     assert again._epoch_order(1) == run._epoch_order(1)  # a function of (seed, epoch): resume continues exactly
 
 
+def _torchrun(yaml_file: Path) -> None:
+    # --standalone: a free port for the rendezvous (a fixed one clashes with any other suite running beside this)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*cmd, "-m", "nora", "train", "--config", str(yaml_file)], cwd=ROOT, env=env, capture_output=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+
+
 def test_two_process_ddp_matches_single_process(llm_dir, data_file, tmp_path):
     common = dict(
         model=str(llm_dir), data=str(data_file), max_steps=6, logging_steps=1, progress=False, plot=False,
         method="nora", adapter={"r": 8, "inner_r": 4}, grad_accum=2,
     )  # fmt: skip
-    yaml_file = _write_yaml(tmp_path / "ddp.yaml", {**common, "batch_size": 2, "output_dir": str(tmp_path / "ddp")})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    run = subprocess.run(
-        [*cmd, "-m", "nora", "train", "--config", str(yaml_file)], cwd=ROOT, env=env, capture_output=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    _torchrun(_write_yaml(tmp_path / "ddp.yaml", {**common, "batch_size": 2, "output_dir": str(tmp_path / "ddp")}))
     single = train(TrainConfig(**common, batch_size=4, output_dir=str(tmp_path / "single")))
     _assert_same_adapter(tmp_path / "ddp", single.run_dir, atol=1e-5)
     ddp_summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -389,15 +393,6 @@ def test_classification_data_errors_and_pairs(llm_dir, tmp_path):
     assert long.truncated == 1 and len(long.examples[0]["input_ids"]) == 8
 
 
-def _torchrun(yaml_file: Path, port: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [*cmd, "-m", "nora", "train", "--config", str(yaml_file)], cwd=ROOT, env=env, capture_output=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr.decode()[-3000:]
-
-
 def test_two_process_fsdp_matches_single_process_and_resumes(llm_dir, data_file, tmp_path):
     import shutil
 
@@ -406,7 +401,7 @@ def test_two_process_fsdp_matches_single_process_and_resumes(llm_dir, data_file,
         method="nora", adapter={"r": 8, "inner_r": 4}, grad_accum=2, lr_scheduler="cosine",
     )  # fmt: skip
     fsdp = {**common, "batch_size": 2, "fsdp": True, "save_steps": 3}
-    _torchrun(_write_yaml(tmp_path / "a.yaml", {**fsdp, "output_dir": str(tmp_path / "fsdp")}), 29518)
+    _torchrun(_write_yaml(tmp_path / "a.yaml", {**fsdp, "output_dir": str(tmp_path / "fsdp")}))
     single = train(TrainConfig(**common, batch_size=4, output_dir=str(tmp_path / "single")))
     _assert_same_adapter(tmp_path / "fsdp", single.run_dir, atol=1e-5)
     # resume the sharded run from its step-3 checkpoint (optimizer state gathered and re-sharded)
@@ -416,7 +411,7 @@ def test_two_process_fsdp_matches_single_process_and_resumes(llm_dir, data_file,
         tmp_path / "resumed" / "checkpoints" / "checkpoint-00000003",
     )
     resumed = {**fsdp, "output_dir": str(tmp_path / "resumed"), "resume": "latest"}
-    _torchrun(_write_yaml(tmp_path / "b.yaml", resumed), 29519)
+    _torchrun(_write_yaml(tmp_path / "b.yaml", resumed))
     _assert_same_adapter(tmp_path / "resumed", tmp_path / "fsdp", atol=1e-6)
 
 
