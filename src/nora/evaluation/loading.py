@@ -1,7 +1,8 @@
 """What `nora eval` evaluates: a base or merged model, or a base model with a nora or PEFT adapter on it.
 
 `MODEL` may be a model directory (or Hugging Face id), or an adapter directory: then the base is `--base`, else the
-`base_model_name_or_path` the adapter recorded. `--adapter DIR` puts an adapter on `MODEL`.
+`base_model_name_or_path` the adapter recorded. `--adapter DIR` puts an adapter on `MODEL`. Every adapter, nora's
+or PEFT's, is read by AdaptedModel.load_adapter (nora.io, nora.peft_import), which checks its files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model import AdaptedModel
+from ..peft_import import read_peft_config
 from ..pretrained import load_model, load_tokenizer, name_labels, parse_dtype, resolve_device
 from .tasks import Head
 
@@ -49,6 +51,8 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
     kind: Literal["nora", "peft"] = "peft" if "peft_type" in _adapter_config(adapter) else "nora"
+    if kind == "peft":
+        read_peft_config(adapter)  # what nora cannot import is refused now, before any model is loaded
     return EvalTarget(base, adapter, kind)
 
 
@@ -157,13 +161,9 @@ def adapted_pipeline(base: str, adapter: str | Path | None = None, dtype: torch.
 
 
 def _with_adapter(model: nn.Module, target: EvalTarget, merge: bool) -> nn.Module:
+    """`model` with the target's adapter, nora's or PEFT's, read through nora's checked loader (nora.io)."""
     if target.adapter is None:
         return model
-    if target.adapter_kind == "peft":
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(target.adapter))
-        return peft_model.merge_and_unload() if merge else peft_model
     adapted = AdaptedModel.from_pretrained(model, target.adapter)
     return adapted.merge_and_unload() if merge else adapted
 
