@@ -126,7 +126,7 @@ def checked_weights(raw: bytearray, w_path: Path) -> dict[str, Any]:
         if not 0 <= begin <= end or end - begin != count * torch_dtype.itemsize:
             raise _corrupt(w_path, f"tensor {key!r}: its byte range does not fit its shape {shape} and dtype {dtype}")
         if end > data:
-            raise _corrupt(w_path, f"tensor {key!r} ends at byte {end} of the data, which holds {data}: the file is cut")
+            raise _corrupt(w_path, f"tensor {key!r} ends at byte {end} of {data} data bytes: the file is cut")
         if count == 0:
             continue
         values = torch.frombuffer(raw, dtype=torch_dtype, count=count, offset=8 + n + begin)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +87,28 @@ def _positive_int(value: object) -> bool:
     return type(value) is int and value > 0
 
 
-def read_peft_lora(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """PEFT's config and tensors, the file checked as nora's own (io.checked_weights)."""
-    config = read_peft_config(directory)
-    path = Path(directory) / PEFT_WEIGHTS
-    return config, parse_weights(read_weights(path), path)
+@dataclass
+class PeftLora:
+    """A PEFT LoRA adapter in nora's terms, checked as far as it can be without the model."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]  # by nora's names
+    layers: list[str]
+    ranks: dict[str, int]
+    listed_heads: list[str]  # modules_to_save as PEFT's config lists them
 
 
-def peft_lora_as_nora(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor],
-                                                                       list[str], dict[str, int]]:  # fmt: skip
-    """The PEFT LoRA adapter in `directory` as what AdaptedModel.load_adapter adds to `model`: a nora LoRA (or DoRA)
-    config, its tensors by nora's names, the adapted layers and each one's rank."""
+def read_peft_lora(directory: str | os.PathLike) -> PeftLora:
+    """The PEFT LoRA (or DoRA) adapter in `directory` as a nora config and tensors, its file checked as nora's own
+    (io.checked_weights) and its tensors against its config: pairs complete and of the rank r / rank_pattern give,
+    DoRA's magnitudes present exactly when use_dora is set, nothing else but modules_to_save."""
     from peft.utils.other import get_pattern_key
 
-    config, tensors = read_peft_lora(directory)
+    config = read_peft_config(directory)
     where = Path(directory) / PEFT_WEIGHTS
+    listed = config.get("modules_to_save") or []
+    layers, heads = _split_tensors(parse_weights(read_weights(where), where), listed, where)
     dora = bool(config.get("use_dora"))
-    modules = dict(model.named_modules())
-    layers, heads = _split_tensors(tensors, config.get("modules_to_save") or [], modules, where)
     expected = {"A", "B", _MAGNITUDE} if dora else {"A", "B"}
     for name, parts in sorted(layers.items()):
         missing, extra = sorted(expected - set(parts)), sorted(set(parts) - expected)
@@ -113,7 +118,8 @@ def peft_lora_as_nora(model: nn.Module, directory: str | os.PathLike) -> tuple[A
         if missing:
             what = {"A": "lora_A.weight", "B": "lora_B.weight"}.get(missing[0], missing[0])
             flag = " (adapter_config.json sets use_dora, whose magnitudes it needs)" if missing[0] == _MAGNITUDE else ""
-            raise AdapterError(f"{where}: layer {name!r} lacks {what}{flag}; the file is incomplete.")
+            raise AdapterError(f"{where}: layer {name!r} lacks {what}{flag}: no tensor {_PREFIX}{name}.{what}; the "
+                               "file is incomplete.")  # fmt: skip
     if not layers:
         raise AdapterError(f"{where}: no lora_A/lora_B pair in the file; it adapts no layer.")
     alpha, rslora = float(config.get("lora_alpha", config["r"])), bool(config.get("use_rslora", False))
@@ -141,27 +147,49 @@ def peft_lora_as_nora(model: nn.Module, directory: str | os.PathLike) -> tuple[A
         if dora:
             imported[f"{name}.magnitude"] = parts[_MAGNITUDE].reshape(-1)  # a Conv2d's is 1 × out × 1 × 1
     imported.update(heads)
-    recorded_base = config.get("base_model_name_or_path")
-    config_cls = DoraConfig if dora else LoraConfig
     saved = sorted({k.removeprefix(SAVE_PREFIX).rpartition(".")[0] for k in heads})
-    nora_config = config_cls(r=int(config["r"]), alpha=alpha, use_rslora=rslora, target_modules=sorted(layers),
-                             dropout=float(config.get("lora_dropout", 0.0)), modules_to_save=saved or None,
-                             base_model_name_or_path=recorded_base)  # fmt: skip
+    nora_config = (DoraConfig if dora else LoraConfig)(
+        r=int(config["r"]), alpha=alpha, use_rslora=rslora, target_modules=sorted(layers),
+        dropout=float(config.get("lora_dropout", 0.0)), modules_to_save=saved or None,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+    )  # fmt: skip
+    return PeftLora(nora_config, imported, sorted(layers), ranks, listed)
+
+
+def peft_lora_as_nora(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor],
+                                                                       list[str], dict[str, int]]:  # fmt: skip
+    """The PEFT LoRA adapter in `directory` as what AdaptedModel.load_adapter adds to `model`: a nora LoRA (or DoRA)
+    config, its tensors by nora's names, the adapted layers and each one's rank (their shapes are checked against
+    the model's as the tensors are copied in)."""
+    adapter = read_peft_lora(directory)
+    recorded = adapter.config.base_model_name_or_path
     own = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if recorded_base and own and Path(str(recorded_base)).name != Path(str(own)).name:
+    if recorded and own and Path(str(recorded)).name != Path(str(own)).name:
         warnings.warn(
-            f"{directory} was trained on {recorded_base}; this model is {own}. PEFT files record no weight "
+            f"{directory} was trained on {recorded}; this model is {own}. PEFT files record no weight "
             "fingerprint, so only the layer shapes are checked.",
             stacklevel=3,
         )
-    missing = sorted(set(layers) - set(modules))
+    modules = dict(model.named_modules())
+    missing = sorted(set(adapter.layers) - set(modules))
     if missing:
         raise AdapterError(f"{directory} adapts {missing[:3]}, which this model does not have: not its base model.")
-    return nora_config, imported, sorted(layers), ranks
+    saved = adapter.config.modules_to_save or []
+    for m in adapter.listed_heads:
+        if any(_is(n, m) for n in modules) and not any(_is(n, m) for n in saved):
+            raise AdapterError(
+                f"{Path(directory) / PEFT_WEIGHTS}: adapter_config.json lists {m!r} in modules_to_save, a module of "
+                "this model, but the file holds none of its tensors; the file is incomplete: save the adapter again."
+            )
+    return adapter.config, adapter.tensors, adapter.layers, adapter.ranks
+
+
+def _is(name: str, listed: str) -> bool:
+    return name == listed or name.endswith(f".{listed}")
 
 
 def _split_tensors(
-    tensors: dict[str, torch.Tensor], saved: list[str], modules: dict[str, nn.Module], where: Path
+    tensors: dict[str, torch.Tensor], saved: list[str], where: Path
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """PEFT's tensors as {layer: {"A", "B", magnitude}} and the modules_to_save tensors by nora's names."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -174,18 +202,11 @@ def _split_tensors(
             layers.setdefault(name.removesuffix(".base_layer"), {})[part] = tensor
             continue
         module, _, param = path.replace(".modules_to_save.", ".").rpartition(".")
-        if key.startswith(_PREFIX) and any(module == m or module.endswith(f".{m}") for m in saved):
+        if key.startswith(_PREFIX) and any(_is(module, m) for m in saved):
             heads[f"{SAVE_PREFIX}{module}.{param}"] = tensor
             continue
         raise AdapterError(
             f"{where}: tensor {key!r} is neither a LoRA factor nor a tensor of modules_to_save "
             f"({saved or 'none listed'}); nora cannot import it."
         )
-    for m in saved:
-        present = [n for n in modules if n == m or n.endswith(f".{m}")]
-        if present and not any(k.startswith(f"{SAVE_PREFIX}{n}.") for n in present for k in heads):
-            raise AdapterError(
-                f"{where}: adapter_config.json lists {m!r} in modules_to_save but the file holds none of its tensors; "
-                "the file is incomplete: save the adapter again."
-            )
     return layers, heads

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..io import open_adapter
 from ..model import AdaptedModel
-from ..peft_import import read_peft_config
+from ..peft_import import read_peft_lora
 from ..pretrained import load_model, load_tokenizer, name_labels, parse_dtype, resolve_device
 from .tasks import Head
 
@@ -51,8 +52,9 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
     kind: Literal["nora", "peft"] = "peft" if "peft_type" in _adapter_config(adapter) else "nora"
-    if kind == "peft":
-        read_peft_config(adapter)  # what nora cannot import is refused now, before any model is loaded
+    # a damaged file, or one nora cannot import, is refused now, before any model is loaded
+    check_file = read_peft_lora if kind == "peft" else open_adapter
+    check_file(adapter)
     return EvalTarget(base, adapter, kind)
 
 
