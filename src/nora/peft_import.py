@@ -16,6 +16,7 @@ weights cannot be told apart, and one whose recorded name differs is warned abou
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -67,12 +68,23 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         )
     r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     patterns = (config.get("rank_pattern") or {}, config.get("alpha_pattern") or {})
-    if not (
-        _positive_int(r) and isinstance(alpha, int | float) and all(isinstance(p, dict) for p in patterns)
-    ) or not all(_positive_int(v) for v in patterns[0].values()):
+    if not (_positive_int(r) and _scale(alpha) and all(isinstance(p, dict) for p in patterns)) or not (
+        all(_positive_int(v) for v in patterns[0].values()) and all(_scale(v) for v in patterns[1].values())
+    ):
         raise AdapterError(
             f"{directory}/adapter_config.json: r={r!r}, lora_alpha={alpha!r} or its rank/alpha patterns are not what "
             "PEFT writes (a positive rank, a number, two mappings); the file was edited or damaged: save it again."
+        )
+    dropout, flags = config.get("lora_dropout", 0.0), [config.get(k) for k in ("use_dora", "use_rslora")]
+    base = config.get("base_model_name_or_path")
+    if not (
+        type(dropout) in (int, float) and 0 <= dropout < 1 and all(f in (None, True, False) for f in flags)
+        and (base is None or isinstance(base, str))
+    ):  # fmt: skip
+        raise AdapterError(
+            f"{directory}/adapter_config.json: lora_dropout={dropout!r}, use_dora / use_rslora={flags} or "
+            f"base_model_name_or_path={base!r} is not what PEFT writes (a rate in [0, 1), booleans, a name); the file "
+            "was edited or damaged: save it again."
         )
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
@@ -85,6 +97,11 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def _positive_int(value: object) -> bool:
     return type(value) is int and value > 0
+
+
+def _scale(value: object) -> bool:
+    """A usable lora_alpha: a finite, non-zero number (alpha_pattern's ratios divide by lora_alpha)."""
+    return type(value) in (int, float) and math.isfinite(value) and value != 0
 
 
 @dataclass
