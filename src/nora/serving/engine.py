@@ -95,7 +95,6 @@ class Engine:
         self._open = 0  # requests accepted and not yet finished
         self._closing = False
         self._deadline: float | None = None  # when closing: the monotonic time at which running requests end
-        self._abort = False
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
         self._ops: list[_Op] = []
@@ -256,7 +255,7 @@ class Engine:
         while True:
             try:
                 self._collect(block=not (self._batch or self._waiting or self._ops), timeout=self._time_left())
-                if self._abort or (self._deadline is not None and time.monotonic() >= self._deadline):
+                if self._deadline is not None and time.monotonic() >= self._deadline:
                     break
                 self._run_ops()
                 self._admit()
