@@ -83,6 +83,9 @@ def serve(
 ) -> None:
     """Serve the base model and its adapters over HTTP (OpenAI API: /v1/completions, /v1/chat/completions)."""
     try:
+        import fastapi  # noqa: F401 - the serve extra, checked before anything loads
+        import uvicorn  # noqa: F401
+
         from ..evaluation.loading import RECORDED_BASE
         from ..pretrained import check_model_source, parse_dtype, resolve_device
         from ..serving import Engine, EngineConfig, Server, ServerSettings
