@@ -556,6 +556,50 @@ def test_unusual_layouts_of_valid_files_copy_exactly(kind, bases, saved, scratch
     forward(model, adapter_names=["x2", "m0"])
 
 
+# ---- PEFT LoRA directories (nora.peft_import) --------------------------------------------------------------------
+PEFT_SPECIAL = [0, -1, 2, 4, 8, 2**63, 1.5, "4", True, None, {}, [], {"q_proj": 0}, {"q_proj": 2}, {".*": 8},
+                ["classifier"], ["lm_head"], "LORA", "IA3", "none", "all"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def peft_saved(bases, tmp_path_factory):
+    """A PEFT LoRA (r=4) and a PEFT DoRA of the one-layer Llama, as PEFT writes them: directory, config, weights."""
+    import peft
+
+    out = QuietDict()
+    for kind, options in {"lora": {}, "dora": {"use_dora": True, "rank_pattern": {"q_proj": 2}}}.items():
+        model = peft.get_peft_model(copy.deepcopy(bases["llama"]), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", **options))  # fmt: skip
+        directory = tmp_path_factory.mktemp("peft") / kind
+        model.save_pretrained(str(directory))
+        payload = json.loads((directory / "adapter_config.json").read_text())
+        out[kind] = (directory, payload, (directory / "adapter_model.safetensors").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+@settings(max_examples=50, **FUZZ)
+@given(data=st.data())
+def test_fuzzed_peft_directories_load_or_raise_adapter_error(kind, bases, peft_saved, scratch, data):
+    """What nora's importer reads of a PEFT directory, damaged anywhere, ends in success or nora's AdapterError: the
+    library, and `nora eval`'s check made before a base is loaded (it used to pass raw SafetensorError and reshape
+    RuntimeErrors through)."""
+    from nora.evaluation.loading import resolve_target
+
+    _, payload, weights = peft_saved[kind]
+    config = json.dumps(payload).encode()
+    what = data.draw(st.sampled_from(["config", "weights", "both"]), label="what")
+    if what in ("config", "both"):
+        config = json.dumps(data.draw(mutated_json(payload, PEFT_SPECIAL), label="config")).encode()
+    if what in ("weights", "both"):
+        weights = data.draw(mutated_safetensors_file(weights), label="weights")
+    case = write_adapter_dir(scratch / "peft-case", config, weights)
+    ok, model = settle(nora.AdaptedModel.from_pretrained, copy.deepcopy(bases["llama"]), case)
+    if ok:
+        forward(model)
+    settle(resolve_target, str(case), None, "unused-base")
+
+
 # ---- training checkpoints ---------------------------------------------------------------------------------------
 RECORDS = [{"instruction": f"{WORDS[i]} {WORDS[i + 1]}", "input": "", "output": WORDS[i + 2]} for i in range(16)]
 

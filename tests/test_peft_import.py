@@ -32,8 +32,13 @@ def _peft_lora(base, directory, seed: int = 1, **options):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3.0, "down_proj": 16.0}}, {"use_rslora": True}],
-    ids=["plain", "rank-and-alpha-patterns", "rslora"],
+    [
+        {},
+        {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3.0, "down_proj": 16.0}},
+        {"use_rslora": True},
+        {"use_dora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3.0}},
+    ],
+    ids=["plain", "rank-and-alpha-patterns", "rslora", "dora"],
 )
 def test_a_peft_lora_directory_loads_to_peft_outputs(tmp_path, options):
     theirs = _peft_lora(tiny_llama(), tmp_path / "peft", **options)
@@ -43,6 +48,7 @@ def test_a_peft_lora_directory_loads_to_peft_outputs(tmp_path, options):
     if options.get("rank_pattern"):
         q = ours.layers()["model.layers.0.self_attn.q_proj"].adapters["default"]
         assert q["lora_A"].shape[0] == 2
+    assert ours.peft_config["default"].method == ("dora" if options.get("use_dora") else "lora")
 
 
 def test_a_peft_lora_on_conv2d_loads_to_peft_outputs(tmp_path):
@@ -84,9 +90,9 @@ def test_a_peft_lora_serves_in_a_mixed_batch_beside_a_nora_adapter_and_exports_b
 
 
 def test_what_nora_lora_cannot_hold_is_refused(tmp_path):
-    _peft_lora(tiny_llama(), tmp_path / "dora", use_dora=True)
-    with pytest.raises(AdapterError, match="use_dora"):
-        nora.AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "dora")
+    _peft_lora(tiny_llama(), tmp_path / "biased", lora_bias=True)
+    with pytest.raises(AdapterError, match="lora_bias"):
+        nora.AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "biased")
     _peft_lora(tiny_llama(), tmp_path / "lora")
     with pytest.raises(AdapterError, match="in the file but"):  # a base with other layer sizes
         nora.AdaptedModel.from_pretrained(tiny_llama(hidden_size=48, intermediate_size=64), tmp_path / "lora")

@@ -4,11 +4,16 @@ on read. This module knows files, configs and tensors, nothing of models (state.
 The file holds only what cannot be recomputed (trainable tensors, AwSVD scales, modules_to_save) and, in the
 config's "nora" object, per layer the rank, shape, basis fingerprint and weight digest. `AdapterFile` keeps the
 weights file's bytes, so a resident load (resident.py) can copy rows straight from them.
+
+Every weights file nora reads (its own and PEFT's, peft_import.py) is checked here first, from its bytes: complete,
+floating-point tensors only, every value finite (`checked_weights`), so no load path (library, eval, export,
+generate, serve) takes a file that would compute NaN or silently cast integers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file
+from safetensors.torch import load
 
 from .atomic import atomic_replace_dir, atomic_save_safetensors, atomic_write_json
 from .config import AdapterConfig
@@ -29,6 +34,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 SAVE_PREFIX = "modules_to_save."  # tensors of modules trained whole (heads), by module path
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def nora_version() -> str:
@@ -54,19 +60,84 @@ def write_adapter(tensors: dict[str, torch.Tensor], payload: dict[str, Any], dir
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    config, meta, w_path = _read_config(directory)
-    try:
-        tensors = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _corrupt(w_path, e) from e
-    return config, tensors, meta
+    file = open_adapter(directory)
+    return file.config, file.tensors(), file.meta
 
 
-def _corrupt(w_path: Path, e: Exception) -> AdapterError:
+def _corrupt(w_path: Path, e: Exception | str) -> AdapterError:
     return AdapterError(
         f"{w_path} is corrupt or truncated ({e}). Copy or save the adapter again; nora only reads "
         "safetensors and never unpickles."
     )
+
+
+def read_weights(w_path: Path) -> bytearray:
+    """A safetensors file's bytes, checked by `checked_weights`."""
+    try:
+        with open(w_path, "rb") as fh:
+            raw = bytearray(os.fstat(fh.fileno()).st_size)
+            fh.readinto(raw)
+    except OSError as e:
+        raise _corrupt(w_path, e) from e
+    checked_weights(raw, w_path)
+    return raw
+
+
+def parse_weights(raw: bytearray, w_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load(bytes(raw))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(w_path, e) from e
+
+
+def checked_weights(raw: bytearray, w_path: Path) -> dict[str, Any]:
+    """The header of the safetensors file `raw` (read from `w_path`), once every tensor in it is known to lie whole
+    in the file, to be floating point and to hold finite values only; each refusal names the tensor."""
+    if len(raw) < 8:
+        raise _corrupt(w_path, f"{len(raw)} bytes, shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if 8 + n > len(raw):
+        raise _corrupt(w_path, f"its header claims {n} bytes, the file holds {len(raw) - 8}")
+    try:
+        header = json.loads(bytes(raw[8 : 8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise _corrupt(w_path, f"its header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise _corrupt(w_path, "its header is not a JSON object")
+    data = len(raw) - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)) or not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        ):
+            raise _corrupt(w_path, f"the header entry of tensor {key!r} is malformed")
+        if dtype not in FLOAT_DTYPES:
+            raise AdapterError(
+                f"{w_path}: tensor {key!r} is {dtype}, not floating point; an adapter's tensors are float32, float16, "
+                "bfloat16 or float64 (an integer or boolean tensor would be cast silently). The file was not written "
+                "by nora or PEFT, or was edited: save the adapter again."
+            )
+        torch_dtype = FLOAT_DTYPES[dtype]
+        count = math.prod(shape)
+        begin, end = offsets
+        if not 0 <= begin <= end or end - begin != count * torch_dtype.itemsize:
+            raise _corrupt(w_path, f"tensor {key!r}: its byte range does not fit its shape {shape} and dtype {dtype}")
+        if end > data:
+            raise _corrupt(w_path, f"tensor {key!r} ends at byte {end} of {data} data bytes: the file is cut")
+        if count == 0:
+            continue
+        values = torch.frombuffer(raw, dtype=torch_dtype, count=count, offset=8 + n + begin)
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise AdapterError(
+                f"{w_path}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of {count}; such an adapter "
+                "computes NaN. It diverged in training or the file is damaged: train again (e.g. with a lower "
+                "learning rate) or use an earlier checkpoint."
+            )
+    return header
 
 
 @dataclass
@@ -83,10 +154,7 @@ class AdapterFile:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
-            try:
-                self._tensors = load(bytes(self.raw))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise _corrupt(self.weights_path, e) from e
+            self._tensors = parse_weights(self.raw, self.weights_path)
         return self._tensors
 
     def header_bytes(self) -> bytes | None:
@@ -106,14 +174,9 @@ class AdapterFile:
 
 
 def open_adapter(directory: str | os.PathLike) -> AdapterFile:
+    """The adapter in `directory`, its config read and its weights file checked (`checked_weights`)."""
     config, meta, w_path = _read_config(directory)
-    try:
-        with open(w_path, "rb") as fh:
-            raw = bytearray(os.fstat(fh.fileno()).st_size)
-            fh.readinto(raw)
-    except OSError as e:
-        raise _corrupt(w_path, e) from e
-    return AdapterFile(Path(directory), config, meta, w_path, raw)
+    return AdapterFile(Path(directory), config, meta, w_path, read_weights(w_path))
 
 
 def _read_config(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Any], Path]:

@@ -4,6 +4,7 @@ one place `nora train`, `nora eval` and `nora serve` get them from."""
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 import socket
@@ -105,6 +106,8 @@ def check_model_source(name: str, gguf_file: str | None = None, what: str = "--m
                 f"{what} {name} holds no config.json, so it is not a transformers model directory (save one with "
                 "model.save_pretrained(DIR), or point at the directory that has config.json)."
             )
+        else:
+            _refuse_pickled(path, what)
         return
     if looks_local(name):
         raise AdapterError(f"{what} {name}: no such directory. Check the path (relative to {Path.cwd()}).")
@@ -124,6 +127,34 @@ def check_model_source(name: str, gguf_file: str | None = None, what: str = "--m
         f"(offline{' mode' if _offline_mode() else ''}). On a machine with internet run `hf download {name} "
         f"--local-dir DIR`, copy DIR here and pass {what} DIR."
     )
+
+
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickled(path: Path, what: str) -> None:
+    """A model directory whose weights are only pickled (pytorch_model.bin, *.pt): loading them runs the unpickler
+    on the file, which nora never does."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
+    if pickled:
+        raise AdapterError(
+            f"{what} {path} holds its weights only as pickled files ({', '.join(pickled[:3])}), which nora does not "
+            "load: unpickling runs code from the file. Convert it once, where you trust the file: "
+            "AutoModel...from_pretrained(DIR).save_pretrained(NEW_DIR) writes model.safetensors; pass NEW_DIR."
+        )
+
+
+def require_package(module: str, extra: str, purpose: str) -> None:
+    """Refuse, before anything is loaded, a step whose optional dependency is not installed."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise AdapterError(
+            f'{purpose} needs {module}, which is not installed: pip install -e ".[{extra}]" in nora\'s checkout (or '
+            f"pip install {module})."
+        ) from e
 
 
 def _check_gguf_magic(path: Path, what: str) -> None:
@@ -158,6 +189,17 @@ def _hub_kwargs(name: str | Path) -> dict[str, Any]:
     if Path(name).expanduser().exists() or hub_reachable():
         return {}
     return {"local_files_only": True}
+
+
+def model_config(name: str) -> Any:
+    """The transformers config of the model directory or cached hub id `name` (config.json only, no weights), or
+    None where it cannot be read here."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, **_hub_kwargs(name))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_model(
@@ -276,6 +318,7 @@ def quantization_kwargs(scheme: str, compute_dtype: torch.dtype) -> dict[str, An
 
     if scheme not in SCHEMES:
         raise AdapterError(f"quantize={scheme!r}: choose from {', '.join(SCHEMES)}.")
+    require_package("bitsandbytes", "quant", f"quantize={scheme} (a bitsandbytes base)")
     if scheme == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "score", "classifier"])
     else:

@@ -110,21 +110,6 @@ def check_layers(
     gaps: list[float] = []
     crossed: Counter[tuple[str, str]] = Counter()  # (trained on, loaded onto) → layers
     for lname, info in meta["layers"].items():
-        try:
-            module = model.get_submodule(lname)
-        except AttributeError:
-            module = None
-        if module is None:
-            raise AdapterError(
-                f"adapter {where} targets module {lname!r}, which this model does not have: it was made for "
-                f"another architecture (base: {config.base_model_name_or_path})."
-            )
-        if not (isinstance(module, AdapterLayer) or is_adaptable(module)) or lname.endswith("base_layer"):
-            raise AdapterError(
-                f"adapter {where} targets module {lname!r}, a {type(module).__name__} of this model that takes no "
-                "adapter (only nn.Linear / Conv1D layers do): its adapter_config.json was edited, or it was made for "
-                "another architecture."
-            )
         r, shape = info.get("r"), info.get("shape")
         whole = [r, *shape] if isinstance(shape, list) and len(shape) == 2 else [None]
         if any(type(n) is not int for n in whole) or r < 1 or not isinstance(info.get("fingerprint"), str):
@@ -132,12 +117,8 @@ def check_layers(
                 f"adapter {where}: the metadata of layer {lname!r} ({repr(info)[:80]}) does not give its rank r, shape "
                 "and fingerprint; its adapter_config.json was edited or damaged: save the adapter again."
             )
+        module = layer_module(model, lname, shape, config.base_model_name_or_path, where)
         weight = oriented_weight(module)
-        if list(weight.shape) != info["shape"]:
-            raise AdapterError(
-                f"adapter {where}: module {lname!r} is {list(weight.shape)} here but {info['shape']} in the "
-                f"adapter; it was made for another base model ({config.base_model_name_or_path})."
-            )
         digest = module.weight_digest if isinstance(module, AdapterLayer) else weight_digest(weight)
         scales = tensors.get(f"{lname}.awsvd_scale")
 
@@ -182,6 +163,34 @@ def check_layers(
     for (trained_on, here_is), count in crossed.items():
         warnings.warn(_crossing_message(where, trained_on, here_is, count, gaps, method.uses_basis), stacklevel=3)
     return names, ranks, keys, sources
+
+
+def layer_module(model: nn.Module, lname: str, shape: list[int], base: str | None, where) -> nn.Module:
+    """The module of `model` that an adapter's layer `lname` (a `shape` = [out, in] weight) goes on, refusing a model
+    without it, a module that takes no adapter, or one of another size: another architecture or base. Works on a
+    model built on the meta device (shapes only), so it can run before any weight is loaded."""
+    try:
+        module = model.get_submodule(lname)
+    except AttributeError:
+        module = None
+    if module is None:
+        raise AdapterError(
+            f"adapter {where} targets module {lname!r}, which this model does not have: it was made for another "
+            f"architecture (base: {base})."
+        )
+    if not (isinstance(module, AdapterLayer) or is_adaptable(module)) or lname.endswith("base_layer"):
+        raise AdapterError(
+            f"adapter {where} targets module {lname!r}, a {type(module).__name__} of this model that takes no "
+            "adapter (only nn.Linear / Conv1D layers do): its adapter_config.json was edited, or it was made for "
+            "another architecture."
+        )
+    weight = oriented_weight(module)
+    if list(weight.shape) != list(shape):
+        raise AdapterError(
+            f"adapter {where}: module {lname!r} is {list(weight.shape)} here but {list(shape)} in the adapter; it was "
+            f"made for another base model ({base})."
+        )
+    return module
 
 
 def _crossing_message(where, trained_on: str, here_is: str, count: int, gaps: list[float], basis: bool) -> str:

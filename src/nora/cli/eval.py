@@ -89,10 +89,11 @@ def evaluate(
     from ..evaluation import Columns, evaluate_tasks
     from ..evaluation.fewshot import PromptStyle, require_chat_template
     from ..evaluation.loading import RECORDED_BASE, adapter_head, eval_tokenizer, load_for_eval, resolve_target
-    from ..evaluation.report import print_results, write_results
+    from ..evaluation.report import print_results
     from ..evaluation.runner import PROTOCOLS, prepare_tasks
     from ..evaluation.tasks import missing_suite_tasks, no_head_message
     from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from .preflight import check_writable
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -105,6 +106,8 @@ def evaluate(
         resolve_device(device)
         if output is not None and output.is_dir():
             raise AdapterError(f"--output {output} is a directory; give a file path such as {output / 'results.json'}.")
+        if output is not None:
+            check_writable(output, "--output")
         target = resolve_target(model, adapter, base)
         head = adapter_head(target)
         if head is not None and head.task == "image-cls":
@@ -177,15 +180,25 @@ def evaluate(
             "eval_seconds": round(time.perf_counter() - start - load_seconds, 2),
             "results": results,
         }
+        _write(payload, output)
+
+
+def _write(payload: dict, output: Path) -> None:
+    from ..evaluation.report import write_results
+
+    try:
         write_results(payload, output)
-        typer.echo(f"results written to {output}")
+    except OSError as e:  # checked writable at the start: the disk filled up, or the folder changed since
+        raise typer.BadParameter(f"--output {output}: the results could not be written ({e}); they are printed "
+                                 "above.") from e  # fmt: skip
+    typer.echo(f"results written to {output}")
 
 
 def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, device, merge, output, progress) -> None:
     """An image classifier's adapter on image folders (or path/label files): top-1 and top-5 per folder."""
     from ..evaluation.images import evaluate_images
     from ..evaluation.loading import load_for_eval
-    from ..evaluation.report import print_results, write_results
+    from ..evaluation.report import print_results
     from ..evaluation.runner import average
 
     if not folders:
@@ -201,5 +214,4 @@ def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, devi
     results = {"image-classification": {"tasks": per_task, "average": average(per_task)}}
     print_results(results, title=str(target.adapter))
     if output is not None:
-        write_results({"base": target.base, "adapter": str(target.adapter), "results": results}, output)
-        typer.echo(f"results written to {output}")
+        _write({"base": target.base, "adapter": str(target.adapter), "results": results}, output)

@@ -42,11 +42,13 @@ def export_adapter(
     from ..evaluation.loading import RECORDED_BASE, adapter_head, load_for_eval, resolve_target
     from ..export import export_diffusers_lora, export_lora
     from ..pretrained import check_model_source, looks_local
+    from .preflight import check_writable
 
     if format not in (*FORMATS, "auto"):
         raise AdapterError(f"--format {format!r}: choose peft or diffusers.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise AdapterError(f"--output {output} exists and is not empty; pass --overwrite to replace it.")
+    check_writable(output, "--output")
     if not (adapter / "adapter_config.json").is_file():
         raise AdapterError(f"{adapter}: no such adapter directory (adapter_config.json); check the path.")
     target = resolve_target(str(adapter), None, base)

@@ -50,6 +50,7 @@ def generate(
     from ..diffusion import check_pipeline, grid, sample
     from ..evaluation.loading import RECORDED_BASE, adapted_pipeline, resolve_target
     from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from .preflight import check_writable
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -73,6 +74,9 @@ def generate(
             raise AdapterError(f"--output {output}: give a .png file path, e.g. --output grid.png.")
         if image_dir is not None and image_dir.exists() and not image_dir.is_dir():
             raise AdapterError(f"--image-dir {image_dir} is a file; give a directory.")
+        check_writable(output, "--output")
+        if image_dir is not None:
+            check_writable(image_dir / "000-000.png", "--image-dir")
         check_pipeline(target.base)
         resolved = resolve_device(device)
         torch_dtype = parse_dtype(dtype) or (torch.float16 if resolved.type == "cuda" else None)  # None: as saved

@@ -76,17 +76,19 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1_000_000,
     shutdown_timeout: Annotated[
-        float, typer.Option(min=0, help="Seconds running requests get to finish on exit.")
+        float,
+        typer.Option(min=0, help="Seconds running requests get to finish on exit; then each ends with an error event."),
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help=f"uvicorn log level: {', '.join(LOG_LEVELS)}.")] = "info",
 ) -> None:
     """Serve the base model and its adapters over HTTP (OpenAI API: /v1/completions, /v1/chat/completions)."""
     try:
-        import uvicorn
+        import fastapi  # noqa: F401 - the serve extra, checked before anything loads
+        import uvicorn  # noqa: F401
 
         from ..evaluation.loading import RECORDED_BASE
         from ..pretrained import check_model_source, parse_dtype, resolve_device
-        from ..serving import Engine, EngineConfig, ServerSettings, create_app
+        from ..serving import Engine, EngineConfig, Server, ServerSettings
         from ..serving.loading import attach_adapters, load_base, parse_adapter_specs
     except ModuleNotFoundError as e:
         raise typer.BadParameter(
@@ -123,11 +125,4 @@ def serve(
         shutdown_timeout_s=shutdown_timeout,
     )
     typer.echo(f"nora serve: {base} with adapters {sorted(specs) or 'none'} on http://{host}:{port}/v1")
-    config = uvicorn.Config(
-        create_app(engine, settings),
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=max(int(shutdown_timeout), 1),
-    )
-    uvicorn.Server(config).run()
+    Server(engine, settings, host=host, port=port, log_level=log_level).run()

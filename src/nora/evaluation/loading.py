@@ -1,13 +1,14 @@
 """What `nora eval` evaluates: a base or merged model, or a base model with a nora or PEFT adapter on it.
 
 `MODEL` may be a model directory (or Hugging Face id), or an adapter directory: then the base is `--base`, else the
-`base_model_name_or_path` the adapter recorded. `--adapter DIR` puts an adapter on `MODEL`.
+`base_model_name_or_path` the adapter recorded. `--adapter DIR` puts an adapter on `MODEL`. Every adapter, nora's
+or PEFT's, is read by AdaptedModel.load_adapter (nora.io, nora.peft_import), which checks its files.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,8 +16,20 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..io import open_adapter
 from ..model import AdaptedModel
-from ..pretrained import load_model, load_tokenizer, name_labels, parse_dtype, resolve_device
+from ..peft_import import read_peft_lora
+from ..pretrained import (
+    is_gguf,
+    load_model,
+    load_tokenizer,
+    model_config,
+    name_labels,
+    parse_dtype,
+    require_package,
+    resolve_device,
+)
+from ..state import layer_module
 from .tasks import Head
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,6 +41,8 @@ class EvalTarget:
     base: str
     adapter: Path | None
     adapter_kind: Literal["nora", "peft"] | None
+    layer_shapes: dict[str, list[int]] = field(default_factory=dict)  # the adapter's layers: [out, in] each
+    trained_quantized: str | None = None  # the quantization of the base a nora adapter was trained on
 
 
 def resolve_target(model: str, adapter: str | Path | None = None, base: str | None = None) -> EvalTarget:
@@ -48,8 +63,48 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
         raise AdapterError(f"--adapter {adapter}: no such directory; check the path.")
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}: not an adapter directory.")
-    kind: Literal["nora", "peft"] = "peft" if "peft_type" in _adapter_config(adapter) else "nora"
-    return EvalTarget(base, adapter, kind)
+    # a damaged file, or one nora cannot import, is refused now, before any model is loaded
+    if "peft_type" in _adapter_config(adapter):
+        peft = read_peft_lora(adapter)
+        shapes = {n: [peft.tensors[f"{n}.lora_B"].shape[0], peft.tensors[f"{n}.lora_A"].shape[1]] for n in peft.layers}
+        return EvalTarget(base, adapter, "peft", shapes)
+    layers = open_adapter(adapter).meta["layers"]
+    shapes = {n: info["shape"] for n, info in layers.items() if isinstance(info.get("shape"), list)}
+    schemes = {info["quant"].get("scheme") for info in layers.values() if isinstance(info.get("quant"), dict)}
+    return EvalTarget(base, adapter, "nora", shapes, ", ".join(sorted(map(str, schemes))) or None)
+
+
+def check_base_fits(target: EvalTarget, task_kind: str, num_labels: int | None, gguf_file: str | None) -> None:
+    """Refuse, before any weight is loaded, a base the adapter cannot go on: another architecture (its config.json
+    built as a model on the meta device lacks the adapter's layers, or has them in other sizes), or, for an adapter
+    trained on a quantized base, a machine without bitsandbytes (its basis is checked against the quantized
+    weights)."""
+    if target.adapter is None:
+        return
+    if target.trained_quantized:
+        require_package("bitsandbytes", "quant", f"{target.adapter}, trained on a {target.trained_quantized} base,")
+    if not target.layer_shapes or gguf_file or is_gguf(target.base):
+        return
+    config = model_config(target.base)
+    if config is None:
+        return  # loading says what is wrong with it
+    if num_labels is not None and task_kind != "causal":
+        config.num_labels = num_labels
+    auto = {"causal": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
+            "image-cls": "AutoModelForImageClassification"}[task_kind]  # fmt: skip
+    import transformers
+
+    recorded = _adapter_config(target.adapter).get("base_model_name_or_path")
+    try:
+        with torch.device("meta"):
+            skeleton = getattr(transformers, auto).from_config(config)
+    except ValueError as e:
+        raise AdapterError(
+            f"{target.base} is a {config.model_type} model, which has no {task_kind} model class in transformers "
+            f"({auto}); the adapter {target.adapter} was made for {recorded}: give a base of that architecture."
+        ) from e
+    for lname, shape in target.layer_shapes.items():
+        layer_module(skeleton, lname, shape, recorded, target.adapter)
 
 
 def recorded_base(adapter: Path) -> str:
@@ -108,6 +163,8 @@ def load_for_eval(
     resolved = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
     head = adapter_head(target)
+    if head is None or head.template is None:
+        check_base_fits(target, task_kind, num_labels, gguf_file)
     if task_kind == "image-cls" and head is not None and head.template is not None:
         from ..clip import ClipClassifier
 
@@ -157,13 +214,9 @@ def adapted_pipeline(base: str, adapter: str | Path | None = None, dtype: torch.
 
 
 def _with_adapter(model: nn.Module, target: EvalTarget, merge: bool) -> nn.Module:
+    """`model` with the target's adapter, nora's or PEFT's, read through nora's checked loader (nora.io)."""
     if target.adapter is None:
         return model
-    if target.adapter_kind == "peft":
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(target.adapter))
-        return peft_model.merge_and_unload() if merge else peft_model
     adapted = AdaptedModel.from_pretrained(model, target.adapter)
     return adapted.merge_and_unload() if merge else adapted
 

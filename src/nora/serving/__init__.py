@@ -20,6 +20,7 @@ __all__ = [
     "EngineConfig",
     "Event",
     "SamplingParams",
+    "Server",
     "ServerSettings",
     "ServingError",
     "create_app",
@@ -27,7 +28,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("create_app", "ServerSettings"):
+    if name in ("create_app", "Server", "ServerSettings"):
         from . import app
 
         return getattr(app, name)

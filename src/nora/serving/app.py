@@ -1,6 +1,11 @@
 """The HTTP server: OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/models`, where `model`
 names an adapter (or the base model), plus `POST /v1/adapters` and `DELETE /v1/adapters/{name}` to load and
-unload adapters while serving. Every error is answered in OpenAI's `{"error": {...}}` form."""
+unload adapters while serving. Every error is answered in OpenAI's `{"error": {...}}` form.
+
+`Server` runs the app with uvicorn and shuts down gracefully: it stops accepting connections, gives the running
+requests `shutdown_timeout_s` to finish, then ends each with an error event and `[DONE]` (a whole-body request with
+503), and only then lets uvicorn close what is left. A client that goes away, or a request uvicorn still has to
+cancel, is one log line, never a traceback."""
 
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..layer import BASE
 from .engine import Engine
@@ -30,6 +37,7 @@ from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "missing"}
+FLUSH_S = 5.0  # after the shutdown deadline: time for the last events to reach the clients before uvicorn cancels
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     app = FastAPI(title="nora serve", summary="many adapters, one base model, one batch", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(QuietCancel)
     _install_error_handlers(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_auth(settings.api_key))])
     tokenizer = engine.tokenizer
@@ -180,6 +189,38 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     app.include_router(v1)
     return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for `create_app(engine, settings)`: on shutdown (SIGINT, SIGTERM, `should_exit`) the engine
+    is closed with the settings' deadline before uvicorn waits for the connections, so every stream ends with its
+    own events (at worst an error event) and `[DONE]` rather than being cut."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings, **config: Any) -> None:
+        self.engine, self.settings = engine, settings
+        config.setdefault("timeout_graceful_shutdown", max(int(settings.shutdown_timeout_s + FLUSH_S), 1))
+        super().__init__(uvicorn.Config(create_app(engine, settings), **config))
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        self.engine.close(self.settings.shutdown_timeout_s)
+        await super().shutdown(sockets)
+
+
+class QuietCancel:
+    """ASGI middleware: a request task cancelled (its client went away, or uvicorn gave up on it at shutdown) ends
+    quietly with one log line; uvicorn would log a CancelledError traceback for each."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http":
+                raise
+            log.info("%s %s: cancelled before it finished (client gone, or server shutdown)", scope.get("method"),
+                     scope.get("path"))  # fmt: skip
 
 
 def _leaves_root(root: Path, adapter: Path) -> str | None:

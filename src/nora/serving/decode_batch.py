@@ -5,6 +5,10 @@ thread only.
 New requests are prefilled together (left-padded, with an attention mask and per-row position ids) and join the
 running rows at the next step; a finished row leaves at once. Greedy rows give exactly the tokens that
 `generate(do_sample=False)` gives for that adapter alone.
+
+One adapter's failure is its rows' alone: a row whose logits hold NaN or +inf ends with an error, the others go on;
+a step whose forward pass raises is run again adapter by adapter from the cache as it was, the rows of the adapters
+that fail alone end with an error, and the others' step is recomputed without them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..layer import BASE
 from ..model import AdaptedModel
 from ..pretrained import cache_kwargs
 from . import kv_batch
@@ -38,7 +43,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
 
-    def emit(self, text: str, error: str | None = None) -> None:
+    def emit(self, text: str, error: str | None = None, code: str | None = None) -> None:
         if not text and self.finish is None:
             return
         event = Event(
@@ -48,6 +53,7 @@ class Row:
             prompt_tokens=len(self.request.prompt_ids),
             completion_tokens=len(self.tokens),
             error=error,
+            error_code=(code or "generation_failed") if error else None,
         )
         deliver(self.request, event)
 
@@ -59,9 +65,21 @@ def deliver(request: GenerationRequest, event: Event) -> None:
         log.exception("an event listener failed")
 
 
-def end_request(request: GenerationRequest, reason: str, error: str | None = None) -> None:
+def end_request(request: GenerationRequest, reason: str, error: str | None = None, code: str | None = None) -> None:
     """Finish a request that never got a row (cancelled while waiting, shutdown, failed prefill)."""
-    deliver(request, Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids), error=error))
+    code = (code or "generation_failed") if error else None
+    deliver(request, Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids), error=error, error_code=code))
+
+
+def who(adapter: str) -> str:
+    return "the base model" if adapter == BASE else f"adapter {adapter!r}"
+
+
+def adapter_failed(adapter: str, error: Exception) -> str:
+    return (
+        f"generation failed for {who(adapter)} ({type(error).__name__}: {error}); this request was stopped, the "
+        "other requests batched with it went on."
+    )
 
 
 def hf_model(model: AdaptedModel) -> nn.Module:
@@ -125,25 +143,78 @@ class DecodeBatch:
     def step(self, model: AdaptedModel) -> None:
         """Feed every row its last token and pick the next."""
         assert self.cache is not None and self.mask is not None
-        device = self.mask.device
-        ids = torch.tensor([[row.last] for row in self.rows], device=device)
-        positions = torch.tensor([[row.position] for row in self.rows], device=device)
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits = last_logits(model, ids, self.mask, positions, self.cache, [r.request.adapter for r in self.rows])
+        before = self.mask
+        saved = kv_batch.snapshot(self.cache) if self.joinable else None
+        try:
+            logits = self._forward(model, self.rows, _grown(before))
+        except Exception as e:
+            if saved is None or len(self.adapters_in_use()) < 2:
+                raise  # nothing to tell apart: the loop ends every row
+            logits = self._isolate(model, saved, before, e)
+        else:
+            self.mask = _grown(before)
         for row in self.rows:
             row.position += 1
         self._advance(self.rows, logits)
         self._drop_finished()
 
+    def _forward(self, model: AdaptedModel, rows: list[Row], mask: torch.Tensor) -> torch.Tensor:
+        assert self.cache is not None
+        ids = torch.tensor([[row.last] for row in rows], device=mask.device)
+        positions = torch.tensor([[row.position] for row in rows], device=mask.device)
+        return last_logits(model, ids, mask, positions, self.cache, [r.request.adapter for r in rows])
+
+    def _isolate(self, model: AdaptedModel, saved: kv_batch.Snapshot, before: torch.Tensor, error: Exception):
+        """After a failed step: run each adapter's rows alone from the cache as it was; end the rows of the adapters
+        that fail alone, and recompute the step for the others (their logits are returned)."""
+        assert self.cache is not None
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault(row.request.adapter, []).append(i)
+        failed: dict[str, Exception] = {}
+        for adapter, index in groups.items():
+            kv_batch.restore(self.cache, saved)
+            mask = kv_batch.keep_rows(self.cache, before, index)
+            try:
+                self._forward(model, [self.rows[i] for i in index], _grown(mask))
+            except Exception as e:
+                failed[adapter] = e
+        kv_batch.restore(self.cache, saved)
+        if not failed or len(failed) == len(groups):
+            raise error  # no adapter fails alone, or every one does
+        for adapter, e in failed.items():
+            log.error("decode step failed for %s; its %d row(s) end, the others go on: %s: %s", who(adapter),
+                      len(groups[adapter]), type(e).__name__, e, exc_info=e)  # fmt: skip
+        keep = [i for i, row in enumerate(self.rows) if row.request.adapter not in failed]
+        for row in self.rows:
+            if row.request.adapter in failed:
+                row.finish = "error"
+                row.emit("", adapter_failed(row.request.adapter, failed[row.request.adapter]), "adapter_failed")
+        before = kv_batch.keep_rows(self.cache, before, keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = _grown(before)
+        return self._forward(model, self.rows, self.mask)
+
     # ---- ending rows -----------------------------------------------------------------------------------------
-    def end_all(self, reason: str, error: str | None = None) -> None:
+    def end_all(self, reason: str, error: str | None = None, code: str | None = None) -> None:
         """Finish every row now (shutdown, or a failed forward pass) and start afresh."""
         for row in self.rows:
             row.finish = reason
-            row.emit("", error)
+            row.emit("", error, code)
         self.rows, self.cache, self.mask, self.joinable = [], None, None, True
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        broken = (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)).tolist()
+        if any(broken):  # that row's adapter overflowed on its input: it ends, the others pick their tokens
+            for row, bad in zip(rows, broken, strict=True):
+                if bad:
+                    row.finish = "error"
+                    row.emit("", f"{who(row.request.adapter)} computed NaN or inf logits for this request (its "
+                             "weights overflow on this input); the request was stopped, the others went on.",
+                             "adapter_failed")  # fmt: skip
+                    log.warning("%s computed non-finite logits; its row ends", who(row.request.adapter))
+            good = [i for i, bad in enumerate(broken) if not bad]
+            rows, logits = [rows[i] for i in good], logits[good]
         tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         for row, token in zip(rows, tokens, strict=True):
             if row.request.cancelled:
@@ -174,6 +245,11 @@ class DecodeBatch:
         assert self.cache is not None and self.mask is not None
         self.mask = kv_batch.keep_rows(self.cache, self.mask, keep)
         self.rows = [self.rows[i] for i in keep]
+
+
+def _grown(mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask with a column for the token fed in this step."""
+    return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
 
 
 _KEEPS_LOGITS: dict[type, bool] = {}

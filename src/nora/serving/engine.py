@@ -6,6 +6,10 @@ each row under its own adapter via `AdaptedModel(..., adapter_names=[...])`, so 
 adapters and the base model. Rows stream text as it is released and finish independently; new requests join at
 the next step. Loading and unloading adapters also run on the worker, between two steps, so rows in flight are
 never disturbed: an unload waits until no row uses the adapter, and refuses new requests for it meanwhile.
+
+Tenants are isolated: every adapter file is checked as it loads (nora.io), and one adapter's failure while serving
+ends its own requests only (decode_batch.py; a failed prefill is retried adapter by adapter). Shutting down
+(`close`) refuses new work, lets the accepted requests run until a deadline, then ends each with an error event.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from torch import nn
 from ..errors import AdapterError
 from ..layer import BASE
 from ..model import AdaptedModel, check_adapter_name
-from .decode_batch import DecodeBatch, end_request, hf_model
-from .errors import BadRequest, Busy, Conflict, GenerationFailed, LimitExceeded, NotFound
+from .decode_batch import DecodeBatch, adapter_failed, end_request, hf_model
+from .errors import BadRequest, Busy, Conflict, GenerationFailed, LimitExceeded, LoadFailed, NotFound
 from .events import Completion, Event, EventStream, GenerationRequest
 from .sampling import SamplingParams
 
@@ -90,7 +94,7 @@ class Engine:
         self._changing: set[str] = set()  # names with a load or unload under way
         self._open = 0  # requests accepted and not yet finished
         self._closing = False
-        self._abort = False
+        self._deadline: float | None = None  # when closing: the monotonic time at which running requests end
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
         self._ops: list[_Op] = []
@@ -104,18 +108,20 @@ class Engine:
             self._thread.start()
         return self
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Refuse new work, finish the requests already accepted (for up to `timeout` seconds, then abort them),
-        and end the worker thread."""
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new work from now on; the requests already accepted get `timeout` seconds (None: as long as they
+        need) to finish, then each ends with an error event (code server_shutdown). Returns at once."""
         with self._lock:
             self._closing = True
+            if timeout is not None:
+                deadline = time.monotonic() + timeout
+                self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
         self._inbox.put(_WAKE)
-        if self._thread is None:
-            return
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._abort = True
-            self._inbox.put(_WAKE)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """`close(timeout)`, then wait for the worker thread to end."""
+        self.close(timeout)
+        if self._thread is not None:
             self._thread.join()
 
     def __enter__(self) -> Engine:
@@ -218,7 +224,7 @@ class Engine:
             if event.finish_reason is not None:
                 break
         if event.error:
-            raise GenerationFailed(event.error)
+            raise GenerationFailed(event.error, code=event.error_code)
         return Completion(
             "".join(pieces), list(event.token_ids), event.finish_reason, event.prompt_tokens, event.completion_tokens
         )
@@ -248,8 +254,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             try:
-                self._collect(block=not (self._batch or self._waiting or self._ops))
-                if self._abort:
+                self._collect(block=not (self._batch or self._waiting or self._ops), timeout=self._time_left())
+                if self._deadline is not None and time.monotonic() >= self._deadline:
                     break
                 self._run_ops()
                 self._admit()
@@ -261,18 +267,26 @@ class Engine:
             except Exception as e:  # keep serving: fail the rows of the broken step only
                 log.exception("decode step failed")
                 self._batch.end_all("error", f"generation failed: {type(e).__name__}: {e}")
-        self._batch.end_all("abort")
+        gone = "the server shut down before this request finished; retry it on another instance or after a restart."
+        self._batch.end_all("abort", gone, "server_shutdown")
         self._collect(block=False)
         while self._waiting:
-            end_request(self._waiting.popleft(), "abort")
+            end_request(self._waiting.popleft(), "abort", gone, "server_shutdown")
         for op in self._ops:
             op.future.set_exception(Busy("the server shut down before this adapter change ran."))
 
-    def _collect(self, block: bool) -> None:
-        """Move what is in the inbox to the worker's lists; when idle, wait for work and then for a burst."""
+    def _time_left(self) -> float | None:
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+
+    def _collect(self, block: bool, timeout: float | None = None) -> None:
+        """Move what is in the inbox to the worker's lists; when idle, wait for work (at most `timeout` seconds)
+        and then for a burst."""
         items = []
         if block:
-            items.append(self._inbox.get())
+            try:
+                items.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                return
             if isinstance(items[0], GenerationRequest):
                 deadline = time.monotonic() + self.config.batch_window_s
                 while len(items) < self.config.max_batch_size and (left := deadline - time.monotonic()) > 0:
@@ -305,16 +319,39 @@ class Engine:
         if not chosen:
             return
         running = len(self._batch)
+        groups: dict[str, list[GenerationRequest]] = {}
+        for request in chosen:
+            groups.setdefault(request.adapter, []).append(request)
         try:
-            self._batch.prefill(self.model, chosen)
-            self.stats["prefills"] += 1
-            self.stats["peak_rows"] = max(self.stats["peak_rows"], running + len(chosen))
+            self._prefill(chosen)
         except Exception as e:
-            if any(row.request in chosen for row in self._batch.rows):
+            if self._joined(chosen):
                 raise  # they joined the batch: the loop ends every row
-            log.exception("prefill failed")
-            for request in chosen:
-                end_request(request, "error", f"generation failed: {type(e).__name__}: {e}")
+            # one prefill per adapter, so that a failing adapter's requests fail alone
+            failed = {chosen[0].adapter: e} if len(groups) == 1 else self._prefill_apart(groups)
+            for adapter, error in failed.items():
+                log.error("prefill failed for %s: %s: %s", adapter, type(error).__name__, error, exc_info=error)
+                for request in groups[adapter]:
+                    end_request(request, "error", adapter_failed(adapter, error), "adapter_failed")
+        self.stats["peak_rows"] = max(self.stats["peak_rows"], running + len(chosen))
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        self._batch.prefill(self.model, requests)
+        self.stats["prefills"] += 1
+
+    def _prefill_apart(self, groups: dict[str, list[GenerationRequest]]) -> dict[str, Exception]:
+        failed: dict[str, Exception] = {}
+        for adapter, part in groups.items():
+            try:
+                self._prefill(part)
+            except Exception as e:
+                if self._joined(part):
+                    raise
+                failed[adapter] = e
+        return failed
+
+    def _joined(self, requests: list[GenerationRequest]) -> bool:
+        return any(row.request in requests for row in self._batch.rows)
 
     def _run_ops(self) -> None:
         in_use = self._batch.adapters_in_use() | {r.adapter for r in self._waiting}
@@ -346,7 +383,10 @@ class Engine:
             self.model.load_adapter(path, name)
             self.model.eval_mode_frozen()
         except AdapterError as e:
-            raise BadRequest(str(e), "path") from e
+            raise BadRequest(str(e), "path", "invalid_adapter") from e
+        except Exception as e:  # not a refusal of the file: say what failed, the server goes on without it
+            log.error("loading adapter %r from %s failed", name, path, exc_info=e)
+            raise LoadFailed(f"loading adapter {name!r} from {path} failed: {type(e).__name__}: {e}") from e
         return (time.perf_counter() - start) * 1000
 
     @torch.no_grad()

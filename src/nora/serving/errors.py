@@ -70,3 +70,9 @@ class GenerationFailed(ServingError):
     status_code = 500
     type = "server_error"
     code = "generation_failed"
+
+
+class LoadFailed(ServingError):
+    status_code = 500
+    type = "server_error"
+    code = "load_failed"

@@ -18,7 +18,8 @@ class Event:
     token_ids: tuple[int, ...] = ()  # on the final event: every generated token
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None  # on a final event with finish_reason "error"
+    error: str | None = None  # on a final event with finish_reason "error" (or "abort" at shutdown): what happened
+    error_code: str | None = None  # with `error`: generation_failed, adapter_failed or server_shutdown
 
 
 @dataclass(frozen=True)

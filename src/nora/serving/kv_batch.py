@@ -19,6 +19,21 @@ def reshapeable(cache: DynamicCache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+Snapshot = list[tuple[DynamicLayer, bool, torch.Tensor | None, torch.Tensor | None]]
+
+
+def snapshot(cache: DynamicCache) -> Snapshot:
+    """What `restore` needs to undo a forward pass or a row selection on a reshapeable cache: its layers replace
+    their key/value tensors (by concatenation or indexing), never write into them, so keeping references is enough."""
+    return [(layer, layer.is_initialized, getattr(layer, "keys", None), getattr(layer, "values", None))
+            for layer in cache.layers]  # fmt: skip
+
+
+def restore(cache: DynamicCache, saved: Snapshot) -> None:
+    for layer, initialized, keys, values in saved:
+        layer.is_initialized, layer.keys, layer.values = initialized, keys, values
+
+
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if n == 0:
         return t

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from .errors import GenerationFailed
+from .errors import Busy, GenerationFailed, ServingError
 from .events import Event, EventStream
 
 
@@ -66,12 +66,20 @@ async def complete(stream: EventStream, shape: Shape, count: int) -> dict:
         texts[index] += event.text
         if event.finish_reason is not None:
             finals[index] = event
-    failed = [e.error for e in finals if e.error]
-    if failed:
-        raise GenerationFailed(failed[0])
+    failed = next((e for e in finals if e.error), None)
+    if failed is not None:
+        raise failure(failed)
     choices = [shape.choice(i, texts[i], e.finish_reason) for i, e in enumerate(finals)]
     prompt = sum(e.prompt_tokens for e in finals)
     return shape.body(choices, usage(prompt, sum(e.completion_tokens for e in finals)))
+
+
+def failure(event: Event) -> ServingError:
+    """The error a request's final event reports: 503 when the server shut down, else 500."""
+    assert event.error is not None
+    if event.error_code == "server_shutdown":
+        return Busy(event.error, code="server_shutdown")
+    return GenerationFailed(event.error, code=event.error_code)
 
 
 def sse(payload: dict | str) -> str:
@@ -80,7 +88,9 @@ def sse(payload: dict | str) -> str:
 
 async def stream_chunks(stream: EventStream, shape: Shape, count: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-Sent Events: one chunk per released piece of text, a last chunk per choice with its finish
-    reason, optionally a usage chunk, then `data: [DONE]`. Closing the connection cancels the requests."""
+    reason, optionally a usage chunk, then `data: [DONE]`. A request that fails (its adapter failed, or the server shut
+    down before it finished) ends with an error event, `{"error": {...}, "index": i}`, instead of its last chunk; the
+    stream still ends with `data: [DONE]`. Closing the connection cancels the requests."""
     try:
         if shape.chat:
             for i in range(count):
@@ -88,7 +98,7 @@ async def stream_chunks(stream: EventStream, shape: Shape, count: int, include_u
         prompt_tokens = completion_tokens = 0
         async for index, event in stream:
             if event.error:
-                yield sse({"error": GenerationFailed(event.error).body()["error"]})
+                yield sse({**failure(event).body(), "index": index})
                 continue
             if event.finish_reason is not None:
                 prompt_tokens += event.prompt_tokens
