@@ -164,6 +164,8 @@ def test_nora_train_quantize_writes_a_quantized_base_adapter(tmp_path):
         TrainConfig(model=str(directory), data=str(data), quantize="int4")
     with pytest.raises(AdapterError, match="--loftq fits the adapter to a quantized base's error: add --quantize"):
         TrainConfig(model=str(directory), data=str(data), loftq=True)
+    with pytest.raises(AdapterError, match="--method dora has no such fit"):  # refused before the base loads
+        TrainConfig(model=str(directory), data=str(data), quantize="nf4", loftq=True, method="dora")
     with pytest.raises(AdapterError, match="--quantize with --fsdp is not supported"):
         TrainConfig(model=str(directory), data=str(data), quantize="nf4", fsdp=True)
 

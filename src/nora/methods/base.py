@@ -171,6 +171,11 @@ class Method(ABC):
         """Tensors besides lora_A / lora_B that a PEFT LoRA export of this layer holds, by PEFT's name suffix."""
         return {}
 
+    @property
+    def has_fit(self) -> bool:
+        """Whether this method overrides `fit` (LoftQ-style initialisation is possible)."""
+        return type(self).fit is not Method.fit
+
     def fit(self, core: AdapterCore, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Trainable tensors whose ΔW is the least-squares fit of `target` (d × k, float64) within this method's
         form: the quantization-aware initialisation of nora.loftq. A method without one refuses."""

@@ -203,6 +203,11 @@ class TrainConfig:
             raise AdapterError("--quantize with --fsdp is not supported: shard a quantized base with DDP instead.")
         if self.task in ("image-cls", "dreambooth"):
             raise AdapterError(f"--quantize loads transformers text models in bitsandbytes; not --task {self.task}.")
+        if self.loftq and not get_method(self.method).has_fit:
+            raise AdapterError(
+                f"--loftq fits the adapter to the quantization error by least squares; --method {self.method} has no "
+                "such fit: use lora, pissa, nora, lora-xs or svfit, or leave --loftq out."
+            )
 
     def _check_resume(self) -> None:
         if self.resume_changes and not self.resume:
