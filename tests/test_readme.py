@@ -1,0 +1,376 @@
+"""The README is tested: every fenced code block runs as written, offline, and the figures it quotes are checked.
+
+Each block is one test, named by its section (or by the bold lead of the paragraph before it), run in a scratch
+folder holding the small data files the blocks name, with `HF_HUB_OFFLINE=1` and a private Hugging Face cache that
+the README's own `nora hub-cache` block fills. Python blocks run as scripts; shell blocks through `bash -e`; a YAML
+block is saved under the name its first line's `nora train --config NAME` command gives and run by that command.
+`pip install` commands are checked to be satisfied in this environment rather than re-run, and a `pytest` line
+must be the one `.ci/run` runs (CI runs it, from a fresh venv). Blocks run in README order in two lanes (those
+on SmolLM2 and the rest), one process each, so the suite's second core is used.
+
+Benchmark commands beside the tables take hours; they are inline (not blocks) and checked against their
+scripts' argument parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SHARED, shared_path
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+README = ROOT / "README.md"
+CI_RUN = ROOT / ".ci" / "run"
+SMOLLM2_LANE = re.compile(r"SmolLM2|runs/smol\b|my-adapter|nora hub-cache")
+YAML_COMMAND = re.compile(r"#\s*(nora train --config (\S+).*)")
+
+
+@dataclass(frozen=True)
+class Block:
+    id: str
+    section: str
+    line: int
+    lang: str
+    text: str
+
+
+@dataclass
+class Run:
+    ok: bool
+    output: str
+    seconds: float
+
+
+@dataclass
+class ReadmeRuns:
+    root: Path  # one scratch folder per lane under it
+    runs: dict[str, Run]
+
+    def folder(self, block_id: str) -> Path:
+        block = next(b for b in BLOCKS if b.id == block_id)
+        return self.root / ("smollm2" if SMOLLM2_LANE.search(block.text) else "other") / "work"
+
+
+def slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower().replace("'", "")).strip("-")
+
+
+def readme_blocks(markdown: str) -> list[Block]:
+    """Every fenced block, with the id of its section (or of the bold lead of a paragraph above it)."""
+    blocks: list[Block] = []
+    section, label, fence, start, body = "", "", None, 0, []
+    for number, line in enumerate(markdown.splitlines(), 1):
+        if fence is not None:
+            if line.startswith("```"):
+                blocks.append(Block(label, section, start, fence, "\n".join(body) + "\n"))
+                fence = None
+            else:
+                body.append(line)
+        elif line.startswith("```"):
+            fence, start, body = line[3:].strip() or "text", number, []
+        elif line.startswith("#"):
+            section = line.lstrip("#").strip()
+            label = slug(section)
+        elif line.startswith("**"):
+            label = slug(line[2:].split("**")[0])
+    seen: dict[str, int] = {}
+    unique = []
+    for b in blocks:
+        seen[b.id] = seen.get(b.id, 0) + 1
+        unique.append(Block(b.id if seen[b.id] == 1 else f"{b.id}-{seen[b.id]}", b.section, b.line, b.lang, b.text))
+    return unique
+
+
+BLOCKS = readme_blocks(README.read_text())
+
+
+def ci_command() -> str:
+    lines = [line for line in CI_RUN.read_text().splitlines() if "&& pytest" in line]
+    assert len(lines) == 1, f"{CI_RUN} should run the README's test command on one line"
+    return lines[0]
+
+
+def logical_lines(text: str) -> list[str]:
+    return text.replace("\\\n", " ").splitlines()
+
+
+def unsatisfied(command: str) -> list[str]:
+    """What a `pip install ...` command would still have to install here (nothing: it is satisfied)."""
+    args, wanted = shlex.split(command)[2:], []
+    while args:
+        arg = args.pop(0)
+        if arg in ("-e", "--editable"):  # this project: ".[dev]" -> nora-peft, its dependencies and the dev extra's
+            extras = Requirement("nora-peft" + args.pop(0).removeprefix(".")).extras or {""}
+            wanted.append(Requirement("nora-peft"))
+            for spec in metadata.requires("nora-peft") or []:
+                req = Requirement(spec)
+                if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):
+                    wanted.append(req)
+        elif not arg.startswith("-"):
+            wanted.append(Requirement(arg))
+    missing = []
+    for req in wanted:
+        try:
+            version = metadata.version(canonicalize_name(req.name))
+        except metadata.PackageNotFoundError:
+            missing.append(f"{req} is not installed")
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            missing.append(f"{req} is not satisfied by the installed {req.name} {version}")
+    return missing
+
+
+def shell_script(block: Block) -> tuple[str, list[str]]:
+    """The block as bash runs it, with its pip/pytest commands checked here instead; the problems found."""
+    kept, problems = [], []
+    for line in logical_lines(block.text):
+        parts = [p.strip() for p in line.split("&&")]
+        if not any(p.startswith(("pip install", "pytest")) for p in parts):
+            kept.append(line)
+            continue
+        rest = []
+        for part in parts:
+            if part.startswith("pip install"):
+                problems += [f"`{part}`: {m}" for m in unsatisfied(part.split("#")[0])]
+            elif part.startswith("pytest"):
+                ci = ci_command()
+                if line != ci and not (line.strip() == "pytest" and ci.endswith("&& pytest")):
+                    problems.append(f"`{line}` is not the test command .ci/run runs:\n    {ci}")
+            else:
+                rest.append(part)
+        if rest:
+            kept.append(" && ".join(rest))
+    return "\n".join(kept) + "\n", problems
+
+
+def run_block(block: Block, folder: Path, env: dict[str, str], timeout: float = 900) -> Run:
+    """Run one block in `folder`; ok when it exits 0 (and its pip/pytest lines hold)."""
+    start = time.perf_counter()
+    problems: list[str] = []
+    script = folder / f"readme-{block.id}"
+    if block.lang == "python":
+        script = script.with_suffix(".py")
+        script.write_text(block.text)
+        command = [sys.executable, script.name]
+    elif block.lang in ("bash", "sh", "shell"):
+        text, problems = shell_script(block)
+        script = script.with_suffix(".sh")
+        script.write_text(text)
+        command = ["bash", "-e", "-x", "-o", "pipefail", script.name]
+    elif block.lang == "yaml":
+        found = YAML_COMMAND.match(block.text.splitlines()[0])
+        if found is None:
+            return Run(False, "a YAML block's first line must be the command that runs it: # nora train --config X", 0)
+        (folder / found.group(2)).write_text(block.text)
+        command = ["bash", "-e", "-x", "-c", found.group(1)]
+    else:
+        return Run(False, f"no way to run a {block.lang!r} block: mark it bash, python or yaml", 0)
+    try:
+        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+        ok, output = done.returncode == 0, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        ok, output = False, f"timed out after {timeout:.0f} s\n{e.stdout or ''}{e.stderr or ''}"
+    output = "\n".join(problems + [output])
+    return Run(ok and not problems, output, time.perf_counter() - start)
+
+
+def block_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MPLBACKEND="Agg",
+        COLUMNS="200", NO_COLOR="1", TOKENIZERS_PARALLELISM="false",
+    )  # fmt: skip
+    return env
+
+
+def copy_images(source: Path, target: Path, count: int, skip: int = 0) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for image in sorted(source.glob("*.jpg"))[skip : skip + count]:
+        shutil.copy(image, target / image.name)
+
+
+def user_files(folder: Path) -> None:
+    """The data files the README's blocks name, a handful of rows each, beside `../shared` as in the repository."""
+    (folder.parent / "shared").symlink_to(SHARED)
+    sums = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a, b in ((1, 2), (3, 4))]
+    colours = [{"instruction": "Name the colour of the sky.", "input": "", "output": "blue"}] * 2
+    (folder / "train.json").write_text(json.dumps(sums + colours))
+    sentiment = [("a wonderful and moving film", 1), ("dull and far too long", 0), ("I loved every minute", 1),
+                 ("a waste of an evening", 0), ("sharp and funny", 1), ("the plot makes no sense", 0)]  # fmt: skip
+    csv = "text,label\n" + "".join(f"{t},{y}\n" for t, y in sentiment)
+    (folder / "train.csv").write_text(csv)
+    (folder / "dev.csv").write_text(csv)
+    (folder / "any").mkdir()
+    (folder / "any" / "dev.csv").write_text(csv)
+    (folder / "SST-2").mkdir()
+    sst2 = (shared_path("data", "glue", "SST-2", "train.tsv")).read_text().splitlines()
+    (folder / "SST-2" / "train.tsv").write_text("\n".join(sst2[:13]) + "\n")
+    (folder / "STS-B").mkdir()
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    pairs = [("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+             ("A dog runs in the park.", "A cat sleeps on a sofa.", 0.4),
+             ("Two women are cooking.", "Two women are preparing food.", 4.2),
+             ("A child is reading a book.", "The weather is cold today.", 0.0),
+             ("A plane is taking off.", "An airplane is departing.", 4.6),
+             ("A boy kicks a ball.", "A girl sings a song.", 0.8)]  # fmt: skip
+    rows = "".join(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{s}\n" for i, (a, b, s) in enumerate(pairs))
+    for split in ("train", "dev"):
+        (folder / "STS-B" / f"{split}.tsv").write_text(header + rows)
+    cifar = shared_path("data", "vision", "cifar10")
+    for split, count in (("train", 4), ("test", 2)):
+        for cls in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
+            copy_images(cls, folder / "cifar10" / split / cls.name, count)
+    copy_images(cifar / "train" / "dog", folder / "dog", 4)
+    copy_images(cifar / "train" / "dog", folder / "dogs", 4, skip=4)
+
+
+def run_lanes(blocks: list[Block], root: Path, env: dict[str, str]) -> dict[str, Run]:
+    """Every block, in README order within its lane; a block after `nora hub-cache` waits for it to finish."""
+    lanes: dict[str, list[Block]] = {"smollm2": [], "other": []}
+    for b in blocks:
+        lanes["smollm2" if SMOLLM2_LANE.search(b.text) else "other"].append(b)
+    hub_ready = threading.Event()
+    cache_block = next((b for b in blocks if "nora hub-cache" in b.text), None)
+    if cache_block is None:
+        hub_ready.set()
+    results: dict[str, Run] = {}
+
+    def lane(name: str) -> None:
+        folder = root / name / "work"
+        folder.mkdir(parents=True)
+        user_files(folder)
+        for b in lanes[name]:
+            if cache_block is not None and b.line > cache_block.line:
+                hub_ready.wait()
+            try:
+                results[b.id] = run_block(b, folder, env)
+            finally:
+                if b is cache_block:
+                    hub_ready.set()
+
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        for future in [pool.submit(lane, name) for name in lanes]:
+            future.result()
+    return results
+
+
+@pytest.fixture(scope="session")
+def readme(tmp_path_factory) -> ReadmeRuns:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (the README's examples read its data)")
+    root = tmp_path_factory.mktemp("readme")
+    start = time.perf_counter()
+    results = run_lanes(BLOCKS, root, block_env(root / "hf-home"))
+    timings = ", ".join(f"{k} {r.seconds:.0f} s" for k, r in results.items())
+    print(f"\nREADME blocks: {time.perf_counter() - start:.0f} s in all ({timings})")
+    return ReadmeRuns(root, results)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_readme_block_runs(block: Block, readme: ReadmeRuns) -> None:
+    run = readme.runs[block.id]
+    assert run.ok, f"README.md line {block.line} ({block.section}, ```{block.lang}) failed:\n{run.output[-6000:]}"
+
+
+def test_the_first_block_is_what_ci_runs() -> None:
+    first = logical_lines(BLOCKS[0].text)
+    assert first[1] == ci_command(), "the README's second command and .ci/run's must be the same line"
+    assert first[0].endswith("&& nora demo")
+
+
+def test_the_demo_figures_are_what_nora_demo_prints(readme: ReadmeRuns) -> None:
+    results = json.loads((readme.folder(BLOCKS[0].id) / "runs" / "demo" / "results.json").read_text())
+    rows = re.findall(r"^\| (NoRA|LoRA) \(.*?\) \| ([\d.]+) % → ([\d.]+) % \| .*? \| ([\d,]+) \| ([\d,]+) KiB \|$",
+                      README.read_text(), re.M)  # fmt: skip
+    assert [r[0].lower() for r in rows] == [r["method"] for r in results]
+    for (_, before, after, params, kib), r in zip(rows, results, strict=True):
+        assert int(params.replace(",", "")) == r["trainable_params"]
+        assert kib == f"{r['adapter_bytes'] / 2**10:,.0f}"  # as nora demo prints it
+        # accuracy on 320 sentences: a sentence or two either way on another CPU
+        assert abs(float(before) - 100 * r["accuracy_before"]) <= 1.0
+        assert abs(float(after) - 100 * r["accuracy_after"]) <= 1.0
+
+
+def test_the_ten_line_figures_are_what_the_block_prints(readme: ReadmeRuns) -> None:
+    text = README.read_text()
+    section = text[text.index("## Ten lines of Python") : text.index("## In transformers' Trainer")]
+    params = re.search(r"([\d,]+) trainable parameters \(([\d.]+) %\)", section)
+    size = re.search(r"adapter_model.safetensors` ([\d,]+) bytes", section)
+    peft = re.search(r"the PEFT export is\s+([\d.]+) MB", section)
+    assert params and size and peft, "the figures after the block moved: update this test"
+    assert f"trainable params: {params.group(1)} ||" in readme.runs["ten-lines-of-python"].output
+    folder = readme.folder("ten-lines-of-python")
+    assert (folder / "my-adapter" / "adapter_model.safetensors").stat().st_size == int(size.group(1).replace(",", ""))
+    peft_bytes = (folder / "my-adapter-peft" / "adapter_model.safetensors").stat().st_size
+    assert round(peft_bytes / 1e6, 1) == float(peft.group(1))
+
+
+class _Parsed(Exception):
+    pass
+
+
+BENCHMARK_COMMANDS = sorted(
+    {" ".join(c.split()) for c in re.findall(r"`(python\s+benchmarks/[^`]+)`", README.read_text())}
+)
+
+
+@pytest.mark.parametrize("command", BENCHMARK_COMMANDS)
+def test_a_benchmark_command_beside_a_table_parses(command: str, monkeypatch, capsys) -> None:
+    """The command runs for hours; its options must at least be the script's."""
+    argv = shlex.split(command)[1:]
+    script = ROOT / argv[0]
+    assert script.is_file(), f"{command}: no script {script}"
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", [str(script), *argv[1:]])
+    monkeypatch.syspath_prepend(str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except _Parsed:
+        return
+    except SystemExit:
+        pytest.fail(f"{command}: its script refuses the arguments:\n{capsys.readouterr().err}")
+    pytest.fail(f"{command}: the script ended without parsing arguments")
+
+
+def test_an_edited_block_fails(tmp_path) -> None:
+    """What the harness reports when a block no longer runs: a name used but never defined, a misspelt option, a
+    YAML key that does not exist, a pip command this environment does not satisfy, a changed test command."""
+    edited = readme_blocks(
+        "## Fragment\n```python\nmodel.print_trainable_parameters()\n```\n"
+        "**Misspelt option**\n```bash\nnora train --model x --lerning-rate 1e-3\n```\n"
+        "**YAML**\n```yaml\n# nora train --config run.yaml\nmodel: x\nlerning_rate: 1e-3\n```\n"
+        "## Install\n```bash\npip install torch==1.0.0\n```\n"
+        "## Tests\n```bash\npytest -x\n```\n"
+    )
+    assert [b.id for b in edited] == ["fragment", "misspelt-option", "yaml", "install", "tests"]
+    env = block_env(tmp_path / "hf-home")
+    runs = {b.id: run_block(b, tmp_path, env, timeout=120) for b in edited}
+    assert not any(r.ok for r in runs.values())
+    assert "NameError: name 'model' is not defined" in runs["fragment"].output
+    assert "--lerning-rate" in runs["misspelt-option"].output
+    assert "lerning_rate" in runs["yaml"].output
+    assert "torch==1.0.0 is not satisfied" in runs["install"].output
+    assert "is not the test command .ci/run runs" in runs["tests"].output
