@@ -5,8 +5,8 @@ folder holding the small data files the blocks name, with `HF_HUB_OFFLINE=1` and
 the README's own `nora hub-cache` block fills. Python blocks run as scripts; shell blocks through `bash -e`; a YAML
 block is saved under the name its first line's `nora train --config NAME` command gives and run by that command.
 `pip install` commands are checked to be satisfied in this environment rather than re-run, and a `pytest` line
-must be the one `.ci/run` runs (CI runs it, from a fresh venv). Blocks run in README order in two lanes (those
-on SmolLM2 and the rest), one process each, so the suite's second core is used.
+must be the one `.ci/run` runs (CI runs it, from a fresh venv). Blocks run in README order, two at a time (one
+thread each), so the suite's second core is used.
 
 Benchmark commands beside the tables take hours; they are inline (not blocks) and checked against their
 scripts' argument parsers.
@@ -37,7 +37,7 @@ from packaging.utils import canonicalize_name
 
 README = ROOT / "README.md"
 CI_RUN = ROOT / ".ci" / "run"
-SMOLLM2_LANE = re.compile(r"SmolLM2|runs/smol\b|my-adapter|nora hub-cache")
+LOADS_EARLIER = {"many-adapters-in-one-batch"}  # loads adapters that blocks above it saved
 YAML_COMMAND = re.compile(r"#\s*(nora train --config (\S+).*)")
 
 
@@ -59,12 +59,8 @@ class Run:
 
 @dataclass
 class ReadmeRuns:
-    root: Path  # one scratch folder per lane under it
+    folder: Path  # where the blocks ran
     runs: dict[str, Run]
-
-    def folder(self, block_id: str) -> Path:
-        block = next(b for b in BLOCKS if b.id == block_id)
-        return self.root / ("smollm2" if SMOLLM2_LANE.search(block.text) else "other") / "work"
 
 
 def slug(title: str) -> str:
@@ -187,6 +183,7 @@ def run_block(block: Block, folder: Path, env: dict[str, str], timeout: float = 
     except subprocess.TimeoutExpired as e:
         ok, output = False, f"timed out after {timeout:.0f} s\n{e.stdout or ''}{e.stderr or ''}"
     output = "\n".join(problems + [output])
+    script.with_suffix(".log").write_text(output)
     return Run(ok and not problems, output, time.perf_counter() - start)
 
 
@@ -209,11 +206,12 @@ def copy_images(source: Path, target: Path, count: int, skip: int = 0) -> None:
 def user_files(folder: Path) -> None:
     """The data files the README's blocks name, a handful of rows each, beside `../shared` as in the repository."""
     (folder.parent / "shared").symlink_to(SHARED)
-    sums = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a, b in ((1, 2), (3, 4))]
-    colours = [{"instruction": "Name the colour of the sky.", "input": "", "output": "blue"}] * 2
+    sums = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"} for a in (1, 2) for b in (3, 4)]
+    colours = [{"instruction": "Name the colour of the sky.", "input": "", "output": "blue"}] * 4
     (folder / "train.json").write_text(json.dumps(sums + colours))
     sentiment = [("a wonderful and moving film", 1), ("dull and far too long", 0), ("I loved every minute", 1),
-                 ("a waste of an evening", 0), ("sharp and funny", 1), ("the plot makes no sense", 0)]  # fmt: skip
+                 ("a waste of an evening", 0), ("sharp and funny", 1), ("the plot makes no sense", 0),
+                 ("a joy to watch", 1), ("I want my money back", 0)]  # fmt: skip
     csv = "text,label\n" + "".join(f"{t},{y}\n" for t, y in sentiment)
     (folder / "train.csv").write_text(csv)
     (folder / "dev.csv").write_text(csv)
@@ -241,32 +239,45 @@ def user_files(folder: Path) -> None:
     copy_images(cifar / "train" / "dog", folder / "dogs", 4, skip=4)
 
 
-def run_lanes(blocks: list[Block], root: Path, env: dict[str, str]) -> dict[str, Run]:
-    """Every block, in README order within its lane; a block after `nora hub-cache` waits for it to finish."""
-    lanes: dict[str, list[Block]] = {"smollm2": [], "other": []}
+def chains(blocks: list[Block]) -> list[list[Block]]:
+    """Blocks that run one after the other: those of one paragraph lead (`dreambooth`, `dreambooth-2`, ...)."""
+    out: list[list[Block]] = []
     for b in blocks:
-        lanes["smollm2" if SMOLLM2_LANE.search(b.text) else "other"].append(b)
-    hub_ready = threading.Event()
-    cache_block = next((b for b in blocks if "nora hub-cache" in b.text), None)
-    if cache_block is None:
-        hub_ready.set()
+        if out and re.sub(r"-\d+$", "", b.id) == out[-1][0].id:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
+
+
+def run_blocks(blocks: list[Block], folder: Path, env: dict[str, str], workers: int = 2) -> dict[str, Run]:
+    """Every block, in one folder as a reader following the README would, `workers` chains at a time, taken in
+    README order. A chain after the `nora hub-cache` block waits for it, and one in LOADS_EARLIER for every
+    chain before it: a chain only waits for earlier ones, all already taken, so none waits forever."""
+    queue = chains(blocks)
+    done = {id(chain): threading.Event() for chain in queue}
+    cache = next((i for i, chain in enumerate(queue) if any("nora hub-cache" in b.text for b in chain)), None)
     results: dict[str, Run] = {}
+    lock = threading.Lock()
 
-    def lane(name: str) -> None:
-        folder = root / name / "work"
-        folder.mkdir(parents=True)
-        user_files(folder)
-        for b in lanes[name]:
-            if cache_block is not None and b.line > cache_block.line:
-                hub_ready.wait()
-            try:
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue_left:
+                    return
+                index, chain = queue_left.pop(0)
+            waits = queue[:index] if chain[0].id in LOADS_EARLIER else []
+            if cache is not None and index > cache:
+                waits.append(queue[cache])
+            for earlier in waits:
+                done[id(earlier)].wait()
+            for b in chain:
                 results[b.id] = run_block(b, folder, env)
-            finally:
-                if b is cache_block:
-                    hub_ready.set()
+            done[id(chain)].set()
 
-    with ThreadPoolExecutor(len(lanes)) as pool:
-        for future in [pool.submit(lane, name) for name in lanes]:
+    queue_left = list(enumerate(queue))
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(worker) for _ in range(workers)]:
             future.result()
     return results
 
@@ -276,11 +287,14 @@ def readme(tmp_path_factory) -> ReadmeRuns:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (the README's examples read its data)")
     root = tmp_path_factory.mktemp("readme")
+    folder = root / "work"
+    folder.mkdir()
+    user_files(folder)
     start = time.perf_counter()
-    results = run_lanes(BLOCKS, root, block_env(root / "hf-home"))
-    timings = ", ".join(f"{k} {r.seconds:.0f} s" for k, r in results.items())
+    results = run_blocks(BLOCKS, folder, block_env(root / "hf-home"))
+    timings = ", ".join(f"{k} {r.seconds:.0f} s{'' if r.ok else ' FAILED'}" for k, r in results.items())
     print(f"\nREADME blocks: {time.perf_counter() - start:.0f} s in all ({timings})")
-    return ReadmeRuns(root, results)
+    return ReadmeRuns(folder, results)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
@@ -296,16 +310,27 @@ def test_the_first_block_is_what_ci_runs() -> None:
 
 
 def test_the_demo_figures_are_what_nora_demo_prints(readme: ReadmeRuns) -> None:
-    results = json.loads((readme.folder(BLOCKS[0].id) / "runs" / "demo" / "results.json").read_text())
-    rows = re.findall(r"^\| (NoRA|LoRA) \(.*?\) \| ([\d.]+) % → ([\d.]+) % \| .*? \| ([\d,]+) \| ([\d,]+) KiB \|$",
-                      README.read_text(), re.M)  # fmt: skip
-    assert [r[0].lower() for r in rows] == [r["method"] for r in results]
+    text, demo = README.read_text(), readme.folder / "runs" / "demo"
+    results = json.loads((demo / "results.json").read_text())
+    rows = re.findall(
+        r"^\| (NoRA|LoRA) \(.*?\) \| ([\d.]+) % → ([\d.]+) % \| .*? \| ([\d,]+) \| ([\d,]+) KiB \|$", text, re.M
+    )
+    assert [r[0].lower() for r in rows] == [r["method"] for r in results] == ["nora", "lora"]
     for (_, before, after, params, kib), r in zip(rows, results, strict=True):
-        assert int(params.replace(",", "")) == r["trainable_params"]
-        assert kib == f"{r['adapter_bytes'] / 2**10:,.0f}"  # as nora demo prints it
+        assert params == f"{r['trainable_params']:,}" and kib == f"{r['adapter_bytes'] / 2**10:,.0f}"  # as printed
         # accuracy on 320 sentences: a sentence or two either way on another CPU
         assert abs(float(before) - 100 * r["accuracy_before"]) <= 1.0
         assert abs(float(after) - 100 * r["accuracy_after"]) <= 1.0
+        assert (demo / r["method"] / "adapter" / "adapter_model.safetensors").is_file()
+        assert (demo / r["method"] / "curves.png").is_file()
+    found = re.search(r"After (\d+) steps NoRA's test loss was ([\d.]+) \(([\d.]+) % accuracy\)\s+and LoRA's ([\d.]+) "
+                      r"\(([\d.]+) %\)", text)  # fmt: skip
+    assert found, "the demo's mid-run figures moved: update this test"
+    step = int(found.group(1))
+    for method, loss, accuracy in (("nora", *found.group(2, 3)), ("lora", *found.group(4, 5))):
+        logged = [json.loads(line) for line in (demo / method / "log.jsonl").read_text().splitlines()]
+        record = next(r for r in logged if r["step"] == step and "eval_loss" in r)
+        assert abs(record["eval_loss"] - float(loss)) <= 0.02 and abs(100 * record["eval_acc"] - float(accuracy)) <= 1
 
 
 def test_the_ten_line_figures_are_what_the_block_prints(readme: ReadmeRuns) -> None:
@@ -316,7 +341,7 @@ def test_the_ten_line_figures_are_what_the_block_prints(readme: ReadmeRuns) -> N
     peft = re.search(r"the PEFT export is\s+([\d.]+) MB", section)
     assert params and size and peft, "the figures after the block moved: update this test"
     assert f"trainable params: {params.group(1)} ||" in readme.runs["ten-lines-of-python"].output
-    folder = readme.folder("ten-lines-of-python")
+    folder = readme.folder
     assert (folder / "my-adapter" / "adapter_model.safetensors").stat().st_size == int(size.group(1).replace(",", ""))
     peft_bytes = (folder / "my-adapter-peft" / "adapter_model.safetensors").stat().st_size
     assert round(peft_bytes / 1e6, 1) == float(peft.group(1))
