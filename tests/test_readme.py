@@ -227,7 +227,8 @@ def user_files(folder: Path) -> None:
              ("Two women are cooking.", "Two women are preparing food.", 4.2),
              ("A child is reading a book.", "The weather is cold today.", 0.0),
              ("A plane is taking off.", "An airplane is departing.", 4.6),
-             ("A boy kicks a ball.", "A girl sings a song.", 0.8)]  # fmt: skip
+             ("A boy kicks a ball.", "A girl sings a song.", 0.8), ("The sun is shining.", "It is sunny.", 4.4),
+             ("A woman slices onions.", "A man drives a truck.", 0.2)]  # fmt: skip
     rows = "".join(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{s}\n" for i, (a, b, s) in enumerate(pairs))
     for split in ("train", "dev"):
         (folder / "STS-B" / f"{split}.tsv").write_text(header + rows)
