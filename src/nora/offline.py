@@ -92,12 +92,12 @@ def place_model(model: OfflineModel, cache_dir: Path | None = None) -> Path:
     current = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
     if current is not None and current.is_dir() and not (current / MARKER).is_file():
         return current  # downloaded from the hub: the real checkpoint wins
+    from .atomic import atomic_replace_dir, atomic_write_bytes
+
     version = importlib.metadata.version(model.distribution)
     revision = hashlib.sha1(f"{model.hub_id}|{model.distribution}=={version}".encode()).hexdigest()
     snapshot = repo / "snapshots" / revision
     if not (snapshot / MARKER).is_file():
-        from .atomic import atomic_replace_dir, atomic_write_bytes
-
         source = model.files()
 
         def build(tmp: Path) -> None:
@@ -110,10 +110,7 @@ def place_model(model: OfflineModel, cache_dir: Path | None = None) -> Path:
             )
 
         atomic_replace_dir(build, snapshot)
-        atomic_write_bytes(revision.encode(), ref)
-    elif current != snapshot:
-        from .atomic import atomic_write_bytes
-
+    if current != snapshot:
         atomic_write_bytes(revision.encode(), ref)
     return snapshot
 
