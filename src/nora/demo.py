@@ -92,7 +92,7 @@ def make_task(directory: Path, seed: int = 0, per_word: int = len(TEMPLATES)) ->
 def run_demo(
     output_dir: str | Path = "runs/demo",
     methods: tuple[str, ...] = ("nora", "lora"),
-    steps: int = 60,
+    steps: int = 30,
     batch_size: int = 16,
     per_word: int = len(TEMPLATES),
     progress: bool = True,
@@ -100,14 +100,14 @@ def run_demo(
     eval_steps: int | None = None,
 ) -> list[DemoRow]:
     """Train each method for the same number of steps on the generated task; report held-out accuracy (before,
-    every `eval_steps` steps, by default a fifth of the run, and after)."""
+    every `eval_steps` steps, by default a third of the run, and after)."""
     from .training import TrainConfig, train
 
     output_dir = Path(output_dir)
     train_file, test_file = make_task(output_dir / "data", per_word=per_word)
     model = str(minilm_dir())
     rows = []
-    eval_steps = max(steps // 5, 1) if eval_steps is None else eval_steps
+    eval_steps = max(steps // 3, 1) if eval_steps is None else eval_steps
     for method in methods:
         config = TrainConfig(
             model=model, task="seq-cls", data=str(train_file), eval_data=str(test_file), method=method,

@@ -16,7 +16,7 @@ def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where adapters, logs and plots go.")] = Path(
         "runs/demo"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per method (the same budget for each).")] = 60,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per method (the same budget for each).")] = 30,
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "nora,lora",
     threads: Annotated[
         int, typer.Option(min=1, help="CPU threads (1: the same figures every run, and no stalls on a busy machine).")
