@@ -41,7 +41,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["nora.io", "nora.state", "nora.resident", "nora.accel", "nora.peft_import"], 5),
     **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 6),
     **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 7),
-    **dict.fromkeys(["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.hf_trainer"], 8),
+    **dict.fromkeys(
+        ["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.offline", "nora.hf_trainer"], 8
+    ),
     **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 9),
 }
 

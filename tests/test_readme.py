@@ -193,6 +193,7 @@ def block_env(home: Path) -> dict[str, str]:
         HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MPLBACKEND="Agg",
         COLUMNS="200", NO_COLOR="1", TOKENIZERS_PARALLELISM="false",
+        NORA_BASIS_CACHE=str(home / "bases"),  # the README's Files section: each base's SVD computed once
     )  # fmt: skip
     return env
 

@@ -294,3 +294,24 @@ def test_a_basis_cache_file_with_one_flipped_bit_is_recomputed_not_used(tmp_path
     for name, layer in again.layers().items():
         basis = next(iter(layer.bases.values()))
         assert torch.equal(basis.A, bases[name].A) and torch.equal(basis.B, bases[name].B)
+
+
+def test_nora_basis_cache_names_the_cache_folder_where_the_config_names_none(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from conftest import tiny_llama
+
+    monkeypatch.setenv("NORA_BASIS_CACHE", str(tmp_path / "env"))
+    first = nora.get_peft_model(tiny_llama(), nora.NoraConfig(r=8, inner_r=2))
+    files = sorted(Path(tmp_path / "env").glob("*.safetensors"))
+    assert len(files) == len(first.layers())  # one basis file per adapted matrix
+    BASIS_CACHE.clear()
+    own = tmp_path / "own"
+    nora.get_peft_model(tiny_llama(), nora.NoraConfig(r=8, inner_r=2, basis_cache_dir=str(own)))
+    assert len(list(own.glob("*.safetensors"))) == len(files)  # the config's folder wins over the variable
+    BASIS_CACHE.clear()
+    again = nora.get_peft_model(tiny_llama(), nora.NoraConfig(r=8, inner_r=2))
+    assert BASIS_CACHE.hits == len(files) and BASIS_CACHE.misses == 0  # every basis read back from the folder
+    for name, layer in again.layers().items():
+        basis, before = next(iter(layer.bases.values())), next(iter(first.layers()[name].bases.values()))
+        assert torch.equal(basis.A, before.A) and torch.equal(basis.B, before.B)

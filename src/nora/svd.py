@@ -236,6 +236,11 @@ def place(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, placement: str) ->
     raise AdapterError(f"placement={placement!r} is not one of {PLACEMENTS}.")
 
 
+def cache_directory(directory: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The basis cache folder: the config's `basis_cache_dir`, else $NORA_BASIS_CACHE where set, else none."""
+    return directory if directory is not None else os.environ.get("NORA_BASIS_CACHE") or None
+
+
 class BasisCache:
     """SVD factors keyed by fingerprint: a bounded in-memory LRU (CPU tensors) and an optional directory of
     safetensors files, so N adapters on one base, or repeated runs, compute each SVD once."""
@@ -255,6 +260,7 @@ class BasisCache:
         """The factors under `key`, or None (a miss). A file in `directory` is used only if nora wrote it for this
         key and (given `expect`: shapes by name, dtype) it holds exactly those finite tensors; else it is recomputed
         (and rewritten)."""
+        directory = cache_directory(directory)
         if key in self._mem:
             self._mem.move_to_end(key)
             self.hits += 1
@@ -272,6 +278,7 @@ class BasisCache:
         return None
 
     def put(self, key: str, factors: dict[str, torch.Tensor], directory: str | os.PathLike | None) -> None:
+        directory = cache_directory(directory)
         nbytes = sum(v.numel() * v.element_size() for v in factors.values())
         if nbytes > self.max_bytes and directory is None:
             return  # larger than the whole budget: do not pay for a device→host copy only to evict it
