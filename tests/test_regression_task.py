@@ -73,5 +73,9 @@ def test_a_label_that_is_not_a_number_names_its_row_and_column(tmp_path):
     rows[5]["score"] = "high"
     with pytest.raises(AdapterError, match=r"train.json.*label 'high' in column 'score' is not a finite number"):
         train(_config(tmp_path, rows))
+    rows = pairs(8, 1)
+    rows[2]["score"] = "1e308"  # finite, but its square is not (in float32 the value itself is not)
+    with pytest.raises(AdapterError, match=r"label '1e308' in column 'score' is too large .* scale the targets"):
+        train(_config(tmp_path, rows))
     with pytest.raises(AdapterError, match=r"'rating'"):
         train(_config(tmp_path, pairs(8, 1), label_column="rating"))

@@ -213,8 +213,17 @@ def encode_regression(
                 f"{where_of(row, source)}: label {label!r} in column {label_column!r} is not a finite number; "
                 "--task regression learns numeric targets: fix the row, or choose the column with --label-column."
             )
+        if abs(value) > MAX_TARGET:
+            raise AdapterError(
+                f"{where_of(row, source)}: label {label!r} in column {label_column!r} is too large for the float32 "
+                f"mean squared error (beyond ±{MAX_TARGET:.0e} its square overflows to inf): scale the targets "
+                "(e.g. to standard units) and train again."
+            )
         targets.append(value)
     return _encode_texts(rows, tokenizer, max_length, text_column, text_pair_column, targets, source, [])
+
+
+MAX_TARGET = 1e18  # a regression target's square (and its error's) must stay finite in float32 (max ≈ 3.4e38)
 
 
 def _encode_texts(
