@@ -79,7 +79,7 @@ _DEFAULT = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 OPTIONS: tuple[CliOption, ...] = (
     CliOption("config", Path, None, Opt(help="YAML file of options (keys as below, e.g. learning_rate: 1e-3).")),
-    CliOption("model", str, "model", Opt(help="Base model: a Hugging Face hub id or a local directory.")),
+    CliOption("model", str, "model", Opt(help="Base model: a Hugging Face hub id, a local directory or a .gguf file.")),
     CliOption("task", str, "task", Opt(help=_choices(TASKS, _DEFAULT["task"]))),
     CliOption("data", str, "data", Opt(help="Training data: .json/.jsonl/.csv/.tsv/.txt, a directory, a hub name.")),
     CliOption("eval_data", str, "eval_data", Opt(help="Evaluation data, same formats.")),
@@ -114,7 +114,7 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption(
         "target_modules", list[str], "target_modules", Opt(help="Module names/regex to adapt (default all-linear).")
     ),
-    CliOption("gguf_file", str, "gguf_file", Opt(help="Load this GGUF file from the --model directory.")),
+    CliOption("gguf_file", str, "gguf_file", Opt(help="GGUF file in the --model folder (or its path as --model).")),
     CliOption("quantize", str, "quantize", Opt(help="Load the base quantized: nf4 or fp4 (4-bit, QLoRA) or int8.")),
     CliOption("loftq", bool, "loftq", Opt(help="With --quantize: start the adapter fitted to the quantization error.")),
     CliOption("max_length", int, "max_length", Opt(help="Longest sequence in tokens; longer ones are truncated.")),
