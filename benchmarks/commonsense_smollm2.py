@@ -5,7 +5,7 @@
 Both adapters are trained by nora's own engine (`nora.training.train`, what `nora train` runs) on one mixture of
 the commonsense train sets present under --data-dir (boolq, ARC-Easy, ARC-Challenge, openbookqa; causal LM, the
 prompt masked out of the loss), with the same steps, batch, max_length, seed and examples, each with its method's
-default learning rate and adapter shape (Method.default_lr and the config class defaults) unless a flag overrides them. A small
+default learning rate and adapter shape (default_lr, config defaults) unless a flag overrides them. A small
 seeded held-out share of the mixture (--eval-fraction) gives the loss before and after training.
 
 Every model is then scored with `nora.evaluation.evaluate_tasks` on the commonsense test sets present, on the same
@@ -193,9 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-nora", type=float, default=None, help="default: the method's default_lr")
     parser.add_argument("--lr-lora", type=float, default=None, help="default: the method's default_lr")
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
-    parser.add_argument("--nora-r", type=int, default=None, help="NoRA outer rank (default: its config class default)")
-    parser.add_argument("--nora-inner-r", type=int, default=None, help="NoRA inner rank (default: its config class default)")
-    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank, alpha = 2r (default: its config class default)")
+    parser.add_argument("--nora-r", type=int, default=None, help="NoRA outer rank (default: NoraConfig())")
+    parser.add_argument("--nora-inner-r", type=int, default=None, help="NoRA inner rank (default: NoraConfig())")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank, alpha = 2r (default: LoraConfig())")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
