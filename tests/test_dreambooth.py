@@ -1,7 +1,7 @@
 """`--task dreambooth` on a tiny Stable-Diffusion-style pipeline built from configs (UNet, VAE, CLIP text encoder,
-a word-level tokenizer made here) and real CIFAR-10 dog photos: training lowers the noise-prediction loss, the
-saved adapter reloads to identical latents, prior preservation samples its class images, `nora generate` writes a
-PNG grid, and the diffusers-format export (`nora export`, export_diffusers_lora) loaded by
+a word-level tokenizer: nora.offline.tiny_stable_diffusion) and real CIFAR-10 dog photos: training lowers the
+noise-prediction loss, the saved adapter reloads to identical latents, prior preservation samples its class images,
+`nora generate` writes a PNG grid, and the diffusers-format export (`nora export`, export_diffusers_lora) loaded by
 `pipeline.load_lora_weights` gives nora's latents."""
 
 from __future__ import annotations
@@ -17,41 +17,12 @@ from typer.testing import CliRunner
 
 import nora
 from nora.cli import app
+from nora.offline import tiny_stable_diffusion
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is in the dev extra; install it to test DreamBooth")
 
-WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "photo", "of", "sks", "dog", "cat", "on", "the", "beach"]
 PROMPT = "a photo of sks dog"
-
-
-def tiny_pipeline(directory: Path, seed: int = 0) -> Path:
-    """A StableDiffusionPipeline small enough to train in a second (16-pixel images, 8×8 latents), saved."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    torch.manual_seed(seed)
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>",
-                                                     bos_token="<s>", eos_token="</s>", model_max_length=8)  # fmt: skip
-    text_config = transformers.CLIPTextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
-                                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
-                                              pad_token_id=0, bos_token_id=2, eos_token_id=3)  # fmt: skip
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, sample_size=16,
-    )  # fmt: skip
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False)
-    diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=transformers.CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(directory)  # fmt: skip
-    return directory
+tiny_pipeline = tiny_stable_diffusion  # 16-pixel images, 8×8 latents
 
 
 @pytest.fixture(scope="module")
