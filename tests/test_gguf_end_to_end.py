@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ import torch
 from test_bad_input import refused
 from test_eval_fewshot import _record
 from test_eval_support import write_task
+from test_serve_support import wait_until_serving
 from typer.testing import CliRunner
 
 pytest.importorskip("gguf", reason="the gguf package writes the test checkpoint (a dev dependency)")
@@ -113,15 +113,7 @@ def test_serve_finds_the_base_the_adapter_records(run):
         with torch.no_grad():
             greedy = _adapted(run).generate(ids, max_new_tokens=6, do_sample=False)  # while the server starts
         expected = tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "nora serve did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}")
         body = {"model": "a", "prompt": "12+3=", "max_tokens": 6, "temperature": 0}
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
         assert reply["choices"][0]["text"] == expected

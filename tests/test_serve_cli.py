@@ -9,12 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from conftest import tiny_llama
-from test_serve_support import load_model, reference, save_adapters, tiny_tokenizer
+from test_serve_support import load_model, reference, save_adapters, tiny_tokenizer, wait_until_serving
 from typer.testing import CliRunner
 
 from nora.cli import app
@@ -52,15 +51,7 @@ def test_nora_serve_answers_and_drains_on_sigterm(tmp_path):
         short = tok.decode(reference(ref_model, ids, "a", 20), skip_special_tokens=True)
         expected = tok.decode(reference(ref_model, ids, "a", 100), skip_special_tokens=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "nora serve did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_serving(proc, url)
         client = httpx.Client(base_url=url, headers={"Authorization": "Bearer k"}, timeout=60)
         body = {"model": "a", "prompt": "the cat sat", "max_tokens": 20, "temperature": 0}
         assert client.post("/v1/completions", json=body).json()["choices"][0]["text"].strip() == short

@@ -34,7 +34,7 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 from test_adapter_validation import damaged, make_adapters
-from test_serve_support import WORDS, load_model, save_adapters, tiny_tokenizer
+from test_serve_support import WORDS, load_model, save_adapters, tiny_tokenizer, wait_until_serving
 
 import nora
 from nora.methods import METHODS
@@ -272,15 +272,7 @@ def test_shutdown_ends_every_stream_with_an_error_event_and_done_and_logs_no_tra
     proc = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "nora serve did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_serving(proc, url)
         count = 50
         started = threading.Barrier(count + 3)
         body = {"model": "a", "prompt": "the cat", "max_tokens": 900, "temperature": 0}

@@ -4,6 +4,7 @@ disk, and greedy references computed one adapter at a time with `generate`."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -118,3 +119,18 @@ def serving(app) -> Iterator[str]:
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "the server did not stop"
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, seconds: float = 120) -> None:
+    """Poll a `nora serve` process's /health until it answers 200; fail with its stderr if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "nora serve did not come up"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
