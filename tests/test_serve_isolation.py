@@ -34,7 +34,7 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 from test_adapter_validation import damaged, make_adapters
-from test_serve_support import WORDS, load_model, save_adapters, tiny_tokenizer, wait_until_serving
+from test_serve_support import WORDS, load_model, save_adapters, serving, tiny_tokenizer, wait_until_serving
 
 import nora
 from nora.methods import METHODS
@@ -104,25 +104,9 @@ def faulty(root: Path, fail_on: str) -> Path:
 @contextmanager
 def running(engine: Engine, settings: ServerSettings):
     """`Server` (as `nora serve` runs it) on a free port of 127.0.0.1 in a background thread; yields a client."""
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
     server = Server(engine, settings, log_config=None, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
+    with serving(server) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,8 @@ def reference(model: nora.AdaptedModel, prompt_ids: list[int], adapter: str, max
 
 @contextmanager
 def serving(app) -> Iterator[str]:
-    """Run `app` with uvicorn on a free port of 127.0.0.1 in a background thread; yields its base URL."""
+    """Run `app` with uvicorn (or `app` itself where it is a uvicorn Server, as nora.serving.Server is) on a free port
+    of 127.0.0.1 in a background thread; yields its base URL."""
     import uvicorn
 
     sock = socket.socket()
@@ -105,7 +106,7 @@ def serving(app) -> Iterator[str]:
     # uvicorn binds itself, as `nora serve` does, measured 1.3 ms
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = app if isinstance(app, uvicorn.Server) else uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
