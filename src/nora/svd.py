@@ -22,7 +22,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -336,7 +336,3 @@ def _read_cached(path: Path, key: str, expect: tuple[dict, torch.dtype] | None) 
 
 
 BASIS_CACHE = BasisCache(int(os.environ.get("NORA_SVD_CACHE_MB", "1024")) << 20)
-
-
-def settings_dict(s: SVDSettings) -> dict:
-    return asdict(s)
