@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         [
             "nora.errors",
+            "nora.registry",
             "nora.atomic",
             "nora.hf_compat",
             "nora.svd",

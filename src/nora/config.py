@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import AdapterError
+from .registry import get_method
 from .svd import PLACEMENTS, SVDSettings
 
 
@@ -112,15 +113,10 @@ class AdapterConfig:
         d["method"] = self.method
         return d
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "method" in cls.__dict__ and cls.method:  # a subclass that names its own method
-            CONFIGS[cls.method] = cls
-
     @staticmethod
     def from_dict(d: dict[str, Any]) -> AdapterConfig:
         d = dict(d)
-        cls = config_class(d.pop("method", None))
+        cls = get_method(d.pop("method", None)).config_cls
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -145,16 +141,6 @@ class AdapterConfig:
 
 
 RANK_FLAGS = {"r": "rank", "inner_r": "inner-rank"}  # the nora train option that sets each rank field
-CONFIGS: dict[str, type[AdapterConfig]] = {}  # method name → its config class (each subclass registers itself)
-
-
-def config_class(method: object) -> type[AdapterConfig]:
-    if not isinstance(method, str) or method not in CONFIGS:  # a file's "method" may be any JSON value
-        raise AdapterError(
-            f"unknown adapter method {method!r}; nora knows {sorted(CONFIGS)}. If this file came from another "
-            "tool (e.g. a PEFT LoRA adapter), load it with that tool."
-        )
-    return CONFIGS[method]
 
 
 def fits_type(value: Any, hint: Any) -> bool:

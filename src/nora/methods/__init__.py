@@ -1,8 +1,8 @@
-"""The method registry: name → implementation."""
+"""The methods nora ships, each registered by name (nora.registry: one line per method)."""
 
 from __future__ import annotations
 
-from ..errors import AdapterError
+from ..registry import METHODS, get_method, register
 from .base import AdapterCore, Core, CoreView, Method, Variant
 from .dora import DoRA, DoraConfig
 from .head_only import HeadOnly, HeadOnlyConfig
@@ -12,17 +12,13 @@ from .nora import NoRA, NoraConfig
 from .pissa import PiSSA, PissaConfig
 from .svfit import SVFit, SVFitConfig
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), PiSSA(), DoRA(), LoRAXS(), NoRA(), SVFit(), HeadOnly())}
-
-
-def get_method(name: str | None) -> Method:
-    if not isinstance(name, str) or name not in METHODS:  # a file's "method" may be any JSON value
-        raise AdapterError(
-            f"unknown adapter method {name!r}; nora knows {sorted(METHODS)}. If this file came from another "
-            "tool (e.g. a PEFT LoRA adapter), load it with that tool."
-        )
-    return METHODS[name]
-
+register(LoRA())
+register(PiSSA())
+register(DoRA())
+register(LoRAXS())
+register(NoRA())
+register(SVFit())
+register(HeadOnly())
 
 __all__ = [
     "METHODS",
@@ -39,4 +35,5 @@ __all__ = [
     "SVFitConfig",
     "Variant",
     "get_method",
+    "register",
 ]

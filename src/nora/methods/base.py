@@ -7,8 +7,8 @@ layer derives everything else from those terms: the training forward, the single
 never touches injection, devices, files or merging plumbing.
 
 Required (abstract):
-    name, config_cls               the registry name and the AdapterConfig subclass holding its fields (and
-                                   their defaults: the Python API, `nora train` and YAML all use those)
+    config_cls                     the AdapterConfig subclass holding its fields (and their defaults: the Python
+                                   API, `nora train` and YAML all use those); its `method` is the method's name
     default_lr                     what `nora train --method NAME` uses when the user gives no learning rate
     init_params(config, W, basis, r, dtype)   the trainable tensors, made from W0 and the basis
     terms(core, basis)             ΔW. Written with broadcasting only: given a core whose tensors carry a leading
@@ -29,7 +29,8 @@ Variant (the one non-linear hook): a method whose output is not linear in its te
 `Variant`, which then owns the layer's forward, merge and unmerge for that method; such adapters serve mixed
 batches by grouping rows per adapter instead of from a slot store.
 
-Adding a method is one file defining a Method subclass (and its config) plus one line in `METHODS`.
+Adding a method is one file defining a Method subclass (and its config) plus one `register(...)` line
+(nora.registry; nora.methods registers nora's own).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from torch import nn
 from ..chain import Term
 from ..config import AdapterConfig
 from ..errors import AdapterError
+from ..registry import METHODS
 
 if TYPE_CHECKING:
     from ..basis import OuterBasis
@@ -133,13 +135,18 @@ class Variant(ABC):
 
 
 class Method(ABC):
-    name: ClassVar[str]
+    name: ClassVar[str]  # the registry name: its config class's `method`, unless the class gives its own
     config_cls: ClassVar[type[AdapterConfig]]
     default_lr: ClassVar[float]
     uses_basis: ClassVar[bool] = True
     adapts_layers: ClassVar[bool] = True
     variant: ClassVar[Variant | None] = None
     peft_options: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_cls" in cls.__dict__ and "name" not in cls.__dict__:  # the name is spelt once, in the config
+            cls.name = cls.config_cls.method
 
     @abstractmethod
     def init_params(
@@ -179,9 +186,10 @@ class Method(ABC):
     def fit(self, core: AdapterCore, basis: OuterBasis | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Trainable tensors whose ΔW is the least-squares fit of `target` (d × k, float64) within this method's
         form: the quantization-aware initialisation of nora.loftq. A method without one refuses."""
+        fitting = [name for name, method in METHODS.items() if method.has_fit]
         raise AdapterError(
             f"{self.name} has no least-squares fit of a target update, so LoftQ-style initialisation is not available "
-            "for it; use lora, pissa, nora, lora-xs or svfit."
+            f"for it; use one of {', '.join(fitting)}."
         )
 
 

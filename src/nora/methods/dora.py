@@ -54,7 +54,6 @@ class DoraVariant(Variant):
 
 
 class DoRA(LoRA):
-    name = "dora"
     config_cls = DoraConfig
     variant = DoraVariant()
     peft_options = {"use_dora": True}

@@ -38,7 +38,6 @@ class HeadOnlyConfig(AdapterConfig):
 
 
 class HeadOnly(Method):
-    name = "head-only"
     config_cls = HeadOnlyConfig
     default_lr = 2e-3
     uses_basis = False

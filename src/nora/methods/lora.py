@@ -23,7 +23,6 @@ class LoraConfig(AdapterConfig):
 
 
 class LoRA(Method):
-    name = "lora"
     config_cls = LoraConfig
     default_lr = 5e-4
     uses_basis = False

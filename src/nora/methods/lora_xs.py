@@ -30,7 +30,6 @@ class LoraXSConfig(AdapterConfig):
 
 
 class LoRAXS(Method):
-    name = "lora-xs"
     config_cls = LoraXSConfig
     default_lr = 2e-3
 

@@ -91,7 +91,6 @@ _INITS = {"lora": ("kaiming", "randn"), "diag": ("orthogonal",)}  # the first is
 
 
 class NoRA(Method):
-    name = "nora"
     config_cls = NoraConfig
     default_lr = 2e-3  # from the GLUE suite, with the defaults of NoraConfig (the module's docstring)
 

@@ -26,7 +26,6 @@ class PissaConfig(AdapterConfig):
 
 
 class PiSSA(Method):
-    name = "pissa"
     config_cls = PissaConfig
     default_lr = 2e-4
 

@@ -42,7 +42,6 @@ class SVFitConfig(AdapterConfig):
 
 
 class SVFit(Method):
-    name = "svfit"
     config_cls = SVFitConfig
     default_lr = 1e-2
 
