@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "nora.methods.*": 3,
     # slots: the stores layer.py evaluates mixed batches from; calibrate measures activations at injected layers
     **dict.fromkeys(["nora.slots", "nora.layer", "nora.inject", "nora.calibrate"], 4),
-    **dict.fromkeys(["nora.io", "nora.state", "nora.resident", "nora.accel", "nora.peft_import"], 5),
+    **dict.fromkeys(["nora.io", "nora.state", "nora.resident", "nora.planning", "nora.accel", "nora.peft_import"], 5),
     **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 6),
     **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 7),
     **dict.fromkeys(

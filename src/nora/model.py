@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from .accel import enable_adapter_checkpointing
-from .basis import compute_factors
 from .calibrate import calibrate
-from .config import AdapterConfig, RankError
+from .config import AdapterConfig
 from .errors import AdapterError
 from .export import export_lora
 from .hf_compat import (
@@ -43,9 +42,10 @@ from .inject import (
     wrap_modules_to_save,
 )
 from .io import open_adapter, write_adapter
-from .layer import BASE, AdapterLayer, AdapterPlan
-from .methods import Method, get_method
+from .layer import BASE, AdapterLayer
+from .methods import get_method
 from .peft_import import is_peft_lora_dir, peft_lora_as_nora
+from .planning import plan_bases, release_bases
 from .resident import ResidentAdapters
 from .slots import AdapterBank, RowPlan, rows_context
 from .state import adapter_payload, apply_tensors, check_layers
@@ -205,14 +205,10 @@ class AdaptedModel(nn.Module):
             else:
                 scales = calibrate(self.model, calibration_data, names, *calibration)
         layers = self._wrap(names)
-        ranks, keys, scales, sources = ranks or {}, keys or {}, scales or {}, sources or {}
+        plans, made = plan_bases(config, method, layers, scales or {}, ranks or {}, keys or {}, sources or {})
         try:
-            plans = _plan_layers(config, method, layers, scales, ranks, keys, sources)
-            requests = [p.request for p in plans.values() if p.request is not None]
-            factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
             for n, layer in layers.items():
-                request = plans[n].request
-                layer.add_adapter(adapter_name, config, method, plans[n], factors.get(request.key) if request else None)
+                layer.add_adapter(adapter_name, config, method, plans[n])
             if config.modules_to_save:
                 wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
                 self._copy_cache = None
@@ -220,6 +216,7 @@ class AdaptedModel(nn.Module):
             for layer in layers.values():
                 if adapter_name in layer.adapters:
                     layer.delete_adapter(adapter_name)
+            release_bases(made)
             raise
         self.peft_config[adapter_name] = config
         self._set_trainable(only=adapter_name)
@@ -431,50 +428,6 @@ class AdaptedModel(nn.Module):
         if not set(layers) <= set(self.layers()):
             self._layer_cache = None
         return layers
-
-
-def _plan_layers(
-    config: AdapterConfig,
-    method: Method,
-    layers: dict[str, AdapterLayer],
-    scales: dict[str, torch.Tensor],
-    ranks: dict[str, int],
-    keys: dict[str, str],
-    sources: dict[str, torch.Tensor],
-) -> dict[str, AdapterPlan]:
-    """Each layer's plan: its rank from `ranks` (a file's, checked already) or from the config's rank rule, which
-    lowers a default rank on a narrower layer (one warning, `_warn_lowered`) and refuses a rank given there."""
-    plans = {}
-    for n, layer in layers.items():
-        try:
-            plans[n] = layer.plan(config, method, scales.get(n), ranks.get(n), keys.get(n), sources.get(n))
-        except RankError as e:
-            d, k = layer.shape
-            raise AdapterError(f"{n} ({d}×{k} weight): {e}") from None
-    _warn_lowered(config, method, layers, {n: p for n, p in plans.items() if n not in ranks})
-    return plans
-
-
-def _warn_lowered(config: AdapterConfig, method: Method, layers: dict[str, AdapterLayer], plans: dict) -> None:
-    """One warning for the layers that took a lower rank than the config's r, naming the narrowest and their ranks."""
-    if not isinstance(config.r, int) or isinstance(config.r, bool):  # a fraction of min(d, k), or a rank rule
-        return
-    order = {n: i for i, n in enumerate(plans)}
-    lowered = sorted((n for n, p in plans.items() if p.r < config.r), key=lambda n: (plans[n].r, order[n]))
-    if not lowered:
-        return
-    shapes = {n: "×".join(map(str, layers[n].shape)) for n in lowered[:3]}
-    narrowest = "; ".join(f"{n} ({shapes[n]}): {method.rank_text(config, plans[n].r)}" for n in lowered[:3])
-    rest = sorted({plans[n].r for n in lowered[3:]})
-    if rest:
-        narrowest += f"; the other {len(lowered) - 3} take r={rest[0]}" + (f"…{rest[-1]}" if len(rest) > 1 else "")
-    given = config.is_given("r")
-    warnings.warn(
-        f"{type(config).__name__}: {'' if given else 'the default '}rank r={config.r} is wider than {len(lowered)} "
-        f"of {len(plans)} adapted layers, so each of those takes its min(d, k). The narrowest: {narrowest}. "
-        + ("(clamp_rank=True lowered it.)" if given else "Give r= (nora train --rank) to choose the rank yourself."),
-        stacklevel=6,  # get_peft_model's caller
-    )
 
 
 def check_adapter_name(name: object) -> None:

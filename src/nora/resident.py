@@ -15,12 +15,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .basis import compute_factors
 from .config import AdapterConfig
 from .errors import AdapterError
 from .io import AdapterFile, check_keys, check_shape
 from .layer import AdapterLayer
 from .methods import AdapterCore, Method, get_method
+from .planning import plan_bases, release_bases
 from .slots import AdapterBank, core_fields, make_layout
 from .state import check_layers
 
@@ -94,41 +94,30 @@ class ResidentAdapters:
         scales = {n: tensors[f"{n}.awsvd_scale"] for n in layer_names if f"{n}.awsvd_scale" in tensors}
         layers = self.wrap(layer_names)
         bank = AdapterBank(key, method, config, max(8, self.reserved))
-        made: list[tuple[AdapterLayer, str]] = []
         header = file.header() or {}
+        plans, made = plan_bases(config, method, layers, scales, ranks, keys, sources)
         try:
-            plans = {n: layer.plan(config, method, scales.get(n), ranks[n], keys[n], sources.get(n))
-                     for n, layer in layers.items()}  # fmt: skip
-            requests = [p.request for p in plans.values() if p.request is not None]
-            factors = compute_factors(requests, config.svd_settings, config.basis_cache_dir, f"{method.name} SVD")
             expected = {f"{n}.awsvd_scale" for n in scales}
             for n, layer in layers.items():
                 plan = plans[n]
-                request = plan.request
-                if layer.ensure_basis(plan, config, method, factors.get(request.key) if request else None):
-                    made.append((layer, plan.basis_key))
-                dtype = layer.param_dtype()
-                template = method.init_params(
-                    config, layer.base_weight().detach(), layer.bases[plan.basis_key], plan.r, dtype
-                )
-                for pname, t in template.items():
+                shapes = method.param_shapes(config, layer.base_weight().detach(), layer.bases[plan.basis_key], plan.r)
+                for pname, shape in shapes.items():
                     tname = f"{n}.{pname}"
                     expected.add(tname)
                     if tname in tensors:
-                        check_shape(tuple(t.shape), tensors[tname], tname, where)
+                        check_shape(shape, tensors[tname], tname, where)
                 # each layer's tensors in the file's order, so that a file's bytes map onto rows in few pieces
-                order = sorted(template, key=lambda p: _offset(header, f"{n}.{p}"))
-                layout = make_layout({p: tuple(template[p].shape) for p in order})
+                order = sorted(shapes, key=lambda p: _offset(header, f"{n}.{p}"))
+                layout = make_layout({p: shapes[p] for p in order})
                 bank.stacks[n] = bank.new_stack(
-                    plan.basis_key, plan.r, plan.key, layout, dtype, layer.base_weight().device
+                    plan.basis_key, plan.r, plan.key, layout, layer.param_dtype(), layer.base_weight().device
                 )
             check_keys(expected, tensors, where)
         except BaseException:
-            for layer, basis_key in made:
-                layer.release_basis(basis_key)
+            release_bases(made)
             raise
         bank.expected_keys = frozenset(expected)
-        bank.param_order = list(template)
+        bank.param_order = list(shapes)
         set_file_layout(bank, file)
         for n, stack in bank.stacks.items():
             layers[n].add_bank(bank.id, stack)

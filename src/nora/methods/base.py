@@ -16,6 +16,8 @@ Required (abstract):
                                    the same terms with that axis on each core element and on the coefficient.
 
 Optional (defaults here):
+    param_shapes(config, W, basis, r)   the shapes of init_params's tensors, in its order, without making them
+                                   (what a resident load checks a file against); the default runs init_params
     uses_basis                     False: no frozen outer factors (LoRA, DoRA)
     adapts_layers                  True; False for a method that trains modules_to_save alone (head-only)
     rank / placement / scale       the per-layer rank, singular-value placement, and coefficient s
@@ -155,6 +157,12 @@ class Method(ABC):
 
     @abstractmethod
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]: ...
+
+    def param_shapes(
+        self, config: AdapterConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor `init_params` makes, in its order. Override it to spare the initialisation."""
+        return {k: tuple(t.shape) for k, t in self.init_params(config, W, basis, r, torch.float32).items()}
 
     def rank(self, config: AdapterConfig, W: torch.Tensor) -> int:
         return config.resolve_rank(*W.shape)

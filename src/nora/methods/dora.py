@@ -65,6 +65,11 @@ class DoRA(LoRA):
         params["magnitude"] = W.detach().to(dtype).norm(dim=1)
         return params
 
+    def param_shapes(
+        self, config: DoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        return {**super().param_shapes(config, W, basis, r), "magnitude": (W.shape[0],)}
+
     def peft_tensors(self, core: AdapterCore) -> dict[str, torch.Tensor]:
         return {"lora_magnitude_vector": core["magnitude"]}
 

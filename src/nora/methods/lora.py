@@ -36,6 +36,12 @@ class LoRA(Method):
             "lora_B": torch.zeros(d, r, dtype=dtype, device=W.device),
         }
 
+    def param_shapes(
+        self, config: LoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        d, k = W.shape
+        return {"lora_A": (r, k), "lora_B": (d, r)}
+
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         return [Term(core.scale, [core["lora_B"], core["lora_A"]])]
 

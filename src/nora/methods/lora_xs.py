@@ -41,6 +41,11 @@ class LoRAXS(Method):
             R.normal_(0.0, 1e-5)
         return {"core": R}
 
+    def param_shapes(
+        self, config: LoraXSConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        return {"core": (r, r)}
+
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         return [Term(core.scale, [core["core"]], left=[basis.B], right=[basis.A])]
 

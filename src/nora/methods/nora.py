@@ -108,10 +108,14 @@ class NoRA(Method):
     def rank_text(self, config: NoraConfig, r: int) -> str:
         return f"r={r}, r'={self.inner_rank(config, r)}"
 
+    def _inner_shape(self, config: NoraConfig, W: torch.Tensor, r: int) -> tuple[int, int]:
+        """(the inner core's width: r, or d for "out"; its rank r')."""
+        return (r if config.inner == "serial" else W.shape[0]), self.inner_rank(config, r)
+
     def init_params(
         self, config: NoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        width, q = (r if config.inner == "serial" else W.shape[0]), self.inner_rank(config, r)
+        width, q = self._inner_shape(config, W, r)
         if config.inner_core == "diag":
             R_A = nn.init.orthogonal_(torch.empty(width, q, dtype=dtype, device=W.device))
             R_B = nn.init.orthogonal_(torch.empty(q, width, dtype=dtype, device=W.device))
@@ -126,6 +130,14 @@ class NoRA(Method):
             A_i.normal_()
             B_i.normal_()
         return {"inner_A": A_i, "inner_B": B_i}
+
+    def param_shapes(
+        self, config: NoraConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        width, q = self._inner_shape(config, W, r)
+        if config.inner_core == "diag":
+            return {"inner_RA": (width, q), "inner_lambda": (q,), "inner_RB": (q, width)}
+        return {"inner_A": (q, width), "inner_B": (width, q)}
 
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         if core.config.inner_core == "diag":

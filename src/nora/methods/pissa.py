@@ -37,6 +37,12 @@ class PiSSA(Method):
     ) -> dict[str, torch.Tensor]:
         return {"lora_A": basis.A.to(dtype).clone(), "lora_B": basis.B.to(dtype).clone()}
 
+    def param_shapes(
+        self, config: PissaConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        d, k = W.shape
+        return {"lora_A": (r, k), "lora_B": (d, r)}
+
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         s = core.scale
         return [Term(s, [core["lora_B"], core["lora_A"]]), Term(-s, [], right=[basis.B, basis.A])]

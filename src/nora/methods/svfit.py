@@ -58,6 +58,11 @@ class SVFit(Method):
     ) -> dict[str, torch.Tensor]:
         return {"sigma": basis.S.to(dtype).clone()}
 
+    def param_shapes(
+        self, config: SVFitConfig, W: torch.Tensor, basis: OuterBasis | None, r: int
+    ) -> dict[str, tuple[int, ...]]:
+        return {"sigma": (r,)}
+
     def terms(self, core: Core, basis: OuterBasis | None) -> list[Term]:
         sigma = core["sigma"]
         return [Term(1.0, [sigma - basis.S.to(sigma.dtype)], left=[basis.B], right=[basis.A])]
