@@ -39,13 +39,16 @@ LAYERS: dict[str, int] = {
     "nora.methods.*": 3,
     # slots: the stores layer.py evaluates mixed batches from; calibrate measures activations at injected layers
     **dict.fromkeys(["nora.slots", "nora.layer", "nora.inject", "nora.calibrate"], 4),
-    **dict.fromkeys(["nora.io", "nora.state", "nora.resident", "nora.planning", "nora.accel", "nora.peft_import"], 5),
-    **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 6),
-    **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 7),
+    # file_check: a file against a model, before anything is built; planning: plan → SVD → basis on layers
+    **dict.fromkeys(["nora.io", "nora.file_check", "nora.planning", "nora.accel", "nora.peft_import"], 5),
+    "nora.resident": 6,  # inference-only adapters as slots of stacked buffers
+    "nora.state": 7,  # adapter state ↔ tensors, of module and resident adapters alike
+    **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 8),
+    **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 9),
     **dict.fromkeys(
-        ["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.offline", "nora.hf_trainer"], 8
+        ["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.offline", "nora.hf_trainer"], 10
     ),
-    **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 9),
+    **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 11),
 }
 
 

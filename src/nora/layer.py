@@ -174,7 +174,7 @@ class AdapterLayer(nn.Module):
     ) -> AdapterPlan:
         """Resolve the rank and fingerprint of a new adapter, and the SVD it needs (None if none is missing).
         `r` and `key` override the config's rank rule and the fingerprint (on load, where the file gives them
-        and state.check_layers has checked them); `weight` is the W0 its basis comes from where that is not this
+        and file_check.check_layers has checked them); `weight` is the W0 its basis comes from where that is not this
         layer's (an adapter trained on the quantized form of these weights: deq(Q(W0)))."""
         if self.merged_adapters:
             raise AdapterError(

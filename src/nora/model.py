@@ -24,6 +24,7 @@ from .calibrate import calibrate
 from .config import AdapterConfig
 from .errors import AdapterError
 from .export import export_lora
+from .file_check import check_layers
 from .hf_compat import (
     blank_instance,
     clear_gguf_quantization,
@@ -48,7 +49,7 @@ from .peft_import import is_peft_lora_dir, peft_lora_as_nora
 from .planning import plan_bases, release_bases
 from .resident import ResidentAdapters
 from .slots import AdapterBank, RowPlan, rows_context
-from .state import adapter_payload, apply_tensors, check_layers
+from .state import adapter_payload, apply_tensors
 
 
 class AdaptedModel(nn.Module):
@@ -189,7 +190,7 @@ class AdaptedModel(nn.Module):
         sources: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Inject a new adapter. AwSVD scales come from `scales`, or are measured on `calibration_data`;
-        `sources` gives the W0 of a layer's basis where it is not the layer's own (state.check_layers)."""
+        `sources` gives the W0 of a layer's basis where it is not the layer's own (file_check.check_layers)."""
         self._check_new_name(adapter_name)
         method = get_method(config.method)
         if not method.adapts_layers:

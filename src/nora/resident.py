@@ -17,12 +17,12 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterError
+from .file_check import check_layers
 from .io import AdapterFile, check_keys, check_shape
 from .layer import AdapterLayer
 from .methods import AdapterCore, Method, get_method
 from .planning import plan_bases, release_bases
 from .slots import AdapterBank, core_fields, make_layout
-from .state import check_layers
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
 
