@@ -205,3 +205,15 @@ def test_dropout_acts_in_training_only():
     torch.manual_seed(0)
     first = model_output(model, inputs)
     assert not torch.allclose(first, model_output(model, inputs))
+
+
+def test_eval_mode_frozen_freezes_and_stops_dropout(tmp_path):
+    model = nora.get_peft_model(BUILDERS["llama"]().train(), nora.NoraConfig(r=12, inner_r=3, dropout=0.5))
+    _perturb(model)
+    model.save_pretrained(tmp_path)
+    assert model.training and model.eval_mode_frozen() is model
+    assert not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
+    loaded = nora.AdaptedModel.from_pretrained(BUILDERS["llama"]().train(), tmp_path)  # as PEFT: eval mode
+    assert not any(m.training for m in loaded.modules())
+    inputs = model_input("llama")
+    assert_float_close(model_output(loaded, inputs), model_output(model, inputs))  # no dropout on either

@@ -276,9 +276,11 @@ class AdaptedModel(nn.Module):
                 if only is None or name == only:
                     mod.requires_grad_(trainable and name in active)
 
-    def eval_mode_frozen(self) -> None:
-        """Freeze the adapters too (inference)."""
+    def eval_mode_frozen(self) -> AdaptedModel:
+        """Inference: the adapters frozen too (no tensor requires grad) and every module in eval mode (no dropout),
+        as PEFT leaves a model it loads without is_trainable."""
         self._set_trainable(False)
+        return self.eval()
 
     # ---- parameter accounting --------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
