@@ -55,7 +55,7 @@ def test_mixed_batch_uses_the_shared_basis_and_equals_each_adapter_alone():
     layer = next(iter(model.layers().values()))
     # one store per layout: (basis r12: nora i3, nora i2), nora r8, nora "out", lora-xs, svfit, lora; DoRA, whose
     # output is not linear in its tensors, runs on its own rows
-    assert len(layer.stacks) == 7
+    assert len(layer.mirrors) == 7
     for i, name in enumerate(rows):
         row = {k: v[i : i + 1] for k, v in inputs.items()}
         assert_float_close(mixed[i : i + 1], _alone(model, name, row))
@@ -72,7 +72,7 @@ def test_store_add_remove_keeps_the_other_adapters_unchanged():
     inputs = model_input("llama", batch=30)
     before = model(**inputs, adapter_names=names).logits
     layer = next(iter(model.layers().values()))
-    (stack,) = layer.stacks.values()
+    (stack,) = layer.mirrors.values()
     assert len(stack) == 30 and stack.capacity >= 30
     for gone in ("a3", "a17", "a29"):
         model.delete_adapter(gone)

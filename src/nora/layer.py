@@ -135,7 +135,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._merge_cache: dict[str, Any] = {}
-        self.stacks: dict[tuple, ModuleMirror] = {}  # module adapters' tensors, stacked per layout for mixed batches
+        self.mirrors: dict[tuple, ModuleMirror] = {}  # module adapters' tensors, stacked per layout for mixed batches
         self.banks = nn.ModuleDict()  # resident inference-only adapters: one SlotStack per AdapterBank
         self.disabled = False
         self.quant = quant.scheme_of(base_layer)  # None for a float layer
@@ -242,7 +242,7 @@ class AdapterLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it.")
         core = self.adapters[name]
         del self.adapters[name]
-        for mirror in self.stacks.values():
+        for mirror in self.mirrors.values():
             mirror.remove(name)
         self.release_basis(core.basis_key)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -372,10 +372,10 @@ class AdapterLayer(nn.Module):
             else:
                 mirrored.setdefault(ModuleMirror.key(core), []).append(name)
         for key, names in mirrored.items():
-            mirror = self.stacks.get(key)
+            mirror = self.mirrors.get(key)
             if mirror is None:
                 core = self.adapters[names[0]]
-                mirror = self.stacks[key] = ModuleMirror(core, self.param_dtype(), self.base_weight().device)
+                mirror = self.mirrors[key] = ModuleMirror(core, self.param_dtype(), self.base_weight().device)
             mirror.sync(names, self.adapters)
             index = torch.tensor([i for n in names for i in groups[n]], device=x.device)
             slots = torch.tensor([mirror.slots[n] for n in names for _ in groups[n]], device=x.device)

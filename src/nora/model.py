@@ -293,12 +293,13 @@ class AdaptedModel(nn.Module):
         print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / max(n, 1):.4f}")
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes held by adapters: their own tensors, the shared bases, and the resident mixed-batch stacks."""
+        """Bytes held by adapters: their own tensors, the shared bases, the stacks that mirror module adapters for
+        mixed batches ("stacks"), and the resident adapters' banks."""
         layers = self.layers().values()
         return {
             "adapter_tensors": sum(p.numel() * p.element_size() for m in layers for p in m.adapters.parameters()),
             "bases": sum(b.numel() * b.element_size() for m in layers for b in m.bases.buffers()),
-            "stacks": sum(st.nbytes for m in layers for st in m.stacks.values()),
+            "stacks": sum(mirror.nbytes for m in layers for mirror in m.mirrors.values()),
             "resident": sum(bank.nbytes for bank in self.resident.banks.values()),  # allocated, spare slots included
             "resident_in_use": sum(bank.slot_bytes * len(bank) for bank in self.resident.banks.values()),
             "adapters": len(self.peft_config),
