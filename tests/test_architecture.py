@@ -36,8 +36,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["nora.chain", "nora.config"], 1),
     "nora.basis": 2,
     "nora.methods.*": 3,
-    # slots: the stores layer.py evaluates mixed batches from; calibrate measures activations at injected layers
-    **dict.fromkeys(["nora.slots", "nora.layer", "nora.inject", "nora.calibrate"], 4),
+    # slots: the stores layers/ evaluates mixed batches from; layers/: one module per layer kind, the registry and
+    # AdapterLayer (nora.layer re-exports it); calibrate measures activations at injected layers
+    **dict.fromkeys(["nora.slots", "nora.layers.*", "nora.layer", "nora.inject", "nora.calibrate"], 4),
     **dict.fromkeys(["nora.io", "nora.state", "nora.resident", "nora.accel", "nora.peft_import"], 5),
     **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 6),
     **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 7),

@@ -19,7 +19,7 @@ from .basis import compute_factors
 from .config import AdapterConfig
 from .errors import AdapterError
 from .io import AdapterFile, check_keys, check_shape
-from .layer import AdapterLayer
+from .layers import AdapterLayer
 from .methods import AdapterCore, Method, get_method
 from .slots import AdapterBank, core_fields, make_layout
 from .state import check_layers
