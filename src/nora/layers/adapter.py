@@ -290,6 +290,10 @@ class AdapterLayer(nn.Module):
         return out + delta if index is None else out.index_add(0, index, delta)
 
     # ---- merging ---------------------------------------------------------------------------------------------
+    def adapted_weight(self, core: AdapterCore, W: torch.Tensor) -> torch.Tensor:
+        """`W` with `core` folded in, differentiably (a layer whose forward runs on its weight trains through it)."""
+        return update_of(core.method).merge(self, core, W)[0]
+
     @torch.no_grad()
     def merged_weight(self, core: AdapterCore, W: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """(`W`, by default the layer's weight, with `core` folded in; what unmerging it needs); the layer itself is

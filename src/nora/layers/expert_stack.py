@@ -56,7 +56,7 @@ class ExpertsLayer(nn.Module):
                 W = layer.base_weight()
                 for name in layer.active_adapters if names is None else names:
                     if name in layer.adapters and name not in layer.merged_adapters:
-                        W = layer.merged_weight(layer.adapters[name], W)[0]
+                        W = layer.adapted_weight(layer.adapters[name], W)
                         touched = True
                 experts.append(layer.base_layer.stored(W))
             if touched:
