@@ -37,8 +37,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["nora.chain", "nora.config"], 1),
     "nora.basis": 2,
     "nora.methods.*": 3,
-    # slots: the stores layer.py evaluates mixed batches from; calibrate measures activations at injected layers
-    **dict.fromkeys(["nora.slots", "nora.layer", "nora.inject", "nora.calibrate"], 4),
+    # slots: the stores layers/ evaluates mixed batches from; layers/: one module per layer kind, the registry and
+    # AdapterLayer (nora.layer re-exports it); calibrate measures activations at injected layers
+    **dict.fromkeys(["nora.slots", "nora.layers.*", "nora.layer", "nora.inject", "nora.calibrate"], 4),
     # file_check: a file against a model, before anything is built; planning: plan → SVD → basis on layers
     **dict.fromkeys(["nora.io", "nora.file_check", "nora.planning", "nora.accel", "nora.peft_import"], 5),
     "nora.resident": 6,  # inference-only adapters as slots of stacked buffers

@@ -4,7 +4,7 @@ from .calibrate import calibrate
 from .config import AdapterConfig
 from .errors import AdapterError
 from .export import export_diffusers_lora, export_lora
-from .layer import BASE, AdapterLayer
+from .layers import BASE, AdapterLayer
 from .loftq import loftq_init
 from .methods import DoraConfig, HeadOnlyConfig, LoraConfig, LoraXSConfig, NoraConfig, PissaConfig, SVFitConfig
 from .model import AdaptedModel, get_peft_model

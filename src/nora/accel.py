@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .layer import AdapterLayer
+from .layers import AdapterLayer
 
 log = logging.getLogger(__name__)
 

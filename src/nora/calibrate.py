@@ -10,7 +10,13 @@ from torch import nn
 
 from .errors import AdapterError
 from .inject import find_targets
-from .layer import AdapterLayer, conv_patches
+from .layers import AdapterLayer, kind_of
+
+
+def _measurable(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    kind = kind_of(base)
+    return kind is not None and kind.measurable
 
 
 @torch.no_grad()
@@ -24,20 +30,25 @@ def calibrate(
 ) -> dict[str, torch.Tensor]:
     """Run `batches` (dicts of model kwargs, or input tensors) through `model`; return each target layer's
     input-channel scales. `target_modules` is a config-style selector or an explicit list of module names."""
-    names = (
-        target_modules
-        if isinstance(target_modules, list) and all(n in dict(model.named_modules()) for n in target_modules)
-        else find_targets(model, target_modules)
+    modules = dict(model.named_modules())
+    listed = isinstance(target_modules, list) and all(
+        n in modules or n.rpartition(".")[2].isdigit() for n in target_modules
     )
+    names = target_modules if listed else find_targets(model, target_modules)
+    experts = [n for n in names if n not in modules or not _measurable(modules[n])]
+    if experts:
+        raise AdapterError(
+            f"activation-aware SVD (awsvd=True) measures each layer's inputs, and an expert's ({experts[0]}) are "
+            "internal to its experts module (they depend on routing): use awsvd=False, or leave the experts out "
+            "with target_parameters=[]."
+        )
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
     hooks = []
 
     def hook(name: str):
         def fn(module, args, kwargs=None):
-            x = args[0].detach()
-            if isinstance(module, nn.Conv2d):  # the kernel matrix's inputs are the patches, (in·kh·kw) each
-                x = conv_patches(module, x)
+            x = kind_of(module).calibration_input(module, args[0].detach())  # a Conv2d's: its patches
             flat = x.reshape(-1, x.shape[-1]).abs().to(torch.float64)
             sums[name] = sums.get(name, 0) + flat.sum(0)
             counts[name] += flat.shape[0]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
-from .layer import AdapterLayer
+from .layers import AdapterLayer
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 

@@ -38,6 +38,9 @@ class AdapterConfig:
     target_modules: str | list[str] = "all-linear"
     exclude_modules: str | list[str] | None = None
     modules_to_save: list[str] | None = None
+    # Fused MoE expert parameters (nora.inject.expert_targets): None = every one under target_modules="all-linear",
+    # none otherwise; "all-experts"; or names as PEFT's target_parameters ("mlp.experts.gate_up_proj").
+    target_parameters: str | list[str] | None = None
     svd: str = "auto"  # "auto" | "exact" | "randomized": see nora.svd.SVDSettings
     niter: int = 8
     oversample: int = 16
@@ -111,6 +114,8 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method"] = self.method
+        if d["target_parameters"] is None:  # the files of models without experts stay as they were
+            del d["target_parameters"]
         return d
 
     @staticmethod

@@ -3,7 +3,8 @@
 Each layer's ΔW is a sum of chains (chain.py), split at its narrowest inner dimension into an exact pair
 B·A = ΔW with the scale folded into B, so lora_alpha = r (scaling 1) and no approximation is made. Layers whose
 rank differs from the most common one go into PEFT's rank_pattern/alpha_pattern. A method's own PEFT options
-and tensors (DoRA: use_dora=True and its magnitude vector) come from the method.
+and tensors (DoRA: use_dora=True and its magnitude vector) come from the method; how a layer's pair is laid out
+(a Conv2d's kernel, a fused expert stack's PEFT `target_parameters` layout) from its layer kind (nora.layers).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from .atomic import atomic_replace_dir, atomic_save_safetensors
 from .chain import detached, terms_lora_pair
 from .errors import AdapterError
-from .layer import AdapterLayer, has_own_forward, is_adaptable
+from .layers import AdapterLayer, PeftEntry, PeftPart, is_adaptable
 from .methods import get_method
 
 if TYPE_CHECKING:
@@ -41,11 +42,6 @@ def _task_type(model) -> str | None:
     return None
 
 
-def _peft_conv_differs(conv: torch.nn.Conv2d) -> bool:
-    """Whether PEFT's Conv2d LoRA (a plain Conv2d from kernel size, stride and padding) convolves differently."""
-    return has_own_forward(conv) or conv.padding_mode != "zeros" or any(d != 1 for d in conv.dilation)
-
-
 def _target_names(names: list[str], all_names: list[str]) -> list[str]:
     """Short suffixes (q_proj, …) when they select exactly these modules, else the full paths."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -64,45 +60,40 @@ def _exportable(model: AdaptedModel, adapter_name: str, target: str) -> None:
             "refuses a LoRA config that targets nothing). Save the model with the head instead: "
             "model.merge_and_unload().save_pretrained(DIR)."
         )
-    unexportable = [
-        n
-        for n, lay in model.layers().items()
-        if adapter_name in lay.adapters and lay.is_conv and _peft_conv_differs(lay.base_layer)
-    ]
-    if unexportable:
+    refused: dict[str, list[str]] = {}
+    for n, lay in model.layers().items():
+        reason = lay.kind.peft_refusal(lay.base_layer) if adapter_name in lay.adapters else None
+        if reason is not None:
+            refused.setdefault(reason, []).append(n)
+    for reason, names in refused.items():
         raise AdapterError(
-            f"adapter {adapter_name!r} adapts Conv2d layers with dilation, a padding mode other than zeros or a "
-            f"forward of their own ({unexportable[:3]}); PEFT's Conv2d LoRA builds its convolution from kernel "
-            "size, stride and padding alone, so an export would not reproduce them. Merge the adapter instead "
-            "(merge_and_unload), or leave those layers out of target_modules."
+            f"adapter {adapter_name!r} adapts {reason} ({names[:3]}). Merge the adapter instead (merge_and_unload), "
+            "or leave those layers out of target_modules."
         )
 
 
-def _lora_tensors(
-    model: AdaptedModel, adapter_name: str, prefix: str
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Each adapted layer's exact pair (and the method's own PEFT tensors) under `prefix` + the layer's name, and
-    each layer's rank."""
+def _lora_part(model: AdaptedModel, adapter_name: str, prefix: str) -> PeftPart:
+    """Each adapted layer's exact pair (and the method's own PEFT tensors) as its kind lays them out under `prefix`,
+    each layer's (or expert parameter's) rank, and the targets."""
     method = get_method(model.peft_config[adapter_name].method)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
+    by_kind: dict[int, tuple] = {}
     for lname, layer in model.layers().items():
         if adapter_name not in layer.adapters:
             continue
         core = layer.adapters[adapter_name]
         B, A = terms_lora_pair(detached(layer.terms(core), torch.float64))
         dtype = layer.base_weight().dtype if layer.base_weight().dtype != torch.float64 else torch.float32
-        if layer.is_conv:  # PEFT's Conv2d LoRA: A a kernel of the layer's shape, B a 1×1 convolution
-            A = A.reshape(A.shape[0], *layer.weight.shape[1:])
-            B = B.reshape(*B.shape, 1, 1)
-        tensors[f"{prefix}{lname}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{prefix}{lname}.lora_B.weight"] = B.to(dtype).contiguous()
-        for suffix, t in method.peft_tensors(core).items():
-            if layer.is_conv and t.dim() == 1:
-                t = t.reshape(1, -1, 1, 1)  # PEFT keeps a Conv2d's per-output-channel vectors (DoRA's m) as 1×d×1×1
-            tensors[f"{prefix}{lname}.{suffix}"] = t.detach().to(dtype)
-        ranks[lname] = A.shape[0]
-    return tensors, ranks
+        entry = PeftEntry(lname, layer.base_layer, B, A, method.peft_tensors(core), dtype)
+        by_kind.setdefault(id(layer.kind), (layer.kind, []))[1].append(entry)
+    whole = PeftPart()
+    for kind, entries in by_kind.values():
+        part = kind.peft_part(entries, prefix)
+        whole.tensors.update(part.tensors)
+        whole.ranks.update(part.ranks)
+        whole.modules += part.modules
+        whole.parameters += part.parameters
+        whole.fan_in_fan_out |= part.fan_in_fan_out
+    return whole
 
 
 @torch.no_grad()
@@ -111,9 +102,8 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     _exportable(model, adapter_name, "PEFT's LoRA format")
     config = model.peft_config[adapter_name]
     method = get_method(config.method)
-    tensors, ranks = _lora_tensors(model, adapter_name, _PREFIX)
-    layers = model.layers()
-    transposed = any(layers[n].transposed for n in ranks)
+    part = _lora_part(model, adapter_name, _PREFIX)
+    tensors, ranks = part.tensors, part.ranks
     saved = []
     for mname, tc in model.trainable_copies().items():
         if adapter_name in tc.copies:
@@ -132,10 +122,11 @@ def export_lora(model: AdaptedModel, adapter_name: str, directory: str | os.Path
     peft_config = PeftLoraConfig(
         r=r,
         lora_alpha=r,
-        target_modules=_target_names(list(ranks), candidates),
+        target_modules=_target_names(part.modules, candidates) if part.modules else None,
+        target_parameters=part.parameters or None,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        fan_in_fan_out=transposed,
+        fan_in_fan_out=part.fan_in_fan_out,
         **method.peft_options,
         modules_to_save=saved or None,
         base_model_name_or_path=config.base_model_name_or_path
@@ -170,7 +161,7 @@ def export_diffusers_lora(model: AdaptedModel, adapter_name: str, directory: str
     _exportable(model, adapter_name, "diffusers' LoRA format")
     if model.trainable_copies():
         raise AdapterError("diffusers' LoRA file holds no fully trained modules: leave modules_to_save unset.")
-    tensors, _ = _lora_tensors(model, adapter_name, "")
+    tensors = _lora_part(model, adapter_name, "").tensors
     # DoRA's magnitude as the module's own parameter name: transformers' loader (the text encoder's) reads only
     # that spelling, diffusers' UNet loader reads both.
     tensors = {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: t for k, t in tensors.items()}

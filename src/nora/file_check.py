@@ -15,7 +15,7 @@ from . import quant
 from .basis import basis_fingerprint
 from .config import AdapterConfig
 from .errors import AdapterError
-from .layer import AdapterLayer, is_adaptable, oriented_weight
+from .layers import AdapterLayer, is_adaptable, oriented_weight
 from .methods import get_method
 from .svd import fingerprint, weight_digest
 

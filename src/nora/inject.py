@@ -1,4 +1,5 @@
-"""Choosing target modules by name, regex, "all-linear" or "all-conv", and swapping them for AdapterLayers."""
+"""Choosing target modules by name, regex, "all-linear" or "all-conv" (and fused MoE expert parameters by name or
+"all-experts"), and swapping them for AdapterLayers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
-from .layer import AdapterLayer, is_adaptable, is_grouped_conv
+from .layers import AdapterLayer, ExpertsLayer, expert_parameters, is_adaptable, is_grouped_conv, kind_of
 from .slots import active_plan
 
 
@@ -48,15 +49,21 @@ def find_targets(
     target_modules: str | list[str],
     exclude_modules: str | list[str] | None = None,
     modules_to_save: list[str] | None = None,
+    target_parameters: str | list[str] | None = None,
 ) -> list[str]:
-    """Names of the adaptable modules a config selects: names, a regex, `"all-linear"` (every nn.Linear / Conv1D
+    """Names of the adaptable layers a config selects: names, a regex, `"all-linear"` (every nn.Linear / Conv1D
     but the output head) or `"all-conv"` (every nn.Conv2d with groups=1). Grouped and depthwise convolutions take
-    no adapter: named explicitly they are refused, under "all-conv" skipped with a warning saying why."""
+    no adapter: named explicitly they are refused, under "all-conv" skipped with a warning saying why.
+
+    Fused MoE expert parameters (`experts.gate_up_proj`, E × … × …) are chosen by `target_parameters`
+    (see `expert_targets`); each chosen parameter gives one layer per expert, `<module>.<parameter>.<expert>`."""
     heads = output_head_names(model)
     names, grouped = [], []
     for name, module in model.named_modules():
         base = module.base_layer if isinstance(module, AdapterLayer) else module
         if name.endswith(".base_layer") or _inside_copy(model, name) or _matches(name, exclude_modules):
+            continue
+        if _inside(model, name, ExpertsLayer):  # expert layers are chosen by parameter, below
             continue
         if is_grouped_conv(base):
             if target_modules == "all-conv":
@@ -73,6 +80,10 @@ def find_targets(
             chosen = _matches(name, target_modules)
         if chosen:
             names.append(name)
+    experts, left_out = expert_targets(model, target_modules, target_parameters, exclude_modules, modules_to_save)
+    names += experts
+    if target_modules == "all-linear":
+        _note_left_out(model, heads, left_out)
     if grouped:
         warnings.warn(
             f"all-conv leaves {len(grouped)} grouped/depthwise Conv2d layer(s) alone (e.g. {grouped[0]}): their "
@@ -82,16 +93,116 @@ def find_targets(
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)})
         raise AdapterError(
-            f"target_modules={target_modules!r} matches no nn.Linear/Conv1D/Conv2d module of this model. "
+            f"target_modules={target_modules!r} (target_parameters={target_parameters!r}) matches no "
+            "nn.Linear/Conv1D/Conv2d module or expert parameter of this model. "
             f"Its adaptable modules end in: {linear[:30]}. Use some of those names, a regex that fully matches "
             "module paths, 'all-linear' or 'all-conv'."
         )
     return names
 
 
+def expert_targets(
+    model: nn.Module,
+    target_modules: str | list[str],
+    target_parameters: str | list[str] | None,
+    exclude_modules: str | list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """(the expert layers chosen, the fused expert parameters left alone). `target_parameters` None: every fused
+    expert parameter under "all-linear" (the experts are most of an MoE model's linear weights), none otherwise;
+    "all-experts": every one; a list: those whose path is, or ends in, an entry (PEFT's `target_parameters`
+    spelling, e.g. "mlp.experts.gate_up_proj"); another string: a regex fully matching the parameter's path."""
+    chosen, left_out = [], []
+    for name, module in model.named_modules():
+        base = module.base_layer if isinstance(module, ExpertsLayer) else module
+        params = expert_parameters(base)
+        if not params or name.endswith(".base_layer") or _inside_copy(model, name) or _within(name, modules_to_save):
+            continue
+        for param in params:
+            path = f"{name}.{param}"
+            if _matches(name, exclude_modules) or _matches(path, exclude_modules):
+                continue
+            if target_parameters is None:
+                wanted = target_modules == "all-linear"
+            elif target_parameters == "all-experts":
+                wanted = True
+            else:
+                wanted = _matches(path, target_parameters)
+            if wanted:
+                chosen += [f"{path}.{e}" for e in range(getattr(base, param).shape[0])]
+            else:
+                left_out.append(path)
+    return chosen, left_out
+
+
+def _note_left_out(model: nn.Module, heads: set[str], left_out: list[str]) -> None:
+    """One warning naming what "all-linear" did not adapt besides embeddings, norms and the output head: fused
+    expert parameters not chosen, and weight matrices of modules of no layer kind (an MoE router)."""
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None or weight.dim() < 2 or isinstance(module, nn.Embedding) or kind_of(module) is not None:
+            continue
+        if name in heads or name.endswith(".base_layer") or _inside_copy(model, name):
+            continue
+        left_out.append(f"{name}.weight ({type(module).__name__})")
+    if not left_out:
+        return
+    counts: dict[str, int] = {}
+    for path in left_out:
+        key = re.sub(r"\.\d+\.", ".*.", path)
+        counts[key] = counts.get(key, 0) + 1
+    listed = ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items())
+    warnings.warn(
+        f"target_modules='all-linear' leaves {len(left_out)} weight(s) unadapted that are no nn.Linear/Conv1D layer: "
+        f"{listed}. Fused expert parameters are chosen with target_parameters (a list of names, or 'all-experts'); "
+        "a module of no layer kind (e.g. an MoE router) takes no adapter.",
+        stacklevel=4,
+    )
+
+
+def expert_dropout_note(names: list[str], dropout: float) -> None:
+    """Adapter dropout does not reach expert layers (expert_stack.py says why): said once, where it was asked for."""
+    experts = [n for n in names if n.rsplit(".", 1)[-1].isdigit()]
+    if dropout > 0 and experts:
+        warnings.warn(
+            f"dropout={dropout} is not applied to the {len(experts)} expert layers (e.g. {experts[0]}): an expert's "
+            "input is internal to the experts module's forward, so it cannot be dropped out for ΔW alone (PEFT's "
+            "target_parameters refuses dropout for the same reason). The other layers use it.",
+            stacklevel=4,
+        )
+
+
 def _inside_copy(model: nn.Module, name: str) -> bool:
+    return _inside(model, name, TrainableCopy)
+
+
+def _inside(model: nn.Module, name: str, kind: type) -> bool:
     parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), TrainableCopy) for i in range(1, len(parts)))
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), kind) for i in range(1, len(parts)))
+
+
+def wrap_expert_stacks(model: nn.Module, names: list[str]) -> list[str]:
+    """Give each experts module that `names` has expert layers of (`<module>.<parameter>.<expert>`) its
+    ExpertsLayer and the parameter's expert layers, so that those names resolve to modules; returns those names."""
+    found = []
+    for name in names:
+        path, _, param = name.rpartition(".")[0].rpartition(".")
+        if not name.rpartition(".")[2].isdigit() or not path:
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if not isinstance(module, ExpertsLayer):
+            if param not in expert_parameters(module):
+                continue
+            parent, child = _parent(model, path)
+            module = ExpertsLayer(module, path)
+            setattr(parent, child, module)
+        if param in expert_parameters(module.base_layer):
+            module.slices(param)
+            found.append(name)
+    return found
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -100,6 +211,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def wrap_layers(model: nn.Module, names: list[str]) -> dict[str, AdapterLayer]:
+    wrap_expert_stacks(model, names)
     layers = {}
     for name in names:
         module = model.get_submodule(name)
@@ -116,6 +228,10 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
 
 
 def unwrap_layers(model: nn.Module) -> None:
+    for name, stack in list(model.named_modules()):
+        if isinstance(stack, ExpertsLayer):
+            parent, child = _parent(model, name)
+            setattr(parent, child, stack.base_layer)
     for name, layer in list(adapter_layers(model).items()):
         parent, child = _parent(model, name)
         setattr(parent, child, layer.base_layer)

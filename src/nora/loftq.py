@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
-from .layer import oriented_weight
+from .layers import oriented_weight
 from .model import AdaptedModel
 
 

@@ -36,14 +36,16 @@ from .hf_compat import (
 from .inject import (
     TrainableCopy,
     adapter_layers,
+    expert_dropout_note,
     find_targets,
     trainable_copies,
     unwrap_layers,
+    wrap_expert_stacks,
     wrap_layers,
     wrap_modules_to_save,
 )
 from .io import open_adapter, write_adapter
-from .layer import BASE, AdapterLayer
+from .layers import BASE, AdapterLayer
 from .methods import get_method
 from .peft_import import is_peft_lora_dir, peft_lora_as_nora
 from .planning import plan_bases, release_bases
@@ -198,7 +200,9 @@ class AdaptedModel(nn.Module):
         elif layer_names is not None:
             names = layer_names
         else:
-            names = find_targets(self.model, config.target_modules, config.exclude_modules, config.modules_to_save)
+            names = find_targets(self.model, config.target_modules, config.exclude_modules, config.modules_to_save,
+                                 config.target_parameters)  # fmt: skip
+            expert_dropout_note(names, config.dropout)
         calibration = method.calibration(config)
         if calibration is not None and scales is None and layer_names is None:
             if calibration_data is None:
@@ -404,7 +408,9 @@ class AdaptedModel(nn.Module):
             sources: dict[str, torch.Tensor] | None = None
         else:
             file = open_adapter(adapter_dir)
-            if not is_trainable and self.resident.load(adapter_name, file, adapter_dir):
+            experts = wrap_expert_stacks(self.model, list(file.meta["layers"]))  # so check_layers finds them
+            self._invalidate()
+            if not is_trainable and not experts and self.resident.load(adapter_name, file, adapter_dir):
                 self.peft_config[adapter_name] = file.config
                 return
             config, tensors = file.config, file.tensors()

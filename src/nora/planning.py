@@ -11,7 +11,7 @@ import torch
 from .basis import compute_factors
 from .config import AdapterConfig, RankError
 from .errors import AdapterError
-from .layer import AdapterLayer, AdapterPlan
+from .layers import AdapterLayer, AdapterPlan
 from .methods import Method
 
 

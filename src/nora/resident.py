@@ -19,7 +19,7 @@ from .config import AdapterConfig
 from .errors import AdapterError
 from .file_check import check_layers
 from .io import AdapterFile, check_keys, check_shape
-from .layer import AdapterLayer
+from .layers import AdapterLayer
 from .methods import AdapterCore, Method, get_method
 from .planning import plan_bases, release_bases
 from .slots import AdapterBank, core_fields, make_layout

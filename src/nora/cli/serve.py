@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import AdapterError
-from ..layer import BASE
+from ..layers import BASE
 from . import app
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")

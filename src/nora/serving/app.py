@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..layer import BASE
+from ..layers import BASE
 from .engine import Engine
 from .errors import BadRequest, Forbidden, LimitExceeded, NotFound, ServingError, Unprocessable
 from .guards import BodyLimit, BodyTooLarge, bearer_auth

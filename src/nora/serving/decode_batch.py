@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..layer import BASE
+from ..layers import BASE
 from ..model import AdaptedModel
 from ..pretrained import cache_kwargs
 from . import kv_batch

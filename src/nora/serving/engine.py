@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..layer import BASE
+from ..layers import BASE
 from ..model import AdaptedModel, check_adapter_name
 from .decode_batch import DecodeBatch, adapter_failed, end_request, hf_model
 from .errors import BadRequest, Busy, Conflict, GenerationFailed, LimitExceeded, LoadFailed, NotFound

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AdapterError
-from ..layer import BASE
+from ..layers import BASE
 from ..model import AdaptedModel
 from ..pretrained import load_model, load_tokenizer, parse_dtype, resolve_device
 
