@@ -19,6 +19,7 @@ from ..tasks import TASKS, TaskKind, TaskOptions, task_kind
 from ..tasks.registry import DEFAULT_TASK
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_NOT_KEYS = ("options", "other_options")  # fields that hold options by name, not options themselves
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -84,17 +85,19 @@ class TrainConfig:
     eval_limit: int | None = None
     threads: int | None = None  # CPU threads for torch (None: torch's choice)
     options: TaskOptions = field(default_factory=TaskOptions)  # the task kind's own options
+    other_options: dict[str, Any] = field(default_factory=dict)  # another kind's settings given: kept, unused
 
     def __init__(self, **values: Any) -> None:
         given = values.pop("options", None)  # dataclasses.replace passes the options whole
         if isinstance(given, TaskOptions):
             values = {**dataclasses.asdict(given), **values}
+        values = {**(values.pop("other_options", None) or {}), **values}
         for f in dataclasses.fields(self):
-            if f.name != "options":
+            if f.name not in _NOT_KEYS:
                 setattr(self, f.name, values.pop(f.name) if f.name in values else _default(f))
         _check_types(self)
         self._check_choices()
-        self.options = _kind_options(self.task, values)
+        self.options, self.other_options = _kind_options(self.task, values)
         self._check_counts()
         self._check_optimisation()
         self._check_data_options()
@@ -109,6 +112,8 @@ class TrainConfig:
         options = self.__dict__.get("options")
         if options is not None and name in {f.name for f in dataclasses.fields(options)}:
             return getattr(options, name)
+        if name in self.__dict__.get("other_options", {}):
+            return self.__dict__["other_options"][name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
@@ -225,8 +230,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Every option by name, the task kind's among them (as a YAML file or train_config.json holds them)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
-        return {**copy.deepcopy(values), **dataclasses.asdict(self.options)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_KEYS}
+        return {**copy.deepcopy(values), **copy.deepcopy(self.other_options), **dataclasses.asdict(self.options)}
 
     def resolved(self) -> dict[str, Any]:
         """The options as the run used them: the learning rate and every adapter field filled in, so a run can be
@@ -257,7 +262,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = [*(f.name for f in dataclasses.fields(cls) if f.name != "options"), *option_names()]
+        known = [*(f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS), *option_names()]
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise AdapterError(
@@ -282,26 +287,34 @@ def option_names() -> list[str]:
     return list(dict.fromkeys(f.name for kind in TASKS.values() for f in dataclasses.fields(kind.Options)))
 
 
-def _kind_options(task: str, values: dict[str, Any]) -> TaskOptions:
-    """The options of kind `task` from `values` (the keywords TrainConfig's own fields left). Another kind's
-    option at its default is dropped (a train_config.json of an older nora lists every option); set otherwise, it
-    is refused, naming the kinds it belongs to."""
+def _kind_options(task: str, values: dict[str, Any]) -> tuple[TaskOptions, dict[str, Any]]:
+    """The options of kind `task` from `values` (the keywords TrainConfig's own fields left), and the settings of
+    other kinds given. Another kind's option at its default is dropped (a train_config.json of an older nora lists
+    every option); one off by default (None, False) but given is refused, naming the kinds it belongs to: the run
+    meant that kind; a setting with a default of its own (a template, a weight) is kept, unused."""
     kind = task_kind(task)
     own = {f.name for f in dataclasses.fields(kind.Options)}
     unknown = sorted(set(values) - own - set(option_names()))
     if unknown:
         raise TypeError(f"TrainConfig got unexpected keyword argument(s) {unknown}")
+    other: dict[str, Any] = {}
     for name in sorted(set(values) - own):
         owners = [k for k in TASKS.values() if name in {f.name for f in dataclasses.fields(k.Options)}]
-        if values[name] != _default(next(f for f in dataclasses.fields(owners[0].Options) if f.name == name)):
-            names = " or ".join(f"--task {k.name}" for k in owners)
-            listed = ", ".join(f.name for f in dataclasses.fields(owners[0].Options))
-            raise AdapterError(
-                f"{name} is an option of {names}, not of --task {task} (options of --task {owners[0].name}: {listed})."
-            )
+        default = _default(next(f for f in dataclasses.fields(owners[0].Options) if f.name == name))
+        if values[name] == default:
+            continue
+        if default is not None and default is not False:
+            _check_types(owners[0].Options(**{name: values[name]}))
+            other[name] = values[name]
+            continue
+        names = " or ".join(f"--task {k.name}" for k in owners)
+        listed = ", ".join(f.name for f in dataclasses.fields(owners[0].Options))
+        raise AdapterError(
+            f"{name} is an option of {names}, not of --task {task} (options of --task {owners[0].name}: {listed})."
+        )
     options = kind.Options(**{k: v for k, v in values.items() if k in own})
     _check_types(options)
-    return options
+    return options, other
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -349,7 +362,7 @@ def _check_types(config: TrainConfig | TaskOptions) -> None:
     are read as numbers: YAML 1.1 reads `1e-3` as a string."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        if f.name == "options":
+        if f.name in _NOT_KEYS:
             continue
         value, hint = getattr(config, f.name), hints[f.name]
         if isinstance(value, str) and not fits_type(value, hint):
