@@ -35,6 +35,7 @@ class TextLength(TaskKind):
     Options = CountOptions
     option_rows = (OptionRow("count_chars", bool, "text-length: count characters, not words."),)
     model_class = "AutoModelForSequenceClassification"
+    model_kind = "seq-cls"
     predicts_number = True
     adapter_defaults = {"modules_to_save": ["classifier"]}
 

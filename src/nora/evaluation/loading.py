@@ -94,7 +94,7 @@ def check_base_fits(
             skeleton = getattr(transformers, auto).from_config(config)
     except ValueError as e:
         raise AdapterError(
-            f"{target.base} is a {config.model_type} model, which has no {kind.name} model class in transformers "
+            f"{target.base} is a {config.model_type} model, which has no {kind.model_kind} model class in transformers "
             f"({auto}); the adapter {target.adapter} was made for {recorded}: give a base of that architecture."
         ) from e
     for lname, shape in target.layer_shapes.items():

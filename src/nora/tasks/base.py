@@ -68,6 +68,7 @@ class TaskKind(ABC):
         name                the `--task` name (its registry key; the value the adapter's head record names)
         Options             its option dataclass (a TaskOptions subclass); `option_rows` its `nora train` flags
         model_class         the transformers Auto class its model is loaded (and rebuilt for eval/export) with
+        model_kind          "causal"; the kind of model that is, as messages name it ("a vit has no causal model")
         counts              "tokens"; what `count_inputs` counts, as the progress bar and summary name its rate
         has_label_set       False; True where examples are classes of a label set (`labels`, the head's size)
         predicts_number     False; True for a one-number head (eval reads numeric targets and scores correlations)
@@ -96,6 +97,7 @@ class TaskKind(ABC):
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     option_rows: ClassVar[tuple[OptionRow, ...]] = ()
     model_class: ClassVar[str] = "AutoModelForCausalLM"
+    model_kind: ClassVar[str] = "causal"
     counts: ClassVar[str] = "tokens"
     has_label_set: ClassVar[bool] = False
     predicts_number: ClassVar[bool] = False

@@ -62,6 +62,7 @@ class DreamBooth(TaskKind):
         OptionRow("train_text_encoder", bool, "dreambooth: adapters on the text encoder too."),
     )
     model_class = "DiffusionPipeline"
+    model_kind = "diffusion"
     reads_images = True
     counts = "images"
 

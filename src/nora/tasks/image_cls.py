@@ -38,6 +38,7 @@ class ImageClassification(TaskKind):
         *IMAGE_ROWS,
     )
     model_class = "AutoModelForImageClassification"
+    model_kind = "image-cls"
     has_label_set = True
     reads_images = True
     counts = "images"

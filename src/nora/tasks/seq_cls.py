@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class SequenceClassification(TaskKind):
     name = "seq-cls"
     model_class = "AutoModelForSequenceClassification"
+    model_kind = "seq-cls"
     has_label_set = True
     adapter_defaults = {"modules_to_save": ["classifier", "score", "pooler"]}  # head (+ BERT's pooler) trains in full
 
