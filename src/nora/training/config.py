@@ -19,8 +19,8 @@ from ..tasks import TASKS, TaskKind, TaskOptions, task_kind
 from ..tasks.registry import DEFAULT_TASK
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_NOT_KEYS = ("options", "other_options")  # fields that hold options by name, not options themselves
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+_NOT_KEYS = ("options", "other_options")  # fields that hold options by name, not options themselves
 
 
 @dataclass(init=False)
@@ -101,7 +101,7 @@ class TrainConfig:
         self._check_counts()
         self._check_optimisation()
         self._check_data_options()
-        task_kind(self.task).check_options(self)
+        self.kind.check_options(self)
         self._check_parallelism()
         self._check_quantize()
         self._check_resume()
