@@ -46,10 +46,12 @@ LAYERS: dict[str, int] = {
     "nora.state": 7,  # adapter state ↔ tensors, of module and resident adapters alike
     **dict.fromkeys(["nora.model", "nora.export", "nora.loftq"], 8),
     **dict.fromkeys(["nora.convert.*", "nora.plots", "nora.clip"], 9),
+    # task kinds: each kind's options, model, data, loss and metrics; the applications above ask them
+    "nora.tasks.*": 10,
     **dict.fromkeys(
-        ["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.offline", "nora.hf_trainer"], 10
+        ["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.offline", "nora.hf_trainer"], 11
     ),
-    **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 11),
+    **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 12),
 }
 
 
@@ -235,3 +237,42 @@ def test_checker_reports_cycles_and_upward_imports(tmp_path):
         f"{d}/config.py:5: nora.config (L1) imports nora.methods (L3)",
         f"{d}/errors.py:2: nora.errors (L0) imports nora.model (L6)",
     ]
+
+
+# The names of nora's task kinds: only nora.tasks may compare a value with one (nothing else asks "is this seq-cls?")
+TASK_NAMES = {"causal-lm", "causal", "seq-cls", "regression", "image-cls", "dreambooth"}
+
+
+def task_name_comparisons(root: Path, skip: tuple[str, ...] = ("tasks/",)) -> list[str]:
+    """Every comparison (==, !=, in, ...) with a task-name string literal (or a tuple/list/set of them) in the files
+    under root/nora, outside the folders `skip` names: file:line each."""
+
+    def literals(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(literals(e) for e in node.elts))
+        return set()
+
+    found = []
+    for path in sorted((root / "nora").rglob("*.py")):
+        rel = path.relative_to(root / "nora").as_posix()
+        if rel.startswith(skip):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare) and any(literals(s) & TASK_NAMES for s in (node.left, *node.comparators)):
+                found.append(f"{rel}:{node.lineno}")
+    return found
+
+
+def test_no_task_name_comparisons_outside_the_task_kinds():
+    found = task_name_comparisons(SRC)
+    assert not found, f"ask the task kind (nora.tasks) instead of comparing its name: {found}"
+
+
+def test_task_name_comparisons_are_found(tmp_path):
+    (tmp_path / "nora" / "tasks").mkdir(parents=True)
+    (tmp_path / "nora" / "a.py").write_text('x = 1\nif x == "seq-cls" or x in ("a", "dreambooth"):\n    pass\n')
+    (tmp_path / "nora" / "b.py").write_text('y = {"seq-cls": 1}["seq-cls"]\nz = "image-cls" if True else ""\n')
+    (tmp_path / "nora" / "tasks" / "k.py").write_text('if "x" != "regression":\n    pass\n')
+    assert task_name_comparisons(tmp_path) == ["a.py:2", "a.py:2"]

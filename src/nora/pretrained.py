@@ -204,20 +204,22 @@ def model_config(name: str) -> Any:
 
 def load_model(
     name: str,
-    task: Literal["causal", "seq-cls", "image-cls"] = "causal",
+    model_class: str = "AutoModelForCausalLM",
     *,
     dtype: torch.dtype | Literal["auto"] | None = None,
-    num_labels: int | None = None,
     gguf_file: str | None = None,
     quantize: str | None = None,
+    **from_pretrained: Any,
 ) -> nn.Module:
-    """The pretrained causal LM, sequence classifier or image classifier at `name` (a directory, a hub id, or a
-    .gguf file). `dtype`: a torch dtype, "auto" (the checkpoint's) or None (float32). A GGUF file is dequantised to
-    float, so the model trains, merges and saves like any other — once: the dequantised copy is kept in the GGUF
-    cache (`dequantized_gguf`); the model's `name_or_path` is the GGUF file, which an adapter saved on it records.
+    """The pretrained model at `name` (a directory, a hub id, or a .gguf file) as transformers' `model_class` (a
+    causal LM unless a task kind names another, e.g. AutoModelForSequenceClassification; `from_pretrained`: what
+    the kind adds, e.g. num_labels). `dtype`: a torch dtype, "auto" (the checkpoint's) or None (float32). A GGUF
+    file is dequantised to float, so the model trains, merges and saves like any other — once: the dequantised copy
+    is kept in the GGUF cache (`dequantized_gguf`); the model's `name_or_path` is the GGUF file, which an adapter
+    saved on it records.
     `quantize` ("nf4", "fp4": 4-bit, QLoRA's setting; "int8") loads the linear layers in bitsandbytes on CUDA when
     present, else on the CPU (its CPU backend), computing in `dtype`; the output head stays in float."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     name, gguf_file = locate(name, gguf_file)
     reference = base_reference(name, gguf_file) if gguf_file else None
@@ -236,17 +238,7 @@ def load_model(
         )
     if quantize:
         kwargs.update(quantization_kwargs(quantize, dtype if isinstance(dtype, torch.dtype) else torch.float32))
-    if task == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kwargs)
-    elif task == "image-cls":
-        from transformers import AutoModelForImageClassification
-
-        # a new label set replaces the checkpoint's head (e.g. ImageNet's 1,000 classes)
-        model = AutoModelForImageClassification.from_pretrained(
-            name, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    model = getattr(transformers, model_class).from_pretrained(name, **from_pretrained, **kwargs)
     if gguf_file:  # loaded from the GGUF itself: no longer quantized, whatever the loader recorded
         clear_gguf_quantization(model)
     if reference is not None:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .file_check import layer_module as layer_module  # re-exported: evaluation.loading imports it from here
 from .io import FORMAT_VERSION, SAVE_PREFIX, check_keys, check_shape, nora_version
 
 if TYPE_CHECKING:

@@ -93,6 +93,8 @@ def evaluate(
     from ..evaluation.runner import PROTOCOLS, prepare_tasks
     from ..evaluation.tasks import missing_suite_tasks, no_head_message
     from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from ..tasks import task_kind
+    from ..tasks.registry import DEFAULT_TASK, GLUE_TASK
     from .preflight import check_writable
 
     if threads is not None:
@@ -110,7 +112,7 @@ def evaluate(
             check_writable(output, "--output")
         target = resolve_target(model, adapter, base)
         head = adapter_head(target)
-        if head is not None and head.task == "image-cls":
+        if head is not None and head.kind.reads_images:
             return _evaluate_images(target, head, _split(tasks, []), limit, seed, batch_size, dtype, device, merge,
                                     output, progress)  # fmt: skip
         names = _split(tasks, ["glue" if head else "commonsense"])
@@ -136,9 +138,11 @@ def evaluate(
             num_labels = head.num_labels
         else:
             num_labels = max((spec.layout.num_labels for spec in specs if spec.layout), default=None)
-        task_kind = "seq-cls" if kinds == {"classification"} else "causal"
+        kind = task_kind(DEFAULT_TASK)  # commonsense tasks score a causal LM
+        if kinds == {"classification"}:  # GLUE scores a sequence classifier: the head's kind, or a new head
+            kind = head.kind if head is not None else task_kind(GLUE_TASK)
         start = time.perf_counter()
-        loaded, tokenizer = load_for_eval(target, task_kind, num_labels, dtype, device, merge, gguf_file)
+        loaded, tokenizer = load_for_eval(target, kind, num_labels, dtype, device, merge, gguf_file)
         load_seconds = time.perf_counter() - start
         results = evaluate_tasks(
             loaded,
@@ -206,7 +210,7 @@ def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, devi
     missing = [f for f in folders if not Path(f).exists()]
     if missing:
         raise AdapterError(f"--tasks {missing[0]}: no such image folder or file.")
-    loaded, processor = load_for_eval(target, "image-cls", head.num_labels, dtype, device, merge)
+    loaded, processor = load_for_eval(target, head.kind, head.num_labels, dtype, device, merge)
     per_task = {
         Path(f).name: evaluate_images(loaded, processor, f, list(head.labels), batch_size, limit, seed, progress)
         for f in folders

@@ -77,8 +77,7 @@ def export_adapter(
             f"{adapter} is a CLIP zero-shot classifier (nora.clip.ClipClassifier), which has no PEFT model class; "
             "export it from Python: AdaptedModel.from_pretrained(ClipClassifier..., DIR).export_lora(OUT)."
         )
-    kind = "causal" if head is None else "image-cls" if head.task == "image-cls" else "seq-cls"
     check_model_source(target.base, gguf_file, "--base" if base else RECORDED_BASE)
-    model, _ = load_for_eval(target, kind, head.num_labels if head else None, "float32", "cpu", False, gguf_file)
+    model, _ = load_for_eval(target, None, head.num_labels if head else None, "float32", "cpu", False, gguf_file)
     export_lora(model, "default", output)
     return output

@@ -108,8 +108,10 @@ def _continue(target, prompts, max_new_tokens, dtype, device, merge, gguf_file) 
     """Each prompt followed by the model's greedy continuation (the adapter folded in unless not `merge`)."""
     from ..evaluation.generation import generate_responses
     from ..evaluation.loading import load_for_eval
+    from ..tasks import task_kind
+    from ..tasks.registry import DEFAULT_TASK
 
-    model, tokenizer = load_for_eval(target, "causal", None, dtype, device, merge, gguf_file)
+    model, tokenizer = load_for_eval(target, task_kind(DEFAULT_TASK), None, dtype, device, merge, gguf_file)
     texts = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     return [prompt + text for prompt, text in zip(prompts, texts, strict=True)]
 

@@ -18,8 +18,8 @@ import typer
 
 from ..errors import AdapterError
 from ..methods import METHODS
+from ..tasks import TASKS, OptionRow
 from ..training.config import TrainConfig, closest, load_yaml
-from ..training.tasks import TASKS
 from . import app
 
 Opt = typer.Option
@@ -77,6 +77,17 @@ def _choices(names: Iterable[str], default: str) -> str:
 
 _DEFAULT = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
+
+def _kind_option(row: OptionRow) -> CliOption:
+    return CliOption(row.name, row.type, row.name, Opt(*row.flags, help=row.help))
+
+
+def _kind_rows() -> tuple[CliOption, ...]:
+    """The options the task kinds declare (nora.tasks: each kind's `option_rows`), each once."""
+    rows = {row.name: row for kind in TASKS.values() for row in kind.option_rows}
+    return tuple(_kind_option(row) for row in rows.values())
+
+
 OPTIONS: tuple[CliOption, ...] = (
     CliOption("config", Path, None, Opt(help="YAML file of options (keys as below, e.g. learning_rate: 1e-3).")),
     CliOption("model", str, "model", Opt(help="Base model: a Hugging Face hub id, a local directory or a .gguf file.")),
@@ -129,51 +140,7 @@ OPTIONS: tuple[CliOption, ...] = (
     ),
     CliOption("labels", str, "labels", Opt(help="Comma-separated label set, in id order (seq-cls).")),
     CliOption("max_examples", int, "max_examples", Opt(help="Use only the first N examples of --data.")),
-    CliOption("shots", int, "shots", Opt(help="image-cls: K seeded training images per class (few-shot).")),
-    CliOption("clip_template", str, "clip_template", Opt(help="image-cls with CLIP: each class's prompt, with {}.")),
-    CliOption(
-        "image_size",
-        int,
-        "image_size",
-        Opt(help="image-cls/dreambooth: resize and centre-crop to N (image-cls: models with no processor)."),
-    ),
-    CliOption(
-        "max_image_pixels",
-        int,
-        "max_image_pixels",
-        Opt(help="image-cls/dreambooth: refuse larger images (default 89,478,485: Pillow's decompression-bomb guard)."),
-    ),
-    CliOption(
-        "instance_prompt",
-        str,
-        "instance_prompt",
-        Opt(help='dreambooth: the prompt of --data\'s images ("a photo of sks dog").'),
-    ),
-    CliOption(
-        "class_data",
-        str,
-        "class_data",
-        Opt(help="dreambooth prior preservation: folder of class images (made only with --generate-class-images)."),
-    ),
-    CliOption("class_prompt", str, "class_prompt", Opt(help='dreambooth prior preservation: "a photo of a dog".')),
-    CliOption(
-        "num_class_images",
-        int,
-        "num_class_images",
-        Opt(help="dreambooth: class images used; --class-data is filled up to N by the base pipeline."),
-    ),
-    CliOption(
-        "generate_class_images",
-        bool,
-        "generate_class_images",
-        Opt(help="dreambooth: make --class-data if it does not exist, and fill it with class images sampled."),
-    ),
-    CliOption(
-        "prior_loss_weight", float, "prior_loss_weight", Opt(help="dreambooth: weight of the class images' loss.")
-    ),
-    CliOption(
-        "train_text_encoder", bool, "train_text_encoder", Opt(help="dreambooth: adapters on the text encoder too.")
-    ),
+    *_kind_rows(),
     CliOption("batch_size", int, "batch_size", Opt(help="Examples per device per micro-batch.")),
     CliOption(
         "calibration_batches",
@@ -239,6 +206,11 @@ OPTIONS: tuple[CliOption, ...] = (
 _OPTION = {option.name: option for option in OPTIONS}
 
 
+def _current_options() -> tuple[CliOption, ...]:
+    """OPTIONS, and the rows of a task kind registered since the command was built (its options as YAML keys)."""
+    return OPTIONS + tuple(row for row in _kind_rows() if row.name not in _OPTION)
+
+
 def _listed(value: Any) -> Any:
     return [s.strip() for s in value.split(",")] if isinstance(value, str) else value
 
@@ -263,7 +235,7 @@ def build_config(config_file: Path | None, cli: dict[str, Any]) -> TrainConfig:
     if config_file:
         given = load_yaml(config_file)
         adapter.update(_adapter_mapping(given.pop("adapter", None)))
-        yaml_keys = [option.name for option in OPTIONS if option.sets is not None]
+        yaml_keys = [option.name for option in _current_options() if option.sets is not None]
         for key in given:
             if key not in yaml_keys:
                 raise AdapterError(
@@ -280,7 +252,7 @@ def build_config(config_file: Path | None, cli: dict[str, Any]) -> TrainConfig:
 def _set_options(given: dict[str, Any], values: dict[str, Any], adapter: dict[str, Any]) -> None:
     """Set what each option of `given` (by name; None: not given) sets: a TrainConfig field in `values`, or adapter
     fields. In table order: --adapter-option KEY=VALUE comes after (and beats) --rank & co."""
-    for option in OPTIONS:
+    for option in _current_options():
         value = given.get(option.name)
         if value is None or option.sets is None:
             continue
@@ -331,7 +303,8 @@ def print_summary(console, summary: dict[str, Any], adapter_dir: Path) -> None:
     if not summary:
         return
     table = Table(title="training summary", show_header=False)
-    unit = f"{TASKS[summary['task']].counts}/s" if summary.get("task") in TASKS else "tokens/s"
+    kind = TASKS.get(summary.get("task", ""))
+    unit = f"{kind.counts}/s" if kind is not None else "tokens/s"
     rows = [
         ("method", summary["method"]),
         ("steps", f"{summary['steps']} (global batch {summary['global_batch']}, {summary['processes']} process(es))"),

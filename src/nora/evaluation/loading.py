@@ -16,21 +16,14 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..file_check import layer_module
 from ..io import open_adapter
 from ..model import AdaptedModel
 from ..peft_import import read_peft_lora
-from ..pretrained import (
-    is_gguf,
-    load_model,
-    load_tokenizer,
-    model_config,
-    name_labels,
-    parse_dtype,
-    require_package,
-    resolve_device,
-)
-from ..state import layer_module
-from .tasks import Head
+from ..pretrained import is_gguf, model_config, parse_dtype, require_package, resolve_device
+from ..tasks import Head, TaskKind, read_head, task_kind
+from ..tasks.base import saved_tokenizer
+from ..tasks.registry import DEFAULT_TASK
 
 ADAPTER_CONFIG = "adapter_config.json"
 RECORDED_BASE = "the base model the adapter records (pass --base for another)"  # how errors name it
@@ -74,12 +67,15 @@ def resolve_target(model: str, adapter: str | Path | None = None, base: str | No
     return EvalTarget(base, adapter, "nora", shapes, ", ".join(sorted(map(str, schemes))) or None)
 
 
-def check_base_fits(target: EvalTarget, task_kind: str, num_labels: int | None, gguf_file: str | None) -> None:
+def check_base_fits(
+    target: EvalTarget, kind: TaskKind, head: Head | None, num_labels: int | None, gguf_file: str | None
+) -> None:
     """Refuse, before any weight is loaded, a base the adapter cannot go on: another architecture (its config.json
     built as a model on the meta device lacks the adapter's layers, or has them in other sizes), or, for an adapter
     trained on a quantized base, a machine without bitsandbytes (its basis is checked against the quantized
     weights)."""
-    if target.adapter is None:
+    auto = kind.rebuilt_class(head)
+    if target.adapter is None or auto is None:
         return
     if target.trained_quantized:
         require_package("bitsandbytes", "quant", f"{target.adapter}, trained on a {target.trained_quantized} base,")
@@ -88,10 +84,8 @@ def check_base_fits(target: EvalTarget, task_kind: str, num_labels: int | None, 
     config = model_config(target.base)
     if config is None:
         return  # loading says what is wrong with it
-    if num_labels is not None and task_kind != "causal":
+    if num_labels is not None:
         config.num_labels = num_labels
-    auto = {"causal": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
-            "image-cls": "AutoModelForImageClassification"}[task_kind]  # fmt: skip
     import transformers
 
     recorded = _adapter_config(target.adapter).get("base_model_name_or_path")
@@ -100,7 +94,7 @@ def check_base_fits(target: EvalTarget, task_kind: str, num_labels: int | None, 
             skeleton = getattr(transformers, auto).from_config(config)
     except ValueError as e:
         raise AdapterError(
-            f"{target.base} is a {config.model_type} model, which has no {task_kind} model class in transformers "
+            f"{target.base} is a {config.model_type} model, which has no {kind.model_kind} model class in transformers "
             f"({auto}); the adapter {target.adapter} was made for {recorded}: give a base of that architecture."
         ) from e
     for lname, shape in target.layer_shapes.items():
@@ -127,73 +121,34 @@ def adapter_head(target: EvalTarget) -> Head | None:
     head = (config.get("nora") or {}).get("head") if isinstance(config.get("nora"), dict) else None
     if head is None:
         return None
-    where = target.adapter / ADAPTER_CONFIG
-    task, labels = (head.get("task"), head.get("labels", [])) if isinstance(head, dict) else (None, None)
-    valid_labels = (
-        isinstance(labels, list) and all(isinstance(x, str) for x in labels) and len(set(labels)) == len(labels)
-    )
-    if (
-        task not in ("seq-cls", "regression", "image-cls")
-        or not valid_labels
-        or (task != "regression" and len(labels) < 2)
-    ):
-        raise AdapterError(
-            f"{where}: the head it records ({str(head)[:120]}) is not a task (seq-cls, regression, image-cls) with a "
-            "label set of distinct names; the file was edited or damaged: save the adapter again."
-        )
-    template = head.get("template")
-    if template is not None and (not isinstance(template, str) or "{}" not in template):
-        raise AdapterError(
-            f"{where}: the head's class prompt template {template!r} has no {{}}; save the adapter again."
-        )
-    return Head(task, tuple(labels), template)
+    return read_head(head, target.adapter / ADAPTER_CONFIG)
 
 
 def load_for_eval(
     target: EvalTarget,
-    task_kind: Literal["causal", "seq-cls", "image-cls"] = "causal",
+    kind: TaskKind | None = None,
     num_labels: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     merge: bool = True,
     gguf_file: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """The model on `device` in eval mode (its adapter merged unless `merge=False`) and its tokenizer, or for an
-    image classifier its image processor (the adapter directory's when it holds one, else the base's)."""
+    """The model on `device` in eval mode (its adapter merged unless `merge=False`) and what turns inputs into its
+    inputs (a tokenizer; an image classifier's image processor). `kind` rebuilds the model (default: the kind of the
+    head the adapter records, else a causal LM)."""
     resolved = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or (torch.bfloat16 if resolved.type == "cuda" else torch.float32)
     head = adapter_head(target)
-    if head is None or head.template is None:
-        check_base_fits(target, task_kind, num_labels, gguf_file)
-    if task_kind == "image-cls" and head is not None and head.template is not None:
-        from ..clip import ClipClassifier
-
-        model = ClipClassifier.from_pretrained(target.base, list(head.labels), head.template, dtype=torch_dtype)
-    else:
-        model = load_model(target.base, task_kind, dtype=torch_dtype, num_labels=num_labels, gguf_file=gguf_file)
-    if head is not None and head.template is None and getattr(model, "config", None) is not None:
-        if head.task == "regression":
-            model.config.problem_type = "regression"
-        else:
-            name_labels(model, head.labels)
+    kind = kind or (head.kind if head is not None else task_kind(DEFAULT_TASK))
+    check_base_fits(target, kind, head, num_labels, gguf_file)
+    model = kind.rebuild_model(head, target.base, torch_dtype, num_labels, gguf_file)
     model = _with_adapter(model.to(resolved), target, merge)
-    if task_kind == "image-cls":
-        from ..imagefiles import TRANSFORMS_FILE, load_image_processor
-
-        saved = target.adapter and any(
-            (target.adapter / f).is_file() for f in ("preprocessor_config.json", TRANSFORMS_FILE)
-        )
-        tokenizer = load_image_processor(str(target.adapter) if saved else target.base, None)
-    else:
-        tokenizer = eval_tokenizer(target, gguf_file)
-    return model.eval(), tokenizer
+    return model.eval(), kind.load_eval_processor(target.adapter, target.base, gguf_file)
 
 
 def eval_tokenizer(target: EvalTarget, gguf_file: str | None = None) -> Any:
     """The tokenizer an adapter was saved with, else the base model's."""
-    if target.adapter and (target.adapter / "tokenizer_config.json").is_file():
-        return load_tokenizer(target.adapter)
-    return load_tokenizer(target.base, gguf_file)
+    return saved_tokenizer(target.adapter, target.base, gguf_file)
 
 
 def adapted_pipeline(base: str, adapter: str | Path | None = None, dtype: torch.dtype | None = None,

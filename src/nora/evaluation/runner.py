@@ -158,7 +158,7 @@ def evaluate_tasks(
             start = time.perf_counter()
             examples = task.examples
             gold = [e.label for e in examples]
-            if head is not None and head.task == "regression":
+            if head is not None and head.kind.predicts_number:
                 outputs = predict_logits(model, tokenizer, examples, desc=spec.name, **options)
                 if outputs.shape[-1] != 1:
                     raise AdapterError(f"a regression head has one output; this model's head has {outputs.shape[-1]}.")

@@ -30,6 +30,7 @@ from ..datafiles import (
     where_of,
 )
 from ..errors import AdapterError
+from ..tasks.records import Head
 from .records import CommonsenseItem, parse_item
 
 COMMONSENSE_TASKS = (
@@ -71,19 +72,6 @@ class TaskSpec:
 class ClassificationExample:
     texts: tuple[str, ...]
     label: int | float  # a class id, or a regression target
-
-
-@dataclass(frozen=True)
-class Head:
-    """What a trained head predicts, as its adapter records it: class i is `labels[i]`, or one number."""
-
-    task: Literal["seq-cls", "regression", "image-cls"]
-    labels: tuple[str, ...] = ()
-    template: str | None = None  # a CLIP classifier's class prompt
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.task == "regression" else len(self.labels)
 
 
 @dataclass(frozen=True)
@@ -193,7 +181,7 @@ def load_classification(
         if head is None:
             raise AdapterError(no_head_message(spec))
         rows = read_rows(spec.path)
-        defaults = TARGET_COLUMNS if head.task == "regression" else LABEL_COLUMNS
+        defaults = TARGET_COLUMNS if head.kind.predicts_number else LABEL_COLUMNS
         text, pair, label = pick_columns(rows, columns.text, columns.pair, columns.label, defaults, where)
     examples = []
     for row in rows:
@@ -213,7 +201,7 @@ def no_head_message(spec: TaskSpec) -> str:
 
 def _target(value: str, row, column: str, spec: TaskSpec, head: Head | None) -> int | float:
     where = where_of(row, str(spec.path))
-    if head is not None and head.task == "regression":
+    if head is not None and head.kind.predicts_number:
         number = finite_number(value)
         if number is None:
             raise AdapterError(

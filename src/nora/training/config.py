@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -14,19 +15,24 @@ from typing import Any
 from ..config import AdapterConfig, fits_type
 from ..errors import AdapterError
 from ..methods import METHODS, get_method
-from .tasks import TASKS
+from ..tasks import TASKS, TaskKind, TaskOptions, task_kind
+from ..tasks.registry import DEFAULT_TASK
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+_NOT_KEYS = ("options", "other_options")  # fields that hold options by name, not options themselves
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
     """A training run. `adapter` holds the method's own fields (r, alpha, inner_r, ...) over the defaults of its
-    config class, the same defaults as in Python (`nora.NoraConfig()`); a task adds only its own targets or head."""
+    config class, the same defaults as in Python (`nora.NoraConfig()`); a task adds only its own targets or head.
+
+    The fields below are every kind's; `options` holds the options of the task kind (nora.tasks), given as keywords
+    like the rest (`TrainConfig(task="image-cls", shots=4)`) and read as attributes (`config.shots`)."""
 
     model: str | None = None
-    task: str = "causal-lm"
+    task: str = DEFAULT_TASK
     data: str | None = None
     eval_data: str | None = None
     eval_fraction: float = 0.0
@@ -45,17 +51,6 @@ class TrainConfig:
     label_column: str | None = None  # default: `label` (or GLUE's own label column)
     labels: list[str] | None = None
     max_examples: int | None = None
-    shots: int | None = None  # image-cls: K seeded training images per class (the few-shot protocol)
-    image_size: int | None = None  # image-cls: stated transforms (resize, crop) for a model without an image processor
-    max_image_pixels: int | None = None  # image-cls/dreambooth: larger images are refused (None: Pillow's limit)
-    clip_template: str = "a photo of a {}."  # image-cls with a CLIP model: each class's prompt
-    instance_prompt: str | None = None  # dreambooth: the prompt of --data's subject images ("a photo of sks dog")
-    class_data: str | None = None  # dreambooth prior preservation: class images (sampled up to num_class_images)
-    class_prompt: str | None = None  # dreambooth prior preservation: the class's prompt ("a photo of a dog")
-    num_class_images: int = 100
-    generate_class_images: bool = False  # dreambooth: a --class-data folder that does not exist is made and filled
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False  # dreambooth: adapters on the text encoder's attention too
     # optimisation
     batch_size: int = 8
     calibration_batches: int = 8  # AwSVD (awsvd=True): the first N training batches measure the input scales
@@ -89,23 +84,44 @@ class TrainConfig:
     eval_data_dir: str | None = None
     eval_limit: int | None = None
     threads: int | None = None  # CPU threads for torch (None: torch's choice)
+    options: TaskOptions = field(default_factory=TaskOptions)  # the task kind's own options
+    other_options: dict[str, Any] = field(default_factory=dict)  # another kind's settings given: kept, unused
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        given = values.pop("options", None)  # dataclasses.replace passes the options whole
+        if isinstance(given, TaskOptions):
+            values = {**dataclasses.asdict(given), **values}
+        values = {**(values.pop("other_options", None) or {}), **values}
+        for f in dataclasses.fields(self):
+            if f.name not in _NOT_KEYS:
+                setattr(self, f.name, values.pop(f.name) if f.name in values else _default(f))
         _check_types(self)
         self._check_choices()
+        self.options, self.other_options = _kind_options(self.task, values)
         self._check_counts()
         self._check_optimisation()
         self._check_data_options()
-        self._check_images()
-        self._check_dreambooth()
+        self.kind.check_options(self)
         self._check_parallelism()
         self._check_quantize()
         self._check_resume()
         self.adapter_config()  # validates the method's fields now, not after the model has loaded
 
+    def __getattr__(self, name: str) -> Any:
+        """The task kind's options read as attributes (`config.shots`), as before they moved into `options`."""
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+            return getattr(options, name)
+        if name in self.__dict__.get("other_options", {}):
+            return self.__dict__["other_options"][name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def kind(self) -> TaskKind:
+        return task_kind(self.task)
+
     def _check_choices(self) -> None:
-        if self.task not in TASKS:
-            raise AdapterError(f"task={self.task!r}: choose one of {tuple(TASKS)}.")
+        task_kind(self.task)
         if self.method not in METHODS:
             raise AdapterError(f"method={self.method!r}: choose one of {sorted(METHODS)}.")
         if self.learning_rate is None:
@@ -120,8 +136,7 @@ class TrainConfig:
                      "save_total_limit"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1.")
-        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "shots", "image_size",
-                     "max_image_pixels", "threads"):  # fmt: skip
+        for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
 
@@ -150,45 +165,9 @@ class TrainConfig:
         if self.labels is None:
             return
         self.labels = [str(label) for label in self.labels]
-        if not TASKS[self.task].has_label_set:
+        if not self.kind.has_label_set:
             classifiers = " or ".join(f"--task {name}" for name, task in TASKS.items() if task.has_label_set)
             raise AdapterError(f"labels fix a classifier's label set: they need {classifiers}.")
-
-    def _check_images(self) -> None:
-        images = self.task in ("image-cls", "dreambooth")
-        both = ("image-cls", "dreambooth")
-        for name, tasks in (("shots", ("image-cls",)), ("image_size", both), ("max_image_pixels", both)):
-            if getattr(self, name) is not None and self.task not in tasks:
-                raise AdapterError(f"{name} is an option of --task {' or '.join(tasks)}, not of --task {self.task}.")
-        if images and self.group_by_length:
-            raise AdapterError("group_by_length batches texts by token count; images have no length: leave it off.")
-
-    def _check_dreambooth(self) -> None:
-        options = ("instance_prompt", "class_data", "class_prompt")
-        if self.task != "dreambooth":
-            given = [n for n in (*options, "train_text_encoder", "generate_class_images") if getattr(self, n)]
-            if given:
-                raise AdapterError(f"{given} are options of --task dreambooth, not of --task {self.task}.")
-            return
-        if not self.instance_prompt:
-            raise AdapterError(
-                "--task dreambooth needs --instance-prompt: the prompt that names the subject of --data's images, "
-                'with a rare token for it (e.g. --instance-prompt "a photo of sks dog").'
-            )
-        if (self.class_data is None) != (self.class_prompt is None):
-            raise AdapterError(
-                "prior preservation takes --class-data DIR and --class-prompt together (e.g. --class-data "
-                'class-images --class-prompt "a photo of a dog"); give both, or neither to train without it.'
-            )
-        if self.generate_class_images and self.class_data is None:
-            raise AdapterError(
-                "--generate-class-images samples prior preservation's class images into --class-data: give "
-                '--class-data DIR and --class-prompt (e.g. "a photo of a dog") with it.'
-            )
-        if self.num_class_images < 1 or not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
-            raise AdapterError("num_class_images must be at least 1 and prior_loss_weight a number ≥ 0.")
-        if self.eval_fraction:
-            raise AdapterError("--task dreambooth trains on every subject image: leave --eval-fraction unset.")
 
     def _check_quantize(self) -> None:
         if self.quantize is None:
@@ -201,7 +180,7 @@ class TrainConfig:
             raise AdapterError(f"--quantize {self.quantize}: choose from {', '.join(SCHEMES)} (bitsandbytes).")
         if self.fsdp:
             raise AdapterError("--quantize with --fsdp is not supported: shard a quantized base with DDP instead.")
-        if self.task in ("image-cls", "dreambooth"):
+        if self.kind.reads_images:
             raise AdapterError(f"--quantize loads transformers text models in bitsandbytes; not --task {self.task}.")
         if self.loftq and not get_method(self.method).has_fit:
             raise AdapterError(
@@ -241,7 +220,7 @@ class TrainConfig:
                 f"adapter options {unknown} are not fields of {cls.__name__}{closest(unknown[0], known)}; it takes "
                 f"{sorted(known)}."
             )
-        fields = {**TASKS[self.task].defaults(self), **fields}
+        fields = {**self.kind.default_adapter_fields(self), **fields}
         if "alpha" in fields and fields["alpha"] is not None:
             fields["alpha"] = float(fields["alpha"])
         try:
@@ -250,7 +229,9 @@ class TrainConfig:
             raise AdapterError(f"adapter options {self.adapter}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option by name, the task kind's among them (as a YAML file or train_config.json holds them)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_KEYS}
+        return {**copy.deepcopy(values), **copy.deepcopy(self.other_options), **dataclasses.asdict(self.options)}
 
     def resolved(self) -> dict[str, Any]:
         """The options as the run used them: the learning rate and every adapter field filled in, so a run can be
@@ -271,15 +252,17 @@ class TrainConfig:
         differ from `recorded` (a train_config.json): {name: (recorded, now)}. Keys a file lacks are not compared
         (an older nora wrote it)."""
         now = json.loads(json.dumps(self.resolved()))  # as the file holds it: tuples as lists
-        pairs = [(key, recorded[key], now[key]) for key in RESUME_KEYS if key != "adapter" and key in recorded]
+        keys = [*RESUME_KEYS, *self.options.resume_keys()]
+        pairs = [(key, recorded[key], now[key]) for key in keys if key != "adapter" and key in recorded and key in now]
         adapter = recorded.get("adapter")
         if isinstance(adapter, dict):
             pairs += [(f"adapter.{k}", adapter[k], now["adapter"][k]) for k in sorted(adapter) if k in now["adapter"]]
-        return {key: (old, new) for key, old, new in pairs if not _same_setting(key, old, new)}
+        paths = (*_PATHS, *self.options.paths)
+        return {key: (old, new) for key, old, new in pairs if not _same_setting(key, old, new, paths)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = [f.name for f in dataclasses.fields(cls)]
+        known = [*(f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS), *option_names()]
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise AdapterError(
@@ -290,20 +273,59 @@ class TrainConfig:
 
 
 # What a resumed run must share with the run it continues: the model, the data and its order, the adapter, the batch.
+# (and the task kind's options, but those it declares free: TaskOptions.free_on_resume)
 RESUME_KEYS = (
-    "model", "gguf_file", "quantize", "task", "data", "max_examples", "eval_fraction", "shots", "labels",
-    "text_column", "text_pair_column", "label_column", "max_length", "mask_prompt", "image_size", "clip_template",
-    "instance_prompt", "class_data", "class_prompt", "num_class_images", "prior_loss_weight", "method", "adapter",
-    "batch_size", "grad_accum", "group_by_length", "seed",
+    "model", "gguf_file", "quantize", "task", "data", "max_examples", "eval_fraction", "labels", "text_column",
+    "text_pair_column", "label_column", "max_length", "mask_prompt", "method", "adapter", "batch_size", "grad_accum",
+    "group_by_length", "seed",
 )  # fmt: skip
-_PATHS = ("model", "data", "class_data", "adapter.base_model_name_or_path")
+_PATHS = ("model", "data", "adapter.base_model_name_or_path")
 
 
-def _same_setting(key: str, old: Any, new: Any) -> bool:
+def option_names() -> list[str]:
+    """The options of every task kind, in registry order (an option two kinds share, once)."""
+    return list(dict.fromkeys(f.name for kind in TASKS.values() for f in dataclasses.fields(kind.Options)))
+
+
+def _kind_options(task: str, values: dict[str, Any]) -> tuple[TaskOptions, dict[str, Any]]:
+    """The options of kind `task` from `values` (the keywords TrainConfig's own fields left), and the settings of
+    other kinds given. Another kind's option at its default is dropped (a train_config.json of an older nora lists
+    every option); one off by default (None, False) but given is refused, naming the kinds it belongs to: the run
+    meant that kind; a setting with a default of its own (a template, a weight) is kept, unused."""
+    kind = task_kind(task)
+    own = {f.name for f in dataclasses.fields(kind.Options)}
+    unknown = sorted(set(values) - own - set(option_names()))
+    if unknown:
+        raise TypeError(f"TrainConfig got unexpected keyword argument(s) {unknown}")
+    other: dict[str, Any] = {}
+    for name in sorted(set(values) - own):
+        owners = [k for k in TASKS.values() if name in {f.name for f in dataclasses.fields(k.Options)}]
+        default = _default(next(f for f in dataclasses.fields(owners[0].Options) if f.name == name))
+        if values[name] == default:
+            continue
+        if default is not None and default is not False:
+            _check_types(owners[0].Options(**{name: values[name]}))
+            other[name] = values[name]
+            continue
+        names = " or ".join(f"--task {k.name}" for k in owners)
+        listed = ", ".join(f.name for f in dataclasses.fields(owners[0].Options))
+        raise AdapterError(
+            f"{name} is an option of {names}, not of --task {task} (options of --task {owners[0].name}: {listed})."
+        )
+    options = kind.Options(**{k: v for k, v in values.items() if k in own})
+    _check_types(options)
+    return options, other
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _same_setting(key: str, old: Any, new: Any, paths: tuple[str, ...] = _PATHS) -> bool:
     """Equal, or (a path setting) naming the same files: "data.json" and "./data.json" are one file."""
     if old == new:
         return True
-    if key not in _PATHS or not isinstance(old, str) or not isinstance(new, str):
+    if key not in paths or not isinstance(old, str) or not isinstance(new, str):
         return False
 
     def files(value: str) -> list[Path]:
@@ -335,11 +357,13 @@ def _default_lr_hint(method: str) -> str:
     return f"; leave it unset for {method}'s default {lr:g}" if lr is not None else ""
 
 
-def _check_types(config: TrainConfig) -> None:
+def _check_types(config: TrainConfig | TaskOptions) -> None:
     """Each option of the type its field declares (a YAML file may hold anything). Numbers written as strings
     are read as numbers: YAML 1.1 reads `1e-3` as a string."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
+        if f.name in _NOT_KEYS:
+            continue
         value, hint = getattr(config, f.name), hints[f.name]
         if isinstance(value, str) and not fits_type(value, hint):
             with contextlib.suppress(ValueError):

@@ -6,7 +6,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class ProgressBar:
-    """`counts` names what the rate counts: "tokens" for text, "images" for image tasks (Task.counts)."""
+    """`counts` names what the rate counts: "tokens" for text, "images" for image tasks (the task kind's `counts`)."""
 
     def __init__(self, total: int, done: int = 0, enabled: bool = True, counts: str = "tokens") -> None:
         self.enabled = enabled

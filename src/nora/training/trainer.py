@@ -3,7 +3,7 @@ resumed run (and a run on more processes with the same global batch) takes exact
 
 Every step's loss is the sum over the whole global batch (all micro-batches, all processes) divided by its number
 of targets, so gradients do not depend on how the batch is split across processes or accumulation steps. What the
-loss is, and how data becomes batches, is the run's Task's (tasks.py).
+loss is, and how data becomes batches, is the run's task kind's (nora.tasks).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
 from ..pretrained import base_reference, load_model, load_tokenizer
 from ..state import adapter_payload, apply_tensors
+from ..tasks.data import Encoded, split_eval
 from .checkpoint import (
     check_resumable,
     checkpoints,
@@ -44,10 +45,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .data import Encoded, split_eval
 from .progress import ProgressBar
 from .rundir import RunDir, TrainingError, note
-from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,16 @@ def load_base_model(config: TrainConfig, num_labels: int | None = None) -> nn.Mo
     dtype = None
     if config.precision != "fp32" and torch.cuda.is_available():
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-    kind = TASKS[config.task].model_kind
+    kind = config.kind
     return _loading(
         config.model,
         lambda: load_model(
-            config.model, kind, dtype=dtype, num_labels=num_labels, gguf_file=config.gguf_file, quantize=config.quantize
+            config.model,
+            kind.model_class,
+            dtype=dtype,
+            gguf_file=config.gguf_file,
+            quantize=config.quantize,
+            **kind.pretrained_kwargs(num_labels),
         ),  # fmt: skip
     )
 
@@ -100,7 +104,7 @@ def _loading(name: str, load):
 
 
 def read_data(config: TrainConfig, source: str, train: bool = True) -> list[dict[str, Any]]:
-    return TASKS[config.task].read(config, source, train)
+    return config.kind.read_rows(config, source, train)
 
 
 def check_inputs(config: TrainConfig, model_given: bool) -> None:
@@ -110,7 +114,7 @@ def check_inputs(config: TrainConfig, model_given: bool) -> None:
     if config.model is None and not model_given:
         raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
     if not model_given:
-        TASKS[config.task].check_model(config)
+        config.kind.check_model(config)
     if config.eval_tasks:
         from ..evaluation import resolve_tasks
 
@@ -196,11 +200,11 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 class Run:
     """One training run in progress, built in stages (data → model → optimiser) before `run()` loops over the steps;
-    `train()` builds it and calls `run()`. What depends on the kind of training is asked of its `Task`."""
+    `train()` builds it and calls `run()`. What depends on the kind of training is asked of its task kind."""
 
     def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> None:
         self.config = config
-        self.task = TASKS[config.task]
+        self.task = config.kind
         check_inputs(config, model is not None)
         self.output = RunDir(config.output_dir)
         try:
@@ -280,11 +284,11 @@ class Run:
     # ---- stage 2: model -----------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | None) -> None:
         if model is None:  # the tokenizer is loaded already
-            model = _loading(self.config.model, lambda: self.task.load_model(self.config, self.labels))
+            model = _loading(self.config.model, lambda: self.task.build_model(self.config, self.labels))
         if model is None:
-            model = load_base_model(self.config, num_labels=self.task.num_labels(self.labels))
-        self.task.prepare_model(model, self.labels)
-        self.task.prepare(self.tokenizer, model)
+            model = load_base_model(self.config, num_labels=self.task.head_width(self.labels))
+        self.task.label_model(model, self.labels)
+        self.task.fit_processor(self.tokenizer, model)
         config = self._adapter_config()
         calibration = self._calibration_data(config)
         if getattr(model, "hf_quantizer", None) is None:  # a bitsandbytes model sits where it was loaded
@@ -306,7 +310,7 @@ class Run:
         from ..loftq import loftq_init
 
         config = replace(self.config, quantize=None, loftq=False)
-        full = load_base_model(config, num_labels=self.task.num_labels(self.labels))
+        full = load_base_model(config, num_labels=self.task.head_width(self.labels))
         left = loftq_init(self.adapted, full)
         del full
         self.loftq_left = sum(left.values()) / len(left)
@@ -532,7 +536,7 @@ class Run:
     def _adapter_payload(self):
         adapted = self.acc.unwrap_model(self.model)
         tensors, payload = adapter_payload(adapted, adapted.active_adapter)  # every process: a collective under FSDP
-        head = self.task.head(self.labels, self.config)
+        head = self.task.head_record(self.labels, self.config)
         if head is not None:
             payload["nora"]["head"] = head  # the label set (or regression) `nora eval` scores files with
         return tensors, payload
