@@ -271,10 +271,13 @@ def test_every_expert_adapter_gets_a_gradient(model_name):
             assert p.grad is not None and float(p.grad.abs().sum()) > 0, f"{name}.{pname}"
 
 
-def test_training_lowers_the_loss_and_trains_the_experts(tmp_path: Path):
-    """`nora train`'s engine on a config-built Qwen3-MoE saved as a model directory: the loss falls and every
-    expert adapter moved off its initialisation (its gradients were not zero)."""
-    from nora.training import TrainConfig, train
+def test_nora_train_lowers_the_loss_and_trains_the_named_experts(tmp_path: Path):
+    """`nora train` on a config-built Qwen3-MoE saved as a model directory, with the experts' gate_up_proj named
+    by --target-parameters: the loss falls, every gate_up_proj expert adapter moved off its initialisation (its
+    gradients were not zero), and down_proj, not named, has none."""
+    from typer.testing import CliRunner
+
+    from nora.cli import app
 
     base = tmp_path / "base"
     tokenizer = char_tokenizer(base)
@@ -283,15 +286,16 @@ def test_training_lowers_the_loss_and_trains_the_experts(tmp_path: Path):
     model.save_pretrained(base)
     data = tmp_path / "train.json"
     data.write_text(json.dumps(RECORDS))
-    cfg = TrainConfig(
-        model=str(base), data=str(data), eval_data=str(data), output_dir=str(tmp_path / "run"), batch_size=8,
-        max_steps=40, logging_steps=5, progress=False, plot=False, method="nora", adapter={"r": 8, "inner_r": 4},
-        learning_rate=1e-1,
-    )  # fmt: skip
-    result = train(cfg)
-    s = result.summary
+    run = tmp_path / "run"
+    args = ["train", "--model", base, "--data", data, "--eval-data", data, "-o", run, "--batch-size", "8",
+            "--max-steps", "40", "--logging-steps", "5", "--no-progress", "--no-plot", "--method", "nora",
+            "--rank", "8", "--inner-rank", "4", "--learning-rate", "0.1",
+            "--target-parameters", "gate_up_proj"]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    s = json.loads((run / "summary.json").read_text())
     assert s["eval_loss"] < 0.9 * s["initial_eval_loss"], (s["initial_eval_loss"], s["eval_loss"])
-    tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
     inner_B = {k: t for k, t in tensors.items() if ".experts." in k and k.endswith(".inner_B")}
-    assert len(inner_B) == 16
+    assert len(inner_B) == 8 and all(".gate_up_proj." in k for k in inner_B)
     assert all(t.abs().sum() > 0 for t in inner_B.values())  # zero at init: each expert's core had a gradient

@@ -409,7 +409,8 @@ class AdaptedModel(nn.Module):
         else:
             file = open_adapter(adapter_dir)
             experts = wrap_expert_stacks(self.model, list(file.meta["layers"]))  # so check_layers finds them
-            self._invalidate()
+            if experts:
+                self._invalidate()
             if not is_trainable and not experts and self.resident.load(adapter_name, file, adapter_dir):
                 self.peft_config[adapter_name] = file.config
                 return

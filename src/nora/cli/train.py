@@ -125,6 +125,12 @@ OPTIONS: tuple[CliOption, ...] = (
     CliOption(
         "target_modules", list[str], "target_modules", Opt(help="Module names/regex to adapt (default all-linear).")
     ),
+    CliOption(
+        "target_parameters",
+        list[str],
+        "target_parameters",
+        Opt(help="Fused MoE expert parameters to adapt: all-experts or names (default: all of them under all-linear)."),
+    ),
     CliOption("gguf_file", str, "gguf_file", Opt(help="GGUF file in the --model folder (or its path as --model).")),
     CliOption("quantize", str, "quantize", Opt(help="Load the base quantized: nf4 or fp4 (4-bit, QLoRA) or int8.")),
     CliOption("loftq", bool, "loftq", Opt(help="With --quantize: start the adapter fitted to the quantization error.")),
@@ -220,7 +226,15 @@ def _one_or_many(value: Any) -> Any:
 
 
 # Fields a YAML file and the command line alike may spell loosely: "a,b" for a list, one target module unlisted.
-_SPELLINGS: dict[str, Callable[[Any], Any]] = {"labels": _listed, "eval_tasks": _listed, "target_modules": _one_or_many}
+def _expert_names(value: Any) -> Any:
+    """A list of parameter names stays a list (each matched as a name or a path's ending, as PEFT matches them);
+    "all-experts" alone is the keyword."""
+    names = _listed(value)
+    return "all-experts" if names == ["all-experts"] else names
+
+
+_SPELLINGS: dict[str, Callable[[Any], Any]] = {"labels": _listed, "eval_tasks": _listed, "target_modules": _one_or_many,
+              "target_parameters": _expert_names}  # fmt: skip
 
 
 def build_config(config_file: Path | None, cli: dict[str, Any]) -> TrainConfig:

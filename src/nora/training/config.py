@@ -40,6 +40,7 @@ class TrainConfig:
     method: str = "nora"
     adapter: dict[str, Any] = field(default_factory=dict)
     target_modules: str | list[str] | None = None
+    target_parameters: str | list[str] | None = None
     gguf_file: str | None = None
     quantize: str | None = None  # load the base in nf4 / fp4 (4-bit, QLoRA) or int8 with bitsandbytes
     loftq: bool = False  # with quantize: the adapter starts fitted to the quantization error (nora.loftq)
@@ -208,10 +209,12 @@ class TrainConfig:
         return self.learning_rate if self.learning_rate is not None else default_lr(self.method)
 
     def adapter_config(self) -> AdapterConfig:
-        """The method's config: the fields given (adapter, target_modules) over the task's, over the class defaults."""
+        """The method's config: the fields given (adapter, target_modules, target_parameters) over the task's, over
+        the class defaults."""
         fields = dict(self.adapter)
-        if self.target_modules is not None:
-            fields["target_modules"] = self.target_modules
+        for name in ("target_modules", "target_parameters"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         cls = get_method(self.method).config_cls
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(fields) - set(known))
@@ -241,7 +244,7 @@ class TrainConfig:
         adapter = self.adapter_config().to_dict()
         adapter.pop("method")
         values["adapter"] = adapter
-        values["target_modules"] = None  # inside adapter
+        values["target_modules"] = values["target_parameters"] = None  # inside adapter
         values["resume"] = False
         values["resume_changes"] = False
         values["overwrite"] = False
