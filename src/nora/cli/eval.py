@@ -83,6 +83,9 @@ def evaluate(
     label_column: Annotated[
         str | None, typer.Option(help="Labelled files: the label column (default: label, Quality, score).")
     ] = None,
+    max_image_pixels: Annotated[
+        int | None, typer.Option(min=1, help="Image classifiers: refuse larger images (default: Pillow's limit).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate MODEL on --tasks and print accuracy per task and on average."""
@@ -112,7 +115,10 @@ def evaluate(
         head = adapter_head(target)
         if head is not None and head.task == "image-cls":
             return _evaluate_images(target, head, _split(tasks, []), limit, seed, batch_size, dtype, device, merge,
-                                    output, progress)  # fmt: skip
+                                    output, progress, max_image_pixels)  # fmt: skip
+        if max_image_pixels is not None:
+            raise AdapterError("--max-image-pixels bounds the images of an image classifier's evaluation; this model "
+                               "reads text: leave it out.")  # fmt: skip
         names = _split(tasks, ["glue" if head else "commonsense"])
         style = PromptStyle(num_fewshot, fewshot_from, chat_template)  # type: ignore[arg-type]
         columns = Columns(text_column, text_pair_column, label_column)
@@ -194,7 +200,9 @@ def _write(payload: dict, output: Path) -> None:
     typer.echo(f"results written to {output}")
 
 
-def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, device, merge, output, progress) -> None:
+def _evaluate_images(
+    target, head, folders, limit, seed, batch_size, dtype, device, merge, output, progress, max_pixels
+) -> None:
     """An image classifier's adapter on image folders (or path/label files): top-1 and top-5 per folder."""
     from ..evaluation.images import evaluate_images
     from ..evaluation.loading import load_for_eval
@@ -208,7 +216,9 @@ def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, devi
         raise AdapterError(f"--tasks {missing[0]}: no such image folder or file.")
     loaded, processor = load_for_eval(target, "image-cls", head.num_labels, dtype, device, merge)
     per_task = {
-        Path(f).name: evaluate_images(loaded, processor, f, list(head.labels), batch_size, limit, seed, progress)
+        Path(f).name: evaluate_images(
+            loaded, processor, f, list(head.labels), batch_size, limit, seed, progress, max_pixels
+        )
         for f in folders
     }
     results = {"image-classification": {"tasks": per_task, "average": average(per_task)}}
