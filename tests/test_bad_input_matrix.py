@@ -454,11 +454,29 @@ def test_demo_refuses_each_method_before_the_first_trains(tmp_path):
     assert (tmp_path / "a-file").read_text() == "keep me"
 
 
-@bad_input("demo", "too large")
-def test_demo_refuses_more_threads_than_cpus(tmp_path):
-    refused(["demo", "-o", tmp_path / "demo", "--threads", 100_000], r"--threads 100000: this machine lets nora use "
-            r"\d+ CPU\(s\); give at most \d+")  # fmt: skip
-    assert torch.get_num_threads() < 100_000 and not (tmp_path / "demo").exists()
+THREADS = {
+    "demo": lambda given, out: ["demo", "-o", out],
+    "train": lambda given, out: ["train", "--model", given["base"], "--data", given["root"] / "none.json", "-o", out],
+    "eval": lambda given, out: ["eval", given["adapter"], "--tasks", "boolq", "--data-dir", given["data"], "-o", out],
+    "generate": lambda given, out: ["generate", "--base", given["base"], "-p", "hi"],
+}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param("demo", marks=bad_input("demo", "too large")),
+        pytest.param("train", marks=bad_input("train", "too large")),
+        pytest.param("eval", marks=bad_input("eval", "too large")),
+        pytest.param("generate", marks=bad_input("generate", "too large")),
+    ],
+)  # constant marks: test_every_command_and_family_has_a_case reads them without running anything
+def test_more_threads_than_cpus_are_refused_before_anything_runs(run, tmp_path, command):  # noqa: F811
+    """--threads 100000 was set as given: the first torch op crashed the process (a segmentation fault)."""
+    before = torch.get_num_threads()
+    text = refused([*THREADS[command](run, tmp_path / "out"), "--threads", 100_000],
+                   r"--threads 100000: this machine lets nora use \d+ CPU\(s\); give at most \d+")  # fmt: skip
+    assert LOADED not in text and torch.get_num_threads() == before and not (tmp_path / "out").exists()
 
 
 @bad_input("demo", "unwritable")

@@ -32,7 +32,8 @@ def demo(
     from ..atomic import atomic_write_json
     from ..demo import run_demo
     from ..methods import METHODS
-    from .preflight import check_threads, check_writable
+    from ..pretrained import check_threads
+    from .preflight import check_writable
 
     chosen = tuple(m.strip() for m in methods.split(","))
     try:  # before the first method trains: a bad later one used to end the demo only after that

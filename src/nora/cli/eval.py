@@ -95,13 +95,14 @@ def evaluate(
     from ..evaluation.report import print_results
     from ..evaluation.runner import PROTOCOLS, prepare_tasks
     from ..evaluation.tasks import missing_suite_tasks, no_head_message
-    from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from ..pretrained import check_model_source, check_threads, parse_dtype, resolve_device
     from .preflight import check_writable
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     protocols = _split(protocol, ["loglik"])
     try:
+        check_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         unknown = sorted(set(protocols) - set(PROTOCOLS))
         if unknown:
             raise AdapterError(f"--protocol {', '.join(unknown)}: not a protocol; choose from {', '.join(PROTOCOLS)}.")

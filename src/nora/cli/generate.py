@@ -49,12 +49,13 @@ def generate(
     from ..atomic import atomic_write_bytes
     from ..diffusion import check_pipeline, grid, sample
     from ..evaluation.loading import RECORDED_BASE, adapted_pipeline, resolve_target
-    from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from ..pretrained import check_model_source, check_threads, parse_dtype, resolve_device
     from .preflight import check_writable
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
+        check_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         prompts = [p for p in prompt if p.strip()]
         if len(prompts) != len(prompt):
             raise AdapterError('--prompt "": every prompt needs words, e.g. --prompt "a photo of sks dog".')

@@ -27,11 +27,3 @@ def check_writable(path: Path, flag: str) -> None:
             f"{flag} {path}: nothing can be written in {folder} ({e.strerror or e}); choose a folder you can write "
             "to, or change its permissions, before the run rather than after it."
         ) from e
-
-
-def check_threads(threads: int | None) -> None:
-    """Refuse more torch threads than this process may run on: each spawns an OpenMP thread that only waits on the
-    others (a typo such as --threads 80000 would start that many)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if threads is not None and threads > cpus:
-        raise AdapterError(f"--threads {threads}: this machine lets nora use {cpus} CPU(s); give at most {cpus}.")

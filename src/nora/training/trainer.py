@@ -33,7 +33,7 @@ from ..datafiles import content_fingerprint
 from ..io import read_adapter, write_adapter
 from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
-from ..pretrained import base_reference, load_model, load_tokenizer
+from ..pretrained import base_reference, check_threads, load_model, load_tokenizer
 from ..state import adapter_payload, apply_tensors
 from .checkpoint import (
     check_resumable,
@@ -117,6 +117,7 @@ def check_inputs(config: TrainConfig, model_given: bool) -> None:
         from ..evaluation import resolve_tasks
 
         resolve_tasks(config.eval_tasks, config.eval_data_dir)
+    check_threads(config.threads)
     resume = config.resume
     if isinstance(resume, str) and resume not in ("true", "latest", "auto") and not Path(resume).is_dir():
         raise TrainingError(f"--resume {resume}: no such checkpoint directory; pass 'latest' or a checkpoint path.")
