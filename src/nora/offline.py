@@ -12,7 +12,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,8 +90,9 @@ def place_model(model: OfflineModel, cache_dir: Path | None = None) -> Path:
     repo = Path(cache_dir or default_hub_cache()) / ("models--" + model.hub_id.replace("/", "--"))
     ref = repo / "refs" / "main"
     recorded = ref.read_text(errors="replace").strip() if ref.is_file() else ""
-    # a commit hash, as the hub writes it: anything else ("../../..") is not taken for a snapshot of the model
-    current = repo / "snapshots" / recorded if re.fullmatch(r"[0-9a-f]{40}", recorded) else None
+    # a name in snapshots/, as the hub writes it (a commit hash): a path ("../../..") is not taken for a snapshot
+    named = recorded not in ("", ".", "..") and Path(recorded).name == recorded
+    current = repo / "snapshots" / recorded if named else None
     if current is not None and current.is_dir() and not (current / MARKER).is_file():
         return current  # downloaded from the hub: the real checkpoint wins
     from .atomic import atomic_replace_dir, atomic_write_bytes
