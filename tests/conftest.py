@@ -222,3 +222,93 @@ def ref_place(U, S, Vt, placement: str):
         "in": (U, S[:, None] * Vt),
         "none": (U, Vt),
     }[placement]
+
+
+# ---- the bad-input matrix ---------------------------------------------------------------------------------------
+# Each test of a bad input a user can give carries @pytest.mark.bad_input(COMMAND, FAMILY) (one mark per cell it
+# covers; on a pytest.param for one parametrized case). `pytest --bad-input-matrix` prints the matrix of the tests
+# run: cases and how many ended clean (passed), per command and family; test_bad_input_matrix.py fails while any
+# cell has no case at all.
+BAD_INPUT_COMMANDS = ("train", "eval", "export", "generate", "serve", "convert", "demo", "plot", "hub-cache")
+BAD_INPUT_FAMILIES = ("missing", "malformed", "hostile", "too large", "unwritable", "interrupted")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--bad-input-matrix",
+        action="store_true",
+        default=False,
+        help="print the bad-input matrix (command × family: clean / cases) of the tests run",
+    )
+
+
+def bad_input_cells(item) -> list[tuple[str, str]]:
+    """The matrix cells a collected test covers (its bad_input marks), checked to be cells of the matrix."""
+    cells = []
+    for mark in item.iter_markers("bad_input"):
+        cell = tuple(mark.args)
+        if len(cell) != 2 or cell[0] not in BAD_INPUT_COMMANDS or cell[1] not in BAD_INPUT_FAMILIES:
+            raise pytest.UsageError(
+                f"{item.nodeid}: bad_input{cell!r} is not a cell of the matrix; use bad_input(COMMAND, FAMILY) with "
+                f"COMMAND in {BAD_INPUT_COMMANDS} and FAMILY in {BAD_INPUT_FAMILIES}"
+            )
+        cells.append(cell)
+    return cells
+
+
+class BadInputMatrix:
+    """Counts the marked tests of a run and their outcomes; prints the matrix after the run."""
+
+    def __init__(self) -> None:
+        self.cells: dict[str, list[tuple[str, str]]] = {}
+        self.outcome: dict[str, str] = {}
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items) -> None:
+        self.cells = {item.nodeid: cells for item in items if (cells := bad_input_cells(item))}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.nodeid not in self.cells:
+            return
+        if report.failed:
+            self.outcome[report.nodeid] = "failed"
+        elif report.skipped and self.outcome.get(report.nodeid) != "failed":
+            self.outcome[report.nodeid] = "skipped"
+        elif report.when == "call" and report.passed:
+            self.outcome[report.nodeid] = "passed"
+
+    def table(self) -> list[str]:
+        counts = {(c, f): [0, 0] for c in (*BAD_INPUT_COMMANDS, "total") for f in (*BAD_INPUT_FAMILIES, "total")}
+        for nodeid, cells in self.cells.items():
+            if nodeid not in self.outcome:
+                continue  # deselected or not run
+            clean = self.outcome[nodeid] == "passed"
+            for command, family in cells:
+                for key in ((command, family), (command, "total"), ("total", family), ("total", "total")):
+                    counts[key][0] += 1
+                    counts[key][1] += clean
+        families = (*BAD_INPUT_FAMILIES, "total")
+        width = max(len(f) for f in families) + 2
+        lines = ["cases, clean (passed) per CLI command × bad-input family",
+                 f"{'':<10}" + "".join(f"{f:>{width}}" for f in families)]  # fmt: skip
+        for command in (*BAD_INPUT_COMMANDS, "total"):
+            row = "".join(f"{f'{n}, {ok}':>{width}}" for n, ok in (counts[command, f] for f in families))
+            lines.append(f"{command:<10}{row}")
+        not_clean = sorted(nodeid for nodeid, outcome in self.outcome.items() if outcome != "passed")
+        lines += [f"not clean: {self.outcome[nodeid]} {nodeid}" for nodeid in not_clean]
+        return lines
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        terminalreporter.section("bad-input matrix")
+        for line in self.table():
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config) -> None:
+    if config.getoption("--bad-input-matrix", default=False):
+        config.pluginmanager.register(BadInputMatrix(), "bad-input-matrix")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        bad_input_cells(item)  # a mark naming no cell is an error in every run, not only under --bad-input-matrix

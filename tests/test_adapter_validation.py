@@ -214,7 +214,10 @@ CLI_CASES = ["nan", "int64", "missing-tensor", "wrong-shape", "truncated", "no-w
              "dora-flag-without-magnitudes", "rank-not-the-config's", "rank-zero"]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CLI_CASES)
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.bad_input("eval", "hostile" if c == "nan" else "malformed"))
+             for c in CLI_CASES]
+)  # fmt: skip
 def test_nora_eval_reads_a_peft_adapter_through_the_checked_loader(cli_setup, case, tmp_path):
     """Through peft.PeftModel these scored with exit 0 (NaN, int64, missing tensors, a DoRA flag without
     magnitudes) or ended in tracebacks; a missing file said "Cannot find the requested files in the disk cache"."""
@@ -233,6 +236,8 @@ def test_nora_eval_reads_a_peft_adapter_through_the_checked_loader(cli_setup, ca
     assert not out.exists()
 
 
+@pytest.mark.bad_input("generate", "malformed")
+@pytest.mark.bad_input("export", "malformed")
 def test_generate_and_export_refuse_a_damaged_nora_adapter_by_tensor(cli_setup, tmp_path):
     base, adapters, _ = cli_setup
     directory, named = damaged(adapters, "lora", "nan", tmp_path)

@@ -111,6 +111,7 @@ TRAIN_OPTIONS = [
 ]
 
 
+@pytest.mark.bad_input("train", "malformed")
 @pytest.mark.parametrize(("extra", "message"), TRAIN_OPTIONS, ids=[" ".join(o) for o, _ in TRAIN_OPTIONS])
 def test_train_refuses_each_bad_option_before_loading(llm_dir, data_file, tmp_path, extra, message):
     out = tmp_path / "run"
@@ -120,6 +121,7 @@ def test_train_refuses_each_bad_option_before_loading(llm_dir, data_file, tmp_pa
     assert time.perf_counter() - start < 30
 
 
+@pytest.mark.bad_input("train", "missing")
 def test_train_refuses_bad_model_paths_at_once(llm_dir, data_file, tmp_path):
     """A missing local path fails at once naming it; a hub name offline says it cannot be fetched and how to point
     at a local copy (transformers alone retried for ~50 s, then printed a 100-line traceback)."""
@@ -152,6 +154,8 @@ def test_train_refuses_bad_model_paths_at_once(llm_dir, data_file, tmp_path):
         hub_reachable.cache_clear()
 
 
+@pytest.mark.bad_input("train", "missing")
+@pytest.mark.bad_input("train", "malformed")
 def test_train_refuses_bad_config_files(llm_dir, data_file, tmp_path):
     cases = {
         "missing.yaml": (None, r"config file .*missing.yaml does not exist"),
@@ -178,6 +182,7 @@ def test_train_refuses_bad_config_files(llm_dir, data_file, tmp_path):
     assert config.learning_rate == 1e-3 and config.max_steps == 3
 
 
+@pytest.mark.bad_input("train", "unwritable")
 def test_train_refuses_occupied_or_unusable_output_dirs(llm_dir, data_file, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
@@ -216,6 +221,7 @@ DATA_FILES = [
 ]
 
 
+@pytest.mark.bad_input("train", "malformed")
 @pytest.mark.parametrize(("name", "content", "message"), DATA_FILES, ids=[n for n, _, _ in DATA_FILES])
 def test_each_malformed_data_file_is_named_with_where_and_why(llm_dir, tmp_path, name, content, message):
     path = tmp_path / name
@@ -224,6 +230,7 @@ def test_each_malformed_data_file_is_named_with_where_and_why(llm_dir, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.bad_input("train", "missing")
 def test_missing_data_paths(llm_dir, tmp_path):
     refused(train_args(llm_dir, tmp_path / "missing.json", tmp_path / "run"), r"missing.json does not exist")
     refused(train_args(llm_dir, "./nope/train.json", tmp_path / "run"), r"data file ./nope/train.json does not exist")
@@ -276,6 +283,7 @@ def test_real_glue_files_parse_whole_with_binary_labels():
     assert sum('"' in r["#1 String"] + r["#2 String"] for r in mrpc) > 0  # the quotes that broke the CSV reader
 
 
+@pytest.mark.bad_input("train", "malformed")
 def test_classification_labels_are_never_guessed(llm_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -312,6 +320,8 @@ def test_every_run_prints_its_label_set(classifier_dir, tmp_path, capsys):
 
 
 # ---- `nora eval`, `nora serve`, `nora demo`, `nora plot`, `nora convert` --------------------------------------
+@pytest.mark.bad_input("eval", "missing")
+@pytest.mark.bad_input("eval", "malformed")
 def test_eval_refuses_bad_options_before_loading(llm_dir, tmp_path):
     tasks = tmp_path / "boolq.json"
     tasks.write_text(json.dumps([{"instruction": "Is it? Answer format: true/false", "input": "", "answer": "true"}]))
@@ -338,6 +348,8 @@ def test_eval_refuses_bad_options_before_loading(llm_dir, tmp_path):
         refused(["eval", *args], message)
 
 
+@pytest.mark.bad_input("serve", "missing")
+@pytest.mark.bad_input("serve", "malformed")
 def test_serve_refuses_bad_options_before_loading(llm_dir, tmp_path):
     base = ["serve", "--base", llm_dir]
     cases = [
@@ -360,6 +372,11 @@ def test_serve_refuses_bad_options_before_loading(llm_dir, tmp_path):
         refused(args, message)
 
 
+@pytest.mark.bad_input("demo", "malformed")
+@pytest.mark.bad_input("plot", "missing")
+@pytest.mark.bad_input("plot", "malformed")
+@pytest.mark.bad_input("convert", "missing")
+@pytest.mark.bad_input("convert", "malformed")
 def test_demo_plot_and_convert_refuse_bad_input(tmp_path):
     refused(["demo", "--steps", "0", "-o", tmp_path / "d"], r"Invalid value for '--steps'")
     refused(["plot", tmp_path / "nope"], r"run directory .*nope does not exist")

@@ -86,6 +86,8 @@ def test_adapter_directories_score_as_the_adapter_in_python(adapter_dirs, data_d
     assert base_only.exit_code == 0 and json.loads((tmp_path / "base.json").read_text())["adapter"] is None
 
 
+@pytest.mark.bad_input("eval", "missing")
+@pytest.mark.bad_input("eval", "malformed")
 def test_errors_name_the_problem_and_the_fix(adapter_dirs, data_dir, tmp_path):
     base, nora_dir, _, _ = adapter_dirs
     cases = {

@@ -69,6 +69,9 @@ def test_export_keeps_a_classifiers_trained_head(tmp_path):
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.bad_input("export", "missing")
+@pytest.mark.bad_input("export", "malformed")
+@pytest.mark.bad_input("export", "unwritable")
 def test_export_refuses_what_it_cannot_write(tmp_path):
     from transformers import AutoModelForCausalLM
 

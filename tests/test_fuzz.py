@@ -639,6 +639,7 @@ LOG_LINES = [
 ]  # fmt: skip
 
 
+@pytest.mark.bad_input("train", "malformed")
 @settings(max_examples=60, **FUZZ)
 @given(data=st.data())
 def test_fuzzed_checkpoints_resume_or_raise_training_error(run_setup, scratch, data):
@@ -1017,6 +1018,7 @@ def http_request(draw, root: Path, outside: Path):
     return "POST", url, {"content": content, "headers": headers}
 
 
+@pytest.mark.bad_input("serve", "malformed")
 @settings(max_examples=200, **FUZZ)
 @given(data=st.data())
 def test_fuzzed_requests_get_2xx_or_4xx_never_5xx(http, data):
@@ -1043,6 +1045,7 @@ def test_fuzzed_requests_get_2xx_or_4xx_never_5xx(http, data):
             engine.load_adapter(name, str(root / path), timeout=HANG_S)
 
 
+@pytest.mark.bad_input("serve", "hostile")
 @pytest.mark.parametrize("path", ["escape", "linked", "cache-out", "../outside/adapter", "OUTSIDE"])
 def test_adapters_outside_the_root_are_refused(http, path):
     client, engine, root, outside = http

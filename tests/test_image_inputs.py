@@ -56,6 +56,7 @@ def image_cls_args(model: Path, data: Path, out: Path, *extra: object) -> list[o
 
 
 # ---- levels ---------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "malformed")
 def test_a_16_bit_png_is_scaled_not_saturated(tmp_path):
     levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
     Image.fromarray(levels * 257).save(tmp_path / "deep.png")  # 16-bit greyscale: 0..65535
@@ -69,6 +70,7 @@ def test_a_16_bit_png_is_scaled_not_saturated(tmp_path):
     torch.testing.assert_close(deep["pixel_values"], plain["pixel_values"], rtol=0, atol=0)
 
 
+@pytest.mark.bad_input("train", "malformed")
 def test_palette_images_go_through_their_palette_and_transparency_onto_white(tmp_path):
     picture = noise_image(0, 16).quantize(colors=16)  # mode P
     picture.save(tmp_path / "palette.png")
@@ -82,6 +84,7 @@ def test_palette_images_go_through_their_palette_and_transparency_onto_white(tmp
 
 
 # ---- size -----------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "too large")
 def test_a_decompression_bomb_is_refused_naming_the_file_and_the_limit(vit_dir, tmp_path):
     data = image_folder(tmp_path / "images", ["cat", "dog"])
     bomb = header_only_png(data / "cat" / "bomb.png", 20_000, 20_000)
@@ -100,6 +103,7 @@ def test_a_decompression_bomb_is_refused_naming_the_file_and_the_limit(vit_dir, 
 
 
 # ---- classes --------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "malformed")
 def test_a_classification_set_of_one_class_is_refused(vit_dir, tmp_path):
     one = image_folder(tmp_path / "images", ["cat"])
     refused(image_cls_args(vit_dir, one, tmp_path / "run"), r"holds 1 class\(es\) \['cat'\]: a classifier needs at "
@@ -117,6 +121,7 @@ def test_a_classification_set_of_one_class_is_refused(vit_dir, tmp_path):
 
 
 # ---- DreamBooth's class images --------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "missing")
 def test_class_data_that_does_not_exist_is_refused_unless_generation_is_asked(tmp_path):
     pytest.importorskip("diffusers", reason="diffusers is in the dev extra; install it to test DreamBooth")
     from test_dreambooth import PROMPT, tiny_pipeline

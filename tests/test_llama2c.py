@@ -243,6 +243,7 @@ def test_tokenizer_loads_offline_with_auto_tokenizer(stories260k_dir, monkeypatc
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("convert", "missing")
 def test_a_missing_checkpoint_or_tokenizer_is_named(source, tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
         convert_llama2c(tmp_path / "nope.bin", None, tmp_path / "out")
@@ -251,6 +252,7 @@ def test_a_missing_checkpoint_or_tokenizer_is_named(source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.bad_input("convert", "malformed")
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -270,6 +272,7 @@ def test_a_malformed_checkpoint_is_refused(source, tmp_path, mutate, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.bad_input("convert", "malformed")
 def test_a_tokenizer_of_another_size_is_refused(source, tmp_path):
     raw = (source / "tok512.bin").read_bytes()
     (tmp_path / "short.bin").write_bytes(raw[:-40])
@@ -280,6 +283,8 @@ def test_a_tokenizer_of_another_size_is_refused(source, tmp_path):
         convert_llama2c(source / "stories260K.bin", tmp_path / "long.bin", tmp_path / "out")
 
 
+@pytest.mark.bad_input("convert", "unwritable")
+@pytest.mark.bad_input("convert", "interrupted")
 def test_a_non_empty_out_dir_needs_overwrite_and_survives_a_failed_conversion(source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -298,6 +303,7 @@ def test_a_non_empty_out_dir_needs_overwrite_and_survives_a_failed_conversion(so
         convert_llama2c(source / "stories260K.bin", None, tmp_path / "file")
 
 
+@pytest.mark.bad_input("convert", "hostile")
 def test_overwrite_refuses_to_delete_its_own_input(source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -307,6 +313,7 @@ def test_overwrite_refuses_to_delete_its_own_input(source, tmp_path):
     assert (out / "model.bin").is_file()
 
 
+@pytest.mark.bad_input("convert", "missing")
 def test_cli_converts_and_reports_errors(source, tmp_path):
     args = ["convert", "llama2c", str(source / "stories260K.bin"), "--tokenizer", str(source / "tok512.bin")]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])

@@ -54,6 +54,7 @@ def training_records(steps: int = 60, eval_every: int = 20) -> list[dict]:
 
 
 # ---- curves ------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("plot", "interrupted")
 def test_curves_from_a_log_with_a_truncated_last_line(tmp_path):
     run = tmp_path / "run"
     write_log(run, training_records(), tail='{"step": 61, "epoch": 2.03, "lo')
@@ -86,6 +87,7 @@ def test_eval_only_and_resumed_logs(tmp_path):
     assert_png(plot_curves(run))
 
 
+@pytest.mark.bad_input("plot", "malformed")
 def test_a_damaged_middle_line_is_skipped_with_a_warning(tmp_path):
     run = tmp_path / "run"
     records = [json.dumps(r) for r in training_records(10)]
@@ -104,6 +106,8 @@ def test_smoothing():
     assert max(smooth(noisy)[50:]) - min(smooth(noisy)[50:]) < 0.5
 
 
+@pytest.mark.bad_input("plot", "missing")
+@pytest.mark.bad_input("plot", "malformed")
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -204,6 +208,7 @@ def keeps_tail(spectrum: torch.Tensor, tail: torch.Tensor, atol: float = 1e-6) -
     return True
 
 
+@pytest.mark.bad_input("plot", "missing")
 def test_spectrum_errors(tmp_path):
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         plot_spectrum(tmp_path / "missing")
@@ -246,6 +251,8 @@ def error_text(result) -> str:
     return " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
 
 
+@pytest.mark.bad_input("plot", "missing")
+@pytest.mark.bad_input("plot", "malformed")
 def test_cli_errors(tmp_path):
     assert "does not exist: not a training run directory" in error_text(runner.invoke(app, ["plot", str(tmp_path)]))
     (tmp_path / "log.jsonl").write_text("")

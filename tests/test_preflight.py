@@ -84,6 +84,7 @@ def locked(tmp_path):
 
 
 # ---- outputs ------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("eval", "unwritable")
 def test_eval_refuses_an_unwritable_output_before_evaluating(run, locked, tmp_path):
     """It used to evaluate every task, then lose the results in a traceback."""
     start = time.perf_counter()
@@ -95,12 +96,14 @@ def test_eval_refuses_an_unwritable_output_before_evaluating(run, locked, tmp_pa
     assert ok.exit_code == 0 and (tmp_path / "new" / "deeper" / "results.json").is_file(), ok.output
 
 
+@pytest.mark.bad_input("export", "unwritable")
 def test_export_refuses_an_unwritable_output_before_loading(run, locked):
     """It used to load the base and compute the export, then fail on a bare Errno 30."""
     refused(["export", run["adapter"], "-o", locked / "peft"], r"--output .*nothing can be written in .*locked")
     refused(["export", run["adapter"], "-o", locked / "a" / "b"], r"nothing can be written in .*locked")
 
 
+@pytest.mark.bad_input("generate", "unwritable")
 def test_generate_refuses_unwritable_image_outputs_before_loading_the_pipeline(locked, tmp_path):
     pipeline = tmp_path / "pipeline"
     pipeline.mkdir()
@@ -111,6 +114,9 @@ def test_generate_refuses_unwritable_image_outputs_before_loading_the_pipeline(l
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("export", "hostile")
+@pytest.mark.bad_input("eval", "hostile")
+@pytest.mark.bad_input("generate", "hostile")
 def test_another_architecture_is_refused_by_name_before_loading(run, tmp_path):
     """A ViT base used to end in transformers' ValueError traceback, a BERT one was loaded before the refusal."""
     tiny_vit().save_pretrained(tmp_path / "vit")
@@ -124,6 +130,10 @@ def test_another_architecture_is_refused_by_name_before_loading(run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.bad_input("train", "hostile")
+@pytest.mark.bad_input("eval", "hostile")
+@pytest.mark.bad_input("export", "hostile")
+@pytest.mark.bad_input("generate", "hostile")
 def test_a_base_whose_weights_are_only_pickled_is_refused_by_name(run, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -149,6 +159,7 @@ def _without_bitsandbytes(*args) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
 
 
+@pytest.mark.bad_input("train", "missing")
 def test_a_missing_bitsandbytes_is_refused_by_name_before_loading(run, tmp_path):
     """`nora train --quantize nf4` used to end in transformers' ImportError traceback."""
     data = tmp_path / "train.json"
@@ -161,6 +172,7 @@ def test_a_missing_bitsandbytes_is_refused_by_name_before_loading(run, tmp_path)
     assert LOADED not in output
 
 
+@pytest.mark.bad_input("eval", "missing")
 def test_an_adapter_trained_on_a_quantized_base_needs_bitsandbytes_said_before_loading(run, tmp_path):
     from nora.pretrained import load_model
 

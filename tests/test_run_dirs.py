@@ -61,6 +61,7 @@ def train_cli(llm_dir: Path, data: Path, out: Path, *extra: object) -> list[obje
 
 
 # ---- one writer at a time -------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "unwritable")
 def test_a_second_writer_is_refused_at_once(llm_dir, data_file, tmp_path):
     out = tmp_path / "run"
     holder = RunDir(out)
@@ -80,6 +81,7 @@ def test_a_second_writer_is_refused_at_once(llm_dir, data_file, tmp_path):
     train(TrainConfig(**settings(llm_dir, data_file, out)))  # free again
 
 
+@pytest.mark.bad_input("train", "interrupted")
 def test_a_lock_left_by_a_killed_run_is_taken_over_saying_so(llm_dir, data_file, tmp_path, capfd):
     out = tmp_path / "run"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -93,6 +95,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_saying_so(llm_dir, data_file,
 
 
 # ---- --overwrite --------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "interrupted")
 def test_overwrite_replaces_a_run_only_with_a_finished_one(llm_dir, data_file, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**settings(llm_dir, data_file, out)))
@@ -115,6 +118,7 @@ def _write_yaml(path: Path, values: dict) -> Path:
     return path
 
 
+@pytest.mark.bad_input("train", "interrupted")
 def test_kill_9_during_overwrite_leaves_the_previous_run_and_the_next_command_says_so(llm_dir, data_file, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**settings(llm_dir, data_file, out)))
@@ -145,6 +149,7 @@ def test_kill_9_during_overwrite_leaves_the_previous_run_and_the_next_command_sa
     assert files_of(out) == before and siblings(out) == []
 
 
+@pytest.mark.bad_input("train", "interrupted")
 def test_a_swap_cut_between_its_renames_is_finished_by_the_next_run(llm_dir, data_file, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**settings(llm_dir, data_file, out, method="lora", adapter={"r": 4})))
@@ -156,6 +161,7 @@ def test_a_swap_cut_between_its_renames_is_finished_by_the_next_run(llm_dir, dat
 
 
 # ---- --resume -----------------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "malformed")
 def test_resume_refuses_changed_settings_naming_each(llm_dir, data_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(TrainConfig(**settings(llm_dir, data_file, out, save_steps=1, max_steps=2)))
@@ -184,6 +190,7 @@ def test_resume_refuses_changed_settings_naming_each(llm_dir, data_file, tmp_pat
     assert json.loads((out / "train_config.json").read_text())["batch_size"] == 4
 
 
+@pytest.mark.bad_input("train", "malformed")
 def test_resume_changes_without_resume_is_refused(llm_dir, data_file, tmp_path):
     refused(train_cli(llm_dir, data_file, tmp_path / "run", "--resume-changes"), "add --resume latest")
 
@@ -207,6 +214,8 @@ def _disk_fills_at(monkeypatch, nth: int) -> None:
     monkeypatch.setattr(nora.atomic, "save_file", save_file)
 
 
+@pytest.mark.bad_input("train", "too large")
+@pytest.mark.bad_input("train", "interrupted")
 def test_a_full_disk_is_an_error_naming_the_folder_and_the_last_checkpoint_stays_intact(
     llm_dir, data_file, tmp_path, monkeypatch
 ):
@@ -245,6 +254,8 @@ def _can_mount_tmpfs(where: Path) -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.bad_input("train", "too large")
+@pytest.mark.bad_input("train", "interrupted")
 def test_a_real_full_disk_on_a_small_tmpfs(llm_dir, data_file, tmp_path):
     """The same on a disk that really fills: a 256 KiB tmpfs, mounted in a private mount namespace (root only)."""
     disk = tmp_path / "disk"
@@ -270,6 +281,7 @@ def test_a_real_full_disk_on_a_small_tmpfs(llm_dir, data_file, tmp_path):
 
 
 # ---- unwritable outputs ---------------------------------------------------------------------------------------------
+@pytest.mark.bad_input("train", "unwritable")
 def test_a_read_only_output_folder_is_refused_before_the_data_is_read(llm_dir, tmp_path):
     out = tmp_path / "read-only"
     out.mkdir()

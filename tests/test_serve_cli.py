@@ -34,6 +34,7 @@ _SLOW_SERVE = (
 )
 
 
+@pytest.mark.bad_input("serve", "interrupted")
 def test_nora_serve_answers_and_drains_on_sigterm(tmp_path):
     base = tmp_path / "base"
     tiny_llama(max_position_embeddings=512).save_pretrained(base)  # the same weights, room for a long answer
@@ -76,6 +77,8 @@ def test_nora_serve_answers_and_drains_on_sigterm(tmp_path):
             proc.communicate()
 
 
+@pytest.mark.bad_input("serve", "missing")
+@pytest.mark.bad_input("serve", "malformed")
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -172,7 +172,13 @@ BAD_REQUESTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+TOO_LARGE = ("oversize (Content-Length)", "oversize (chunked)", "max_tokens over limit", "prompt over limit")
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.bad_input("serve", "too large" if c in TOO_LARGE else "malformed"))
+             for c in BAD_REQUESTS]
+)  # fmt: skip
 def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(server, ref_model, tok, case):
     kwargs, status, message = BAD_REQUESTS[case]
     reply = server.post("/v1/completions", **kwargs)

@@ -136,6 +136,8 @@ def _wrong_rank_b(directory: Path) -> str:
     return key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
 
 
+@pytest.mark.bad_input("serve", "malformed")
+@pytest.mark.bad_input("serve", "hostile")
 def test_a_malformed_adapter_gets_400_naming_the_tensor_and_serving_goes_on(tmp_path, tok):
     sources = make_adapters(tmp_path / "sources")
     root = tmp_path / "root"
@@ -204,6 +206,7 @@ def _ask_all(client: httpx.Client, requests: list[dict]) -> list[dict]:
         return list(pool.map(lambda body: _ask(client, body), requests))
 
 
+@pytest.mark.bad_input("serve", "hostile")
 def test_many_concurrent_requests_poisoned_adapters_fail_alone(tenants, tok, caplog):
     healthy, poisoned = tenants
     names = [*healthy, nora.BASE, *poisoned]
@@ -245,6 +248,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.bad_input("serve", "interrupted")
 def test_shutdown_ends_every_stream_with_an_error_event_and_done_and_logs_no_traceback(tmp_path):
     base = tmp_path / "base"
     tiny_llama(max_position_embeddings=1024).save_pretrained(base)

@@ -84,14 +84,21 @@ def atomic_replace_dir(build: Callable[[Path], None], target: str | os.PathLike)
     try:
         build(tmp)
         os.chmod(tmp, plain_mode(directory=True))
-        if target.exists():
+        if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)  # a symlinked target: the link goes, what it pointed at stays
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)

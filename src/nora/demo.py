@@ -104,8 +104,8 @@ def run_demo(
     from .training import TrainConfig, train
 
     output_dir = Path(output_dir)
+    model = str(minilm_dir())  # an absent encoder is said before anything is written
     train_file, test_file = make_task(output_dir / "data", per_word=per_word)
-    model = str(minilm_dir())
     rows = []
     eval_steps = max(steps // 3, 1) if eval_steps is None else eval_steps
     for method in methods:

@@ -9,7 +9,10 @@ first training step (nora.hf_compat.note_trainer). `NoraTrainerMixin` makes savi
 - `_save` (every checkpoint, `save_model`) writes a nora adapter directory: `adapter_config.json` and
   `adapter_model.safetensors` with the trainable tensors only, beside the tokenizer;
 - `resume_from_checkpoint` and `load_best_model_at_end` put the checkpoint's adapter tensors back into the
-  adapter being trained (the optimizer, scheduler and RNG states are the Trainer's own, so resume is exact).
+  adapter being trained (the optimizer, scheduler and RNG states are the Trainer's own, so resume is exact);
+- `train` holds the lock `nora train` holds on its output directory (nora.training.rundir), so a second writer
+  into the same `output_dir` (another Trainer, another `nora train`) is refused at once rather than mixing
+  checkpoints. Only the main process locks; the lock goes when `train` returns or its process dies.
 
     from nora.hf_trainer import NoraTrainer            # or NoraSFTTrainer, with TRL installed
     trainer = NoraTrainer(model=nora.get_peft_model(base, nora.NoraConfig()), args=TrainingArguments(...), ...)
@@ -21,6 +24,7 @@ model's blocks while keeping the adapters' narrow activations (nora.accel).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
@@ -28,6 +32,7 @@ from transformers import Trainer
 from .io import read_adapter
 from .model import AdaptedModel
 from .state import apply_tensors
+from .training.rundir import DirLock
 
 
 class NoraTrainerMixin:
@@ -47,6 +52,18 @@ class NoraTrainerMixin:
                 f"given a {type(model).__name__}."
             )
         return model
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        lock = None
+        if self.args.should_save:  # type: ignore[attr-defined]
+            lock = DirLock.beside(self.args.output_dir)  # type: ignore[attr-defined]
+            Path(lock.path).parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir  # type: ignore[attr-defined]

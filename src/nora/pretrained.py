@@ -44,6 +44,14 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse more torch threads than this process may run on: each is an OpenMP thread that only waits on the
+    others, and a typo such as --threads 100000 crashed the process (a segmentation fault) at its first op."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads is not None and threads > cpus:
+        raise AdapterError(f"--threads {threads}: this machine lets nora use {cpus} CPU(s); give at most {cpus}.")
+
+
 def parse_dtype(dtype: str) -> torch.dtype | None:
     """A --dtype value → a torch dtype, or None for "auto"."""
     if dtype not in DTYPES:

@@ -29,9 +29,14 @@ def llama2c(
 ) -> None:
     """Convert a llama2.c checkpoint (and its tokenizer) to a transformers LlamaForCausalLM directory."""
     from ..convert import convert_llama2c
+    from .preflight import check_writable
 
     try:
+        check_writable(out, "--out")  # before the checkpoint is read and converted
         path = convert_llama2c(checkpoint, tokenizer, out, overwrite=overwrite)
-    except (AdapterError, OSError) as e:
+    except AdapterError as e:
         raise typer.BadParameter(str(e)) from e
+    except OSError as e:  # checked writable at the start: the disk filled up, or the folder changed since
+        raise typer.BadParameter(f"--out {out}: the model could not be written ({e}); nothing there was changed. "
+                                 "Free some space (or fix the folder) and run it again.") from e  # fmt: skip
     typer.echo(f"converted {checkpoint} -> {path}" + ("" if tokenizer else " (no tokenizer: pass --tokenizer)"))

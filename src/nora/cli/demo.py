@@ -31,7 +31,22 @@ def demo(
 
     from ..atomic import atomic_write_json
     from ..demo import run_demo
+    from ..methods import METHODS
+    from ..pretrained import check_threads
+    from .preflight import check_writable
 
+    chosen = tuple(m.strip() for m in methods.split(","))
+    try:  # before the first method trains: a bad later one used to end the demo only after that
+        unknown = [m for m in chosen if m not in METHODS]
+        if unknown:
+            listed = ", ".join(sorted(METHODS))
+            raise AdapterError(f"--methods {','.join(unknown)}: not a method; choose from {listed}.")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise AdapterError(f"--output-dir {output_dir} is a file; give a directory.")
+        check_writable(output_dir / "results.json", "--output-dir")
+        check_threads(threads)
+    except AdapterError as e:
+        raise typer.BadParameter(str(e)) from e
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # the new head's "missing weights" report is expected here
     datasets.disable_progress_bars()
@@ -41,9 +56,12 @@ def demo(
         f"seen in training. {steps} steps per method."
     )
     try:
-        rows = run_demo(output_dir, tuple(m.strip() for m in methods.split(",")), steps=steps)
+        rows = run_demo(output_dir, chosen, steps=steps)
     except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # checked writable at the start: the disk filled up, or the folder changed since
+        raise SystemExit(f"error: cannot write the demo's runs under {output_dir} ({e}); free space there or choose "
+                         "another --output-dir.") from None  # fmt: skip
     table = Table(title="held-out accuracy (chance 25 %)")
     for column in (
         "method",

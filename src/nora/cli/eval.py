@@ -83,6 +83,9 @@ def evaluate(
     label_column: Annotated[
         str | None, typer.Option(help="Labelled files: the label column (default: label, Quality, score).")
     ] = None,
+    max_image_pixels: Annotated[
+        int | None, typer.Option(min=1, help="Image classifiers: refuse larger images (default: Pillow's limit).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate MODEL on --tasks and print accuracy per task and on average."""
@@ -92,15 +95,16 @@ def evaluate(
     from ..evaluation.report import print_results
     from ..evaluation.runner import PROTOCOLS, prepare_tasks
     from ..evaluation.tasks import missing_suite_tasks, no_head_message
-    from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from ..pretrained import check_model_source, check_threads, parse_dtype, resolve_device
     from ..tasks import task_kind
     from ..tasks.registry import DEFAULT_TASK, GLUE_TASK
     from .preflight import check_writable
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     protocols = _split(protocol, ["loglik"])
     try:
+        check_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         unknown = sorted(set(protocols) - set(PROTOCOLS))
         if unknown:
             raise AdapterError(f"--protocol {', '.join(unknown)}: not a protocol; choose from {', '.join(PROTOCOLS)}.")
@@ -114,7 +118,10 @@ def evaluate(
         head = adapter_head(target)
         if head is not None and head.kind.reads_images:
             return _evaluate_images(target, head, _split(tasks, []), limit, seed, batch_size, dtype, device, merge,
-                                    output, progress)  # fmt: skip
+                                    output, progress, max_image_pixels)  # fmt: skip
+        if max_image_pixels is not None:
+            raise AdapterError("--max-image-pixels bounds the images of an image classifier's evaluation; this model "
+                               "reads text: leave it out.")  # fmt: skip
         names = _split(tasks, ["glue" if head else "commonsense"])
         style = PromptStyle(num_fewshot, fewshot_from, chat_template)  # type: ignore[arg-type]
         columns = Columns(text_column, text_pair_column, label_column)
@@ -198,7 +205,9 @@ def _write(payload: dict, output: Path) -> None:
     typer.echo(f"results written to {output}")
 
 
-def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, device, merge, output, progress) -> None:
+def _evaluate_images(
+    target, head, folders, limit, seed, batch_size, dtype, device, merge, output, progress, max_pixels
+) -> None:
     """An image classifier's adapter on image folders (or path/label files): top-1 and top-5 per folder."""
     from ..evaluation.images import evaluate_images
     from ..evaluation.loading import load_for_eval
@@ -212,7 +221,9 @@ def _evaluate_images(target, head, folders, limit, seed, batch_size, dtype, devi
         raise AdapterError(f"--tasks {missing[0]}: no such image folder or file.")
     loaded, processor = load_for_eval(target, head.kind, head.num_labels, dtype, device, merge)
     per_task = {
-        Path(f).name: evaluate_images(loaded, processor, f, list(head.labels), batch_size, limit, seed, progress)
+        Path(f).name: evaluate_images(
+            loaded, processor, f, list(head.labels), batch_size, limit, seed, progress, max_pixels
+        )
         for f in folders
     }
     results = {"image-classification": {"tasks": per_task, "average": average(per_task)}}

@@ -31,8 +31,11 @@ def export(
     """Write ADAPTER as a LoRA adapter with exactly its ΔW (ranks and scales folded in)."""
     try:
         path = export_adapter(adapter, output, format, base, overwrite, gguf_file)
-    except (AdapterError, OSError) as e:
+    except AdapterError as e:
         raise typer.BadParameter(str(e)) from e
+    except OSError as e:  # checked writable at the start: the disk filled up, or the folder changed since
+        raise typer.BadParameter(f"--output {output}: the export could not be written ({e}); nothing there was "
+                                 "changed. Free some space (or fix the folder) and run it again.") from e  # fmt: skip
     typer.echo(f"exported {adapter} -> {path}")
 
 

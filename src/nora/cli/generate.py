@@ -49,19 +49,23 @@ def generate(
     from ..atomic import atomic_write_bytes
     from ..diffusion import check_pipeline, grid, sample
     from ..evaluation.loading import RECORDED_BASE, adapted_pipeline, resolve_target
-    from ..pretrained import check_model_source, parse_dtype, resolve_device
+    from ..pretrained import check_model_source, check_threads, parse_dtype, resolve_device
     from .preflight import check_writable
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
+        check_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         prompts = [p for p in prompt if p.strip()]
         if len(prompts) != len(prompt):
             raise AdapterError('--prompt "": every prompt needs words, e.g. --prompt "a photo of sks dog".')
         if adapter is None and base is None:
             raise AdapterError("nothing to sample from: pass --base MODEL, --adapter DIR, or both.")
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise AdapterError(f"--adapter {adapter}: no such adapter directory (it holds adapter_config.json); check "
+                               "the path.")  # fmt: skip
         target = resolve_target(str(adapter), None, base) if adapter is not None else resolve_target(base)
-        if not _is_pipeline(target.base, gguf_file):
+        if not _is_pipeline(target.base, gguf_file, "--base" if base or not adapter else RECORDED_BASE):
             if output is not None or image_dir is not None:
                 raise AdapterError("--output and --image-dir hold a pipeline's images; a language model's text is "
                                    "printed (redirect it to keep it).")  # fmt: skip
@@ -84,16 +88,20 @@ def generate(
         images = sample(pipe, prompts, num_images, steps, guidance, seed, size)
     except (AdapterError, OSError) as e:
         raise typer.BadParameter(str(e)) from e
-    for i, image in enumerate(images if image_dir is not None else []):
-        atomic_write_bytes(_png(image), image_dir / f"{i // num_images:03d}-{i % num_images:03d}.png")
-    atomic_write_bytes(_png(grid(images, columns=num_images)), output)
+    try:  # each file whole or not at all: an earlier grid or image stays as it was
+        for i, image in enumerate(images if image_dir is not None else []):
+            atomic_write_bytes(_png(image), image_dir / f"{i // num_images:03d}-{i % num_images:03d}.png")
+        atomic_write_bytes(_png(grid(images, columns=num_images)), output)
+    except OSError as e:  # checked writable at the start: the disk filled up, or the folder changed since
+        raise typer.BadParameter(f"the images could not be written ({e}); files written before stay whole. Free "
+                                 "some space (or fix the folder) and run it again.") from e  # fmt: skip
     typer.echo(f"{len(images)} images of {len(prompts)} prompt(s) -> {output}")
 
 
-def _is_pipeline(base: str, gguf_file: str | None) -> bool:
+def _is_pipeline(base: str, gguf_file: str | None, flag: str) -> bool:
     """Whether `base` is a diffusers pipeline (model_index.json) rather than a transformers model; a hub id found
-    in neither form in the local cache is taken for a pipeline."""
-    from ..pretrained import is_gguf, looks_local
+    in neither form in the local cache is taken for a pipeline where the hub can be reached, else refused."""
+    from ..pretrained import check_model_source, is_gguf, looks_local
 
     local = Path(base).expanduser()
     if gguf_file or is_gguf(base) or local.exists() or looks_local(base):
@@ -101,6 +109,8 @@ def _is_pipeline(base: str, gguf_file: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     cached = {name: isinstance(try_to_load_from_cache(base, name), str) for name in ("model_index.json", "config.json")}
+    if not any(cached.values()):
+        check_model_source(base, gguf_file, flag)  # not cached: refused, saying how to get it, unless the hub answers
     return cached["model_index.json"] or not cached["config.json"]
 
 

@@ -38,7 +38,11 @@ def plot(
         raise typer.BadParameter("--layer chooses layers for --spectrum; add --spectrum.")
     if base and not spectrum:
         raise typer.BadParameter("--base is the base model for --spectrum; add --spectrum.")
+    from .preflight import check_writable
+
     try:
+        if run_dir.is_dir() and (run_dir / "log.jsonl").is_file():  # (what is missing is named by plot_curves)
+            check_writable(run_dir / "curves.png", "RUN_DIR")
         typer.echo(plot_curves(run_dir))
         if spectrum:
             adapter = run_dir / ADAPTER_DIR

@@ -23,6 +23,23 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address this server could not listen on (a port another server holds,
+    an address not of this machine); uvicorn would find it only after loading, and exit with code 3."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as e:
+        raise AdapterError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}): another server holds that port, or the address is "
+            "not this machine's; choose another --port (0: any free one) or --host, or stop the other server."
+        ) from None
+
+
 def _recorded_base(adapters: dict[str, Path]) -> str:
     """The base model the adapters record, where they agree."""
     from ..evaluation.loading import recorded_base
@@ -108,6 +125,7 @@ def serve(
         check_model_source(base, gguf_file, "--base" if given else RECORDED_BASE)
         if tokenizer is not None:
             check_model_source(tokenizer, None, "--tokenizer")
+        _check_port(host, port)
         model, tok = load_base(base, tokenizer, gguf_file, dtype, device, chat_template)
         model = attach_adapters(model, specs)
     except (AdapterError, OSError) as e:

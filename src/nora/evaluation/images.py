@@ -23,13 +23,15 @@ def evaluate_images(
     limit: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Top-1 (and top-5 with ≥ 10 classes) accuracy of `model` on the images of `source`; `limit` draws that many
-    with `seed`. A label outside `labels` or an unreadable image is an error naming it."""
+    with `seed`. A label outside `labels`, an unreadable image or one over `max_pixels` (None: Pillow's limit) is an
+    error naming it."""
     start = time.perf_counter()
     rows = image_rows(source)
     rows = [rows[i] for i in subsample(len(rows), limit, seed)]
-    examples = encode_images(rows, processor, labels, source)
+    examples = encode_images(rows, processor, labels, source, max_pixels)
     device = next(model.parameters()).device
     k = 5 if len(labels) >= 10 else 1
     top1 = topk = 0

@@ -44,6 +44,12 @@ class DirLock:
         self.path = path
         self._release = None
 
+    @classmethod
+    def beside(cls, directory: str | os.PathLike) -> DirLock:
+        """The lock of `directory`: `.NAME.lock` in its (real) parent folder."""
+        real = Path(directory).expanduser().resolve()
+        return cls(Path(directory), real.with_name(f".{real.name}.lock"))
+
     def acquire(self) -> None:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, plain_mode())
@@ -115,7 +121,7 @@ class RunDir:
         self.real = self.final.resolve()  # a symlinked run directory is replaced where it really is
         self.staging = self.real.with_name(f".{self.real.name}.staging")
         self.replaced = self.real.with_name(f".{self.real.name}.replaced")
-        self.lock = DirLock(self.final, self.real.with_name(f".{self.real.name}.lock"))
+        self.lock = DirLock.beside(self.final)
         self._made: list[Path] = []  # parent folders made for the lock file, removed again if the run never starts
 
     @property

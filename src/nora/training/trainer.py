@@ -18,6 +18,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ from torch import nn
 from ..accel import compile_model, enable_adapter_checkpointing, enable_fused_kernels
 from ..atomic import atomic_write_json
 from ..config import AdapterConfig
+from ..datafiles import content_fingerprint
 from ..io import read_adapter, write_adapter
 from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
-from ..pretrained import base_reference, load_model, load_tokenizer
+from ..pretrained import base_reference, check_threads, load_model, load_tokenizer
 from ..state import adapter_payload, apply_tensors
 from ..tasks.data import Encoded, split_eval
 from .checkpoint import (
@@ -119,6 +121,7 @@ def check_inputs(config: TrainConfig, model_given: bool) -> None:
         from ..evaluation import resolve_tasks
 
         resolve_tasks(config.eval_tasks, config.eval_data_dir)
+    check_threads(config.threads)
     resume = config.resume
     if isinstance(resume, str) and resume not in ("true", "latest", "auto") and not Path(resume).is_dir():
         raise TrainingError(f"--resume {resume}: no such checkpoint directory; pass 'latest' or a checkpoint path.")
@@ -143,11 +146,31 @@ def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
     return found[-1]
 
 
-def _resume_changes(config: TrainConfig, checkpoint: Path | None) -> dict[str, tuple[Any, Any]]:
-    """The settings that differ from those of the run `checkpoint` belongs to (its train_config.json): refused,
+def _resume_changes(
+    config: TrainConfig, checkpoint: Path | None, data: dict[str, dict[str, Any]]
+) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from those of the run `checkpoint` belongs to (its train_config.json), and the data
+    files whose contents differ from those the checkpoint trained on (`data`: their fingerprints now): refused,
     naming each, unless --resume-changes accepts them."""
-    recorded_file = checkpoint.parent.parent / "train_config.json" if checkpoint is not None else None
-    if recorded_file is None or checkpoint.parent.name != "checkpoints" or not recorded_file.is_file():
+    if checkpoint is None:
+        return {}
+    recorded_file = checkpoint.parent.parent / "train_config.json"
+    changes = _setting_changes(config, recorded_file) if checkpoint.parent.name == "checkpoints" else {}
+    if "data" not in changes:  # the same files: are they the same data?
+        changes.update(_data_changes(checkpoint, data))
+    if changes and not config.resume_changes:
+        recorded = recorded_file if recorded_file.is_file() else checkpoint
+        raise TrainingError(
+            f"--resume continues the run recorded in {recorded}, but these settings differ from it: "
+            f"{_listed(changes)}. A resumed run repeats its data order, model and adapter: resume with the recorded "
+            f"settings (nora train --config {recorded_file} --resume latest), or pass --resume-changes to continue "
+            "with these on purpose (log.jsonl records them)."
+        )
+    return changes
+
+
+def _setting_changes(config: TrainConfig, recorded_file: Path) -> dict[str, tuple[Any, Any]]:
+    if not recorded_file.is_file():
         return {}  # a checkpoint outside a run directory records no settings to compare
     try:
         recorded = json.loads(recorded_file.read_text())
@@ -160,14 +183,29 @@ def _resume_changes(config: TrainConfig, checkpoint: Path | None) -> dict[str, t
             f"--resume: cannot read {recorded_file} to compare this run's settings with the recorded ones ({e}); "
             "restore it, or pass --resume-changes to resume without the comparison."
         ) from e
-    changes = config.changes_since(recorded)
-    if changes and not config.resume_changes:
-        raise TrainingError(
-            f"--resume continues the run recorded in {recorded_file}, but these settings differ from it: "
-            f"{_listed(changes)}. A resumed run repeats its data order, model and adapter: resume with the recorded "
-            f"settings (nora train --config {recorded_file} --resume latest), or pass --resume-changes to continue "
-            "with these on purpose (log.jsonl records them)."
-        )
+    return config.changes_since(recorded)
+
+
+def _data_changes(checkpoint: Path, now: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+    """The data files whose contents differ from those recorded in `checkpoint` (its progress.data; a checkpoint
+    of an older nora records none and is not compared). Unreadable state.json is left to read_checkpoint."""
+    try:
+        before = json.loads((checkpoint / "state.json").read_text())["progress"]["data"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return {}
+    if not isinstance(before, dict):
+        return {}
+    was, now_ = list(before.items()), list(now.items())  # in --data order: a path spelt otherwise is the same part
+
+    def said(fingerprint: Any) -> str:
+        if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("bytes"), int):
+            return "absent"
+        return f"{fingerprint['bytes']:,} bytes, sha256 {str(fingerprint.get('sha256'))[:12]}…"
+
+    changes = {}
+    for (old_name, old), (new_name, new) in zip_longest(was, now_, fillvalue=(None, None)):
+        if old != new:
+            changes[f"contents of data {new_name or old_name!r}"] = (said(old), said(new))
     return changes
 
 
@@ -222,7 +260,8 @@ class Run:
     def _build(self, model: nn.Module | None, tokenizer) -> None:
         config = self.config
         self.checkpoint = _resume_point(config, self.output.final)
-        self.changes = _resume_changes(config, self.checkpoint)
+        self.data_fingerprint = content_fingerprint(config.data)  # recorded in each checkpoint, compared on resume
+        self.changes = _resume_changes(config, self.checkpoint, self.data_fingerprint)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         train_rows = read_data(config, config.data)
@@ -549,6 +588,7 @@ class Run:
             "wall_time_s": self.earlier["wall_time_s"] + time.perf_counter() - self.part_start,
             "first_loss": self.earlier["first_loss"] if self.earlier["first_loss"] is not None else self.first_loss,
             "initial_eval": self.earlier["initial_eval"] or self.initial_eval,
+            "data": self.data_fingerprint,
         }
 
     def save(self) -> Path | None:
