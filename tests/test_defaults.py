@@ -311,6 +311,7 @@ SAMPLES: dict[str, tuple[object, dict[str, object]]] = {
     "eval_fraction": (0.1, {}), "output_dir": ("runs/x", {}), "method": ("lora", {}), "rank": (8.0, {}),
     "inner_rank": (2, {}), "alpha": (4.0, {}), "dropout": (0.1, {}), "clamp_rank": (True, {}),
     "adapter_option": (["inner=out"], {}), "target_modules": (["q_proj"], {}), "gguf_file": ("m.gguf", {}),
+    "target_parameters": (["gate_up_proj"], {}),
     "quantize": ("nf4", {}), "loftq": (True, {"quantize": "nf4"}), "max_length": (64, {}), "mask_prompt": (False, {}),
     "text_column": ("t", {}), "text_pair_column": ("p", {}), "label_column": ("l", {}),
     "labels": ("a,b", {"task": "seq-cls"}), "max_examples": (5, {}), "shots": (2, {"task": "image-cls"}),
