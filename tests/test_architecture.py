@@ -49,7 +49,16 @@ LAYERS: dict[str, int] = {
     # task kinds: each kind's options, model, data, loss and metrics; the applications above ask them
     "nora.tasks.*": 10,
     **dict.fromkeys(
-        ["nora.training.*", "nora.evaluation.*", "nora.serving.*", "nora.demo", "nora.offline", "nora.hf_trainer"], 11
+        [
+            "nora.training.*",
+            "nora.federated.*",  # federated aggregation: clients' adapters → the global one (beside training)
+            "nora.evaluation.*",
+            "nora.serving.*",
+            "nora.demo",
+            "nora.offline",
+            "nora.hf_trainer",
+        ],
+        11,
     ),
     **dict.fromkeys(["nora.cli.*", "nora.__main__", "nora"], 12),
 }
