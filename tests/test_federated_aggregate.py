@@ -26,7 +26,7 @@ def base():
 
 
 def config_of(method: str, **fields):
-    fields = {"target_modules": TARGETS, "svd": "exact", "svd_dtype": "float64", **fields}
+    fields = {"target_modules": TARGETS, "svd": "exact", "svd_dtype": "float64", **fields}  # exact: nested bases
     return get_method(method).config_cls(**fields)
 
 
@@ -173,6 +173,30 @@ def test_nora_heterogeneous_ranks_are_exact_when_the_global_inner_rank_holds_the
         assert_float_close(glob[name], expected[name], f"nora {name}")
 
 
+def test_flora_beyond_the_layer_width_is_refused(base, tmp_path):
+    config = config_of("lora", r=16)
+    clients = [train_client(base, config, seed, tmp_path, steps=1) for seed in (1, 2, 3)]
+    with pytest.raises(AdapterError, match="FLoRA stacking gives layer .* rank Σ r_i = 48, above its min\\(d, k\\)"):
+        aggregate(server_of(base, config), clients, [1.0, 1.0, 1.0], rule="flora")
+
+
+@pytest.mark.parametrize("method", ["lora-xs", "head-only"])
+def test_modules_to_save_are_averaged(base, tmp_path, method):
+    """A module trained whole (here the LM head) aggregates as the weighted mean of its weights: exact in them."""
+    fields = {"modules_to_save": ["lm_head"]} | ({"r": 4} if method == "lora-xs" else {"target_modules": []})
+    clients = [train_client(base, config_of(method, **fields), seed, tmp_path) for seed in (1, 2)]
+    result = aggregate(server_of(base, config_of(method, **fields)), clients, [3.0, 1.0])
+    heads = [k for k in result.state if k.startswith("modules_to_save.")]
+    assert heads and result.exact
+    for key in heads:
+        assert not torch.equal(clients[0].tensors[key], clients[1].tensors[key])
+        assert_float_close(result.state[key], 0.75 * clients[0].tensors[key] + 0.25 * clients[1].tensors[key])
+    result.save(tmp_path / "global")
+    loaded = nora.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "global")
+    ids = torch.randint(0, 64, (1, 5))
+    assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
 def test_rank_above_the_global_one_is_refused(base, tmp_path):
     server = server_of(base, config_of("lora-xs", r=2))
     client = train_client(base, config_of("lora-xs", r=4), 1, tmp_path)
@@ -252,5 +276,9 @@ def test_update_bytes_counts_what_a_client_sends(base, tmp_path):
     assert update_bytes(client.tensors, "ffa", method="lora") == b_bytes
     assert update_bytes(client.tensors, "fedavg", method="lora") == a_bytes + b_bytes
     xs = train_client(base, config_of("lora-xs", r=4), 2, tmp_path)
-    result = aggregate(server_of(base, config_of("lora-xs", r=4)), [xs], [1.0])
+    loaded = nora.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "client2", is_trainable=True)
+    in_memory = ClientUpdate.of_model(loaded, name="c2")  # the same update, read from a client's model
+    assert in_memory.tensors.keys() == xs.tensors.keys() and in_memory.meta["layers"] == xs.meta["layers"]
+    result = aggregate(server_of(base, config_of("lora-xs", r=4)), [in_memory], [1.0])
     assert result.bytes == {"c2": 2 * 4 * 4 * 8}  # two layers, one 4×4 float64 core each
+    assert_float_close(result.state[next(iter(xs.tensors))], xs.tensors[next(iter(xs.tensors))])

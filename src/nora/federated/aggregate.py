@@ -124,6 +124,8 @@ def aggregate(
     jobs = [_job(lname, layer, adapter_name, method, config, chosen, clients, p) for lname, layer in
             layers.items()]  # fmt: skip
     _check_extra_keys(clients, jobs, server_state)
+    if chosen.name == "flora":
+        _check_stacked_rank(jobs)
     # every client is checked: now combine
     state, meta = dict(server_state), server_payload["nora"]
     errors, truncated, ranks = {}, False, {}
@@ -245,6 +247,16 @@ def _check_rank(who, lname, layer, config, rule, r, R, W) -> None:
             raise AdapterError(
                 f"{who}: layer {lname!r} has rank {r}, not {R}, and its SVD is randomized, so the rank-{r} basis is "
                 "not the top of the rank-{R} one: use svd='exact' for heterogeneous ranks, or equal ranks."
+            )
+
+
+def _check_stacked_rank(jobs: list[LayerJob]) -> None:
+    for job in jobs:
+        rank, limit = sum(c.r for c in job.clients), min(job.W0.shape)
+        if rank > limit:
+            raise AdapterError(
+                f"FLoRA stacking gives layer {job.lname!r} rank Σ r_i = {rank}, above its min(d, k) = {limit}: "
+                "aggregate fewer clients per round, give them lower ranks, or use rule 'ffa' (exact, rank kept)."
             )
 
 
