@@ -165,9 +165,12 @@ def test_heterogeneous_ranks_pad_inside_the_nested_basis(base, tmp_path, method,
         assert result.exact
 
 
-def test_nora_heterogeneous_ranks_are_exact_when_the_global_inner_rank_holds_them(base, tmp_path):
-    """Clients of r = 6, 4, 2 with r' = 2 each; the global r = 6 with r' = 6 holds any average of their cores."""
-    result, expected, glob = run(base, tmp_path, "nora", "product", ranks=(6, 4, 2), server={"inner_r": 6}, inner_r=2)
+@pytest.mark.parametrize(("inner", "ranks"), [("serial", (6, 4, 2)), ("out", (6, 6, 6))])
+def test_nora_product_is_exact_when_the_global_inner_rank_holds_the_average(base, tmp_path, inner, ranks):
+    """Clients with r' = 2 each (serial: of ranks 6, 4, 2, padded); the global r' = 6 holds any average of three."""
+    result, expected, glob = run(
+        base, tmp_path, "nora", "product", ranks=ranks, server={"inner_r": 6}, inner_r=2, inner=inner
+    )
     assert result.exact
     for name in glob:
         assert_float_close(glob[name], expected[name], f"nora {name}")
@@ -195,6 +198,13 @@ def test_modules_to_save_are_averaged(base, tmp_path, method):
     loaded = nora.AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "global")
     ids = torch.randint(0, 64, (1, 5))
     assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+def test_nora_out_refuses_heterogeneous_ranks(base, tmp_path):
+    server = server_of(base, config_of("nora", r=6, inner_r=2, inner="out"))
+    client = train_client(base, config_of("nora", r=4, inner_r=2, inner="out"), 1, tmp_path)
+    with pytest.raises(AdapterError, match="inner='out' needs equal ranks"):
+        aggregate(server, [client], [1.0], rule="product")
 
 
 def test_rank_above_the_global_one_is_refused(base, tmp_path):
