@@ -25,6 +25,8 @@ from transformers import (
 )
 
 import nora
+from nora.accel import enable_adapter_checkpointing, recompute_flops
+from nora.layers import AdapterLayer
 from nora.lean import lean_activations
 from nora.loss import causal_lm_chunked_loss, chunked_causal_lm_loss, set_loss_chunking
 
@@ -284,3 +286,33 @@ def test_nora_train_runs_lean_by_default_and_the_switch_gives_the_same_loss_curv
     assert "lean_activations" not in summaries[1]
     assert len(curves[0]) == 4
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-5, atol=1e-5)
+
+
+def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
+# ---- adapter-aware checkpointing ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("adapter", [None, "nora", "lora"])
+def test_checkpointing_with_lean_activations_gives_the_stock_gradients(adapter):
+    stock = adapted("llama", adapter)
+    both = copy.deepcopy(stock)
+    enable_adapter_checkpointing(both)
+    lean_activations(both)
+    batch = padded_batch()
+    assert_same(loss_and_grads(both, batch), loss_and_grads(stock, batch))
+
+
+def test_checkpointing_recomputes_the_base_and_never_an_adapters_input_projection():
+    """recompute_flops: nora's checkpointing recomputes less than plain checkpointing by at least the adapters' input
+    projections (x·Vᵣᵀ, kept from the first forward), and less than a whole forward."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**SMALL, "hidden_size": 64, "intermediate_size": 128})
+    model = nora.get_peft_model(AutoModelForCausalLM.from_config(config).double().train(), nora.NoraConfig(r=8))
+    ids = torch.randint(0, 48, (2, 40))
+    inputs = {"input_ids": ids, "labels": ids}
+    kept, plain = recompute_flops(model, inputs), recompute_flops(model, inputs, keep_adapter_projections=False)
+    projections = sum(2 * ids.numel() * m.shape[1] * m.adapters["default"].r for m in adapter_layers(model))
+    assert kept["step"] == plain["step"] and 0 < kept["recompute"] < kept["forward"]
+    assert plain["recompute"] - kept["recompute"] >= projections
+    assert not model.model.is_activation_checkpointing  # left as it was
