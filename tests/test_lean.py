@@ -51,9 +51,9 @@ ADAPTERS = {
 }
 
 
-def tiny(family: str, dtype: torch.dtype = torch.float64) -> nn.Module:
+def tiny(family: str, dtype: torch.dtype = torch.float64, experts: str = "eager") -> nn.Module:
     config = FAMILIES[family]()
-    config._experts_implementation = "eager"
+    config._experts_implementation = experts
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).to(dtype).train()
 
@@ -192,6 +192,17 @@ def test_lean_activations_switch_off_to_the_stock_forwards():
     lean_activations(model)
     restored = lean_activations(model, enable=False)
     assert restored and all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_moe_experts_under_batched_matmuls_give_the_stock_gradients():
+    stock = tiny("qwen3_moe", experts="batched_mm").requires_grad_(True)
+    lean = copy.deepcopy(stock)
+    changed = lean_activations(lean)
+    assert any(c.startswith("Qwen3MoeExperts ×1: gated product") for c in changed), changed
+    batch = padded_batch()
+    assert_same(loss_and_grads(lean, batch), loss_and_grads(stock, batch))
+    lean_activations(lean, enable=False)
+    assert all("_apply_gate" not in m.__dict__ for m in lean.modules())
 
 
 def test_eager_attention_goes_through_sdpa():

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FAMILIES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
 )
-_STOCK = "_nora_stock_forward"
+_STOCK = "_nora_stock"  # + "_<attribute>": the attribute as it was before nora patched it
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -89,7 +89,7 @@ class _Recomputed(torch.autograd.Function):
 
 
 def _lean_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    stock = getattr(self, _STOCK)
+    stock = self.__dict__[f"{_STOCK}_forward"]
     weight = getattr(self, "weight", None)
     if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
         return stock(x)
@@ -105,17 +105,32 @@ def _lean_fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:  
     return self.down_proj(gated_product(gate, up, self.activation_fn))
 
 
-def _lean_forward_of(module: nn.Module) -> Callable[..., torch.Tensor] | None:
-    if not type(module).__module__.startswith("transformers."):  # e.g. Liger's fused modules stay as they are
+def _lean_apply_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:  # fused MoE experts
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gated_product(gate, up, self.act_fn)
+
+
+_NORM = "keeps its input only, recomputes the normalisation in backward"
+_GATED = "gated product keeps gate and up, recomputes the activation in backward"
+
+
+def _lean_patch_of(module: nn.Module) -> tuple[str, Callable[..., torch.Tensor], str] | None:
+    """(attribute to replace, its lean version, what that changes) for a module nora knows, else None."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers."):  # e.g. Liger's fused modules stay as they are
         return None
-    name = type(module).__name__
+    name = cls.__name__
     if name.endswith("RMSNorm"):
-        return _lean_norm_forward
+        return "forward", _lean_norm_forward, _NORM
     if name.endswith("MLP"):
         if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            return _lean_mlp_forward
+            return "forward", _lean_mlp_forward, _GATED
         if all(hasattr(module, a) for a in ("gate_up_proj", "down_proj", "activation_fn")):
-            return _lean_fused_mlp_forward
+            return "forward", _lean_fused_mlp_forward, _GATED
+    # fused expert stacks under transformers' grouped/batched-matmul implementations ask _apply_gate for the
+    # product; the default one is act(gate) * up of the halves (a family's own, e.g. gpt-oss's clamp, stays)
+    if getattr(cls, "_apply_gate", None) is not None and cls._apply_gate.__name__ == "_default_apply_gate":
+        return "_apply_gate", _lean_apply_gate, _GATED + " (grouped/batched-matmul experts)"
     return None
 
 
@@ -156,13 +171,13 @@ def lean_activations(model: nn.Module, enable: bool = True) -> list[str]:
     changed, one line per module class ("LlamaMLP ×2: gated product keeps gate and up"). A family it does not
     recognise is left stock, with one warning line saying so."""
     if not enable:
-        restored = Counter()
+        restored: Counter[str] = Counter()
         for module in model.modules():
-            if _STOCK in module.__dict__:
-                stock = module.__dict__.pop(_STOCK)
-                del module.__dict__["forward"]
-                if getattr(stock, "__func__", None) is not type(module).forward:  # patched before nora (Liger)
-                    module.forward = stock
+            for key in [k for k in module.__dict__ if k.startswith(_STOCK)]:
+                attr, stock = key[len(_STOCK) + 1 :], module.__dict__.pop(key)
+                del module.__dict__[attr]
+                if getattr(stock, "__func__", None) is not getattr(type(module), attr):  # patched before (Liger)
+                    module.__dict__[attr] = stock
                 restored[type(module).__name__] += 1
         return [f"{name} ×{n}: stock forward restored" for name, n in restored.items()]
     family = model_type(model)
@@ -173,24 +188,15 @@ def lean_activations(model: nn.Module, enable: bool = True) -> list[str]:
             ", ".join(sorted(FAMILIES)),
         )
         return []
-    patched: Counter[str] = Counter()
+    patched: Counter[tuple[str, str]] = Counter()
     for module in model.modules():
-        lean = _lean_forward_of(module)
-        if lean is None or _STOCK in module.__dict__:
+        patch = _lean_patch_of(module)
+        if patch is None or f"{_STOCK}_{patch[0]}" in module.__dict__:
             continue
-        setattr(module, _STOCK, module.forward)
-        module.forward = types.MethodType(lean, module)
-        patched[type(module).__name__] += 1
-    changes = [f"{name} ×{n}: {_WHAT[_kind(name)]}" for name, n in patched.items()]
+        attr, lean, what = patch
+        module.__dict__[f"{_STOCK}_{attr}"] = getattr(module, attr)
+        module.__dict__[attr] = types.MethodType(lean, module)
+        patched[(type(module).__name__, what)] += 1
+    changes = [f"{name} ×{n}: {what}" for (name, what), n in patched.items()]
     sdpa = _use_sdpa(model)
     return changes + ([sdpa] if sdpa else [])
-
-
-_WHAT = {
-    "norm": "keeps its input only, recomputes the normalisation in backward",
-    "mlp": "gated product keeps gate and up, recomputes the activation in backward",
-}
-
-
-def _kind(class_name: str) -> str:
-    return "norm" if class_name.endswith("RMSNorm") else "mlp"
