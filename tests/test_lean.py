@@ -354,3 +354,17 @@ def test_the_chunked_loss_keeps_no_logits():
         chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=16)
     # the hidden states (a copy of the targeted rows) and two index vectors; one chunk's logits alone take 256 KiB
     assert 0 < sum(kept.values()) <= hidden.numel() * 4 + 2 * labels.numel() * 8
+
+
+def test_lean_activations_under_autocast_give_the_stock_gradients():
+    stock = adapted("llama", "nora", torch.float32)
+    lean = copy.deepcopy(stock)
+    lean_activations(lean)
+    batch = padded_batch()
+    results = []
+    for model in (lean, stock):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert_same(results[0], results[1])
