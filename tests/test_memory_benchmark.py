@@ -53,7 +53,7 @@ def test_quick_rows_invariants_and_exact_repeat(memory, tmp_path):
         lean, peft_generic = rows["nora-nora-r16-i4 lean"], rows["peft-lora-r4 lean+chunked"]
         assert lean["saved_per_token_per_layer"] <= nora_stock["saved_per_token_per_layer"]
         assert lean["saved_per_token_per_layer"] <= peft_generic["saved_per_token_per_layer"]
-    assert {t[0] for t in report.targets(first)} and len(report.targets(first)) == 5
+    assert {t[0] for t in report.targets(first)} and len(report.targets(first)) == 8
 
 
 def test_longest_context_projection_and_plot(memory, tmp_path):
