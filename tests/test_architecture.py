@@ -34,7 +34,8 @@ LAYERS: dict[str, int] = {
         ],
         0,
     ),
-    **dict.fromkeys(["nora.chain", "nora.config"], 1),
+    **dict.fromkeys(["nora.chain", "nora.config", "nora.lean"], 1),
+    "nora.loss": 2,  # the chunked causal-LM loss: asks nora.lean which family a model is
     "nora.basis": 2,
     "nora.methods.*": 3,
     # slots: the stores layers/ evaluates mixed batches from; layers/: one module per layer kind, the registry and

@@ -324,6 +324,7 @@ SAMPLES: dict[str, tuple[object, dict[str, object]]] = {
     "lr_scheduler": ("cosine", {}), "warmup_ratio": (0.1, {}), "warmup_steps": (3, {}), "epochs": (2.0, {}),
     "max_steps": (7, {}), "weight_decay": (0.1, {}), "max_grad_norm": (0.0, {}), "seed": (3, {}),
     "precision": ("bf16", {}), "gradient_checkpointing": (True, {}), "liger": (True, {}), "compile": (True, {}),
+    "lean_activations": (False, {}), "loss_chunk_tokens": (16, {}),
     "fsdp": (True, {}), "logging_steps": (3, {}), "eval_steps": (3, {}), "save_steps": (3, {}),
     "save_total_limit": (3, {}), "resume": ("latest", {}), "overwrite": (True, {}), "plot": (False, {}),
     "progress": (False, {}), "eval_tasks": ("boolq,piqa", {}), "eval_data_dir": ("d", {}), "eval_limit": (4, {}),

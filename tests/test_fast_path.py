@@ -102,9 +102,10 @@ def test_checkpoint_policy_keeps_only_narrow_matmuls():
     mm = torch.ops.aten.mm.default
     addmm = torch.ops.aten.addmm.default
     narrow, wide = torch.empty(64, 16), torch.empty(64, 256)
-    assert policy(None, mm, torch.empty(10, 64), narrow).name == "MUST_SAVE"
-    assert policy(None, mm, torch.empty(10, 64), wide).name == "PREFER_RECOMPUTE"
-    assert policy(None, addmm, torch.empty(256), torch.empty(10, 64), wide).name == "PREFER_RECOMPUTE"
+    assert policy(None, mm, torch.empty(100, 64), narrow).name == "MUST_SAVE"
+    assert policy(None, mm, torch.empty(4, 16), torch.empty(16, 100)).name == "MUST_SAVE"  # a core on xᵀ: r' × tokens
+    assert policy(None, mm, torch.empty(100, 64), wide).name == "PREFER_RECOMPUTE"
+    assert policy(None, addmm, torch.empty(256), torch.empty(100, 64), wide).name == "PREFER_RECOMPUTE"
     assert policy(None, torch.ops.aten.silu.default, narrow).name == "PREFER_RECOMPUTE"
 
 

@@ -172,7 +172,7 @@ def test_accelerations_train_the_same_adapter_or_fall_back_saying_why(llm_dir, d
     _assert_same_adapter(fast.run_dir, plain.run_dir, atol=1e-5)
     accelerations = fast.summary["accelerations"]
     assert accelerations["gradient_checkpointing"].startswith("on")
-    assert plain.summary["accelerations"] == {}
+    assert set(plain.summary["accelerations"]) == {"lean_activations"}  # nora's default, exact
     if not torch.cuda.is_available():
         assert accelerations["liger"].startswith("off (no CUDA device")
         assert accelerations["compile"].startswith("off (no CUDA device")

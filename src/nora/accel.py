@@ -62,21 +62,25 @@ def max_adapter_rank(model: nn.Module) -> int:
 
 def adapter_checkpoint_policy(max_width: int):
     """Selective-checkpoint policy: keep the outputs of matmuls at most `max_width` wide (the adapters' r- and
-    r'-dimensional projections, small) and recompute everything else (the base model's activations)."""
+    r'-dimensional projections, small) and recompute everything else (the base model's activations). A kept output
+    is not recomputed in backward (torch's selective checkpointing returns it from the first forward), so the
+    recompute costs the base layers plus each adapter's widening matmul (r → d), never its input projection."""
 
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         if op in _MATMULS:
-            width = args[-1].shape[-1] if op is not torch.ops.aten.addmm.default else args[2].shape[-1]
-            if width <= max_width:
+            a, b = args[-2:]
+            # narrow either way: x·Vᵀ is tokens × r, a core applied to the transposed projection r' × tokens
+            if min(a.shape[0], b.shape[-1]) <= max_width:
                 return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
 
-def enable_adapter_checkpointing(model: nn.Module) -> None:
-    """Gradient checkpointing of the transformers model's blocks with the adapter-keeping policy."""
-    policy = adapter_checkpoint_policy(max_adapter_rank(model))
+def enable_adapter_checkpointing(model: nn.Module, keep_adapter_projections: bool = True) -> None:
+    """Gradient checkpointing of the transformers model's blocks with the adapter-keeping policy
+    (`keep_adapter_projections=False`: plain checkpointing, everything recomputed, for comparison)."""
+    policy = adapter_checkpoint_policy(max_adapter_rank(model) if keep_adapter_projections else 0)
     target = getattr(model, "model", model)
     kwargs = {"use_reentrant": False, "context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
     if hasattr(target, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the older name goes in v6
@@ -85,3 +89,45 @@ def enable_adapter_checkpointing(model: nn.Module) -> None:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(target, "enable_input_require_grads"):
         target.enable_input_require_grads()
+
+
+def _step_flops(model: nn.Module, inputs: dict[str, torch.Tensor], backward: bool = True) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grads = {p: p.grad for p in model.parameters()}
+    with FlopCounterMode(display=False) as counter:
+        loss = model(**inputs).loss
+        if backward:
+            loss.backward()
+    for p, grad in grads.items():  # the count leaves the model's gradients as they were
+        p.grad = grad
+    return int(counter.get_total_flops())
+
+
+def recompute_flops(
+    model: nn.Module, inputs: dict[str, torch.Tensor], keep_adapter_projections: bool = True
+) -> dict[str, int]:
+    """What nora's adapter-aware checkpointing costs in FLOPs (torch's FlopCounterMode) for one training step of
+    `model` (a transformers model with a loss, adapted or not, in train mode) on `inputs` (its keyword inputs,
+    labels included): {"forward": a forward's FLOPs, "step": forward + backward without checkpointing,
+    "step_checkpointed": the same with it, "recompute": their difference}. `keep_adapter_projections=False`
+    measures plain checkpointing (everything recomputed) instead. Both steps run with the inputs requiring grad, as
+    checkpointing makes them. The model's gradients are left as they were, and its checkpointing off, or on under
+    nora's policy."""
+    target = getattr(model, "model", model)
+    newer = hasattr(type(target), "is_activation_checkpointing")  # transformers ≥ 5.2x; the older name goes in v6
+    was_on = target.is_activation_checkpointing if newer else target.is_gradient_checkpointing
+    disable = getattr(target, "activation_checkpointing_disable", None) or target.gradient_checkpointing_disable
+    had_input_grads = hasattr(target, "_require_grads_hook")
+    try:  # checkpointed first: it makes the inputs require grad, which the step without it must do too to compare
+        enable_adapter_checkpointing(model, keep_adapter_projections)
+        checkpointed = _step_flops(model, inputs)
+        disable()
+        forward = _step_flops(model, inputs, backward=False)
+        step = _step_flops(model, inputs)
+    finally:
+        if was_on:
+            enable_adapter_checkpointing(model)
+        elif not had_input_grads and hasattr(target, "disable_input_require_grads"):
+            target.disable_input_require_grads()
+    return {"forward": forward, "step": step, "step_checkpointed": checkpointed, "recompute": checkpointed - step}

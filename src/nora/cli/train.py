@@ -184,6 +184,18 @@ OPTIONS: tuple[CliOption, ...] = (
     ),
     CliOption("liger", bool, "liger", Opt(help="Liger's fused kernels (CUDA; falls back, saying why).")),
     CliOption("compile", bool, "compile", Opt(help="torch.compile the model (CUDA; falls back, saying why).")),
+    CliOption(
+        "lean_activations",
+        bool,
+        "lean_activations",
+        Opt(help="MLP and norms keep only what backward needs (exact; default on; --no-lean-activations: stock)."),
+    ),
+    CliOption(
+        "loss_chunk_tokens",
+        int,
+        "loss_chunk_tokens",
+        Opt(help="Causal LM: head and loss this many tokens at a time, never all logits (default auto; 0: stock)."),
+    ),
     CliOption("fsdp", bool, "fsdp", Opt(help="Shard the model over the processes (FSDP2) instead of DDP.")),
     CliOption("logging_steps", int, "logging_steps", Opt(help="Log loss, LR and tokens/s every N steps.")),
     CliOption("eval_steps", int, "eval_steps", Opt(help="Evaluate every N steps (and always at the end).")),

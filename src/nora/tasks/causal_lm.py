@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..loss import causal_lm_chunked_loss
 from .base import Batch, Example, Loss, TaskKind
 from .data import IGNORE, Encoded, encode_causal, pad_inputs, pad_token_labels
 
@@ -30,6 +31,10 @@ class CausalLM(TaskKind):
         return int((batch["labels"][:, 1:] != IGNORE).sum())  # each token predicts the next
 
     def loss(self, model: nn.Module, batch: Batch, num_items: int) -> Loss:
-        # the model's own loss: fused kernels (Liger) compute it without materialising the logits
+        # nora's chunked head where the trainer set it (nora.loss), else the model's own loss (with Liger's fused
+        # kernels, computed without materialising the logits too)
+        chunked = causal_lm_chunked_loss(model, batch, num_items)
+        if chunked is not None:
+            return Loss(*chunked)
         output = model(**batch, num_items_in_batch=num_items)
         return Loss(output.loss, output)

@@ -70,6 +70,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # nora's policy: recompute the base, keep the narrow adapter activations
     liger: bool = False  # Liger's fused kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy) where CUDA has them
     compile: bool = False  # torch.compile the model (CUDA)
+    lean_activations: bool = True  # MLP and norms keep only what backward needs (nora.lean; exact)
+    loss_chunk_tokens: int | None = None  # causal LM: head + loss this many tokens at a time (None: auto, 0: stock)
     fsdp: bool = False  # shard the model's blocks over the processes (torch FSDP2) instead of replicating (DDP)
     # bookkeeping
     logging_steps: int = 10
@@ -140,6 +142,11 @@ class TrainConfig:
         for name in ("max_steps", "eval_steps", "save_steps", "max_examples", "eval_limit", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterError(f"{name}={getattr(self, name)} must be at least 1 (or left unset).")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            raise AdapterError(
+                f"loss_chunk_tokens={self.loss_chunk_tokens} must be at least 1, 0 (the model's own loss) or unset "
+                "(auto)."
+            )
 
     def _check_optimisation(self) -> None:
         if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

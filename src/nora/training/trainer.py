@@ -31,6 +31,8 @@ from ..atomic import atomic_write_json
 from ..config import AdapterConfig
 from ..datafiles import content_fingerprint
 from ..io import read_adapter, write_adapter
+from ..lean import lean_activations
+from ..loss import set_loss_chunking
 from ..methods import get_method
 from ..model import AdaptedModel, get_peft_model
 from ..pretrained import base_reference, check_threads, load_model, load_tokenizer
@@ -376,6 +378,11 @@ class Run:
         if config.gradient_checkpointing:
             enable_adapter_checkpointing(self.adapted)
             report["gradient_checkpointing"] = "on (base recomputed, adapter activations kept)"
+        if config.lean_activations:
+            changed = lean_activations(self.adapted)
+            report["lean_activations"] = "on: " + "; ".join(changed) if changed else "stock (family not recognised)"
+        # the causal-LM head in chunks (nora.loss), unless Liger's fused linear cross-entropy computes it
+        set_loss_chunking(self.adapted, 0 if report.get("liger") == "on" else config.loss_chunk_tokens)
         return report
 
     def _load_checkpoint_adapter(self) -> None:
