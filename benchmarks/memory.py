@@ -54,6 +54,9 @@ SHAPES = {
     "quick": dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }
 EMBED_ROWS = 256
+# tokens per chunk of the chunked loss: below the measured T, so each step's largest chunk is the same at T and 2T
+# and one chunk's logits land in the fixed part (nora's own default, auto_chunk_tokens, is 523 at vocabulary 128k)
+LOSS_CHUNK = {"quick": 8, "full": 64}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPTION_SETS = {"stock": (), "ckpt": ("ckpt",), "lean": ("lean",), "lean+chunked": ("lean", "chunked")}
 OPTION_SETS["lean+chunked+ckpt"] = ("lean", "chunked", "ckpt")
@@ -172,18 +175,18 @@ class Trainee:
         if "ckpt" in row.options:
             accel.enable_adapter_checkpointing(self.model)
             self.notes["ckpt"] = f"adapter policy, keeps matmul outputs ≤ {accel.max_adapter_rank(self.model)} wide"
-        self.chunked = "chunked" in row.options
+        self.chunk = LOSS_CHUNK["quick" if shape == "quick" else "full"] if "chunked" in row.options else 0
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)
         self.layers = list(self.lm.model.layers)
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.chunked:
+        if self.chunk:
             from nora.loss import chunked_causal_lm_loss
 
             hidden = self.lm.model(input_ids=ids).last_hidden_state
-            return chunked_causal_lm_loss(hidden, self.lm.lm_head, ids)
+            return chunked_causal_lm_loss(hidden, self.lm.lm_head, ids, chunk_tokens=self.chunk)
         return self.lm(input_ids=ids, labels=ids).loss
 
     def step(self, ids: torch.Tensor) -> float:
@@ -274,6 +277,7 @@ class Trainee:
 def run_config(shape: str, dtype_name: str, layers: int, tokens: int, pairs: int, args) -> dict:
     path = args.out / f"memory-{shape}-{dtype_name}.json"
     record = {"shape": shape, "dtype": dtype_name, "layers": layers, "tokens": tokens, "rows": {}, "skipped": {}}
+    record["loss_chunk_tokens"] = LOSS_CHUNK["quick" if shape == "quick" else "full"]
     if args.resume and path.exists():
         previous = json.loads(path.read_text())
         if (previous["layers"], previous["tokens"]) == (layers, tokens):
