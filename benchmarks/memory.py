@@ -291,7 +291,7 @@ def run_config(shape: str, dtype_name: str, layers: int, tokens: int, pairs: int
     if reference:
         reference.step(ids)
     for row in table:
-        if args.only and not any(o in row.name for o in args.only):
+        if args.only and not any(o == row.name if " " in o else o in row.name for o in args.only):
             continue
         lacking = [missing[o] for o in row.options if o in missing]
         if lacking:
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=["llama-3-8b:fp32"],
         help="shape:dtype run without the reference model kept for timing (the 8B layers in fp32 would pass 6 GB)",
     )
-    ap.add_argument("--only", nargs="*", help="rows whose name contains one of these")
+    ap.add_argument("--only", nargs="*", help="rows named so, or (a word without spaces) whose name contains it")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in the JSON of the same config")
     ap.add_argument("--project-only", action="store_true", help="only the tables and the longest-context projection")

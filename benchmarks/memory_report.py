@@ -97,15 +97,15 @@ def targets(rec: dict) -> list[tuple[str, float | None, str, bool | None]]:
         ("activations/token/layer: NoRA lean ÷ PEFT LoRA r32 stock", ratio(lean, stock, held), "≤ 0.45"),
         ("… NoRA stock (no option) ÷ PEFT LoRA r32 stock", ratio(plain, stock, held), "≤ 0.45"),
         ("activations/token/layer: NoRA lean ÷ PEFT LoRA r32 lean+chunked", ratio(lean, generic, held), "≤ 0.75"),
-        ("FLOPs: NoRA lean+chunked ÷ PEFT LoRA r32 stock", ratio(chunked, stock, "flops"), "≤ 1.05"),
-        ("… NoRA stock ÷ PEFT LoRA r32 stock", ratio(plain, stock, "flops"), "≤ 1.05"),
+        ("FLOPs: NoRA lean ÷ PEFT LoRA r32 stock", ratio(lean, stock, "flops"), "≤ 1.05"),
+        ("… NoRA lean+chunked (each chunk's logits recomputed)", ratio(chunked, stock, "flops"), "≤ 1.05"),
         (
             f"whole step at 4,096 tokens: NoRA {best and best.split(' ')[1]} ÷ PEFT LoRA r32 stock",
             best and whole(rec["rows"][best]),
             "≤ 0.40",
         ),
-        ("CPU speed: NoRA lean+chunked ÷ PEFT LoRA r32 stock", chunked and chunked.get(speed), "≥ 1.0"),
-        ("… NoRA stock ÷ PEFT LoRA r32 stock", plain and plain.get(speed), "≥ 1.0"),
+        ("CPU speed: NoRA lean ÷ PEFT LoRA r32 stock", lean and lean.get(speed), "≥ 1.0"),
+        ("… NoRA lean+chunked ÷ PEFT LoRA r32 stock", chunked and chunked.get(speed), "≥ 1.0"),
     ]
     out = []
     for what, value, bound in rows:
