@@ -98,7 +98,8 @@ def rows(quick: bool) -> list[Row]:
         f"nora-dora-r{32 // k}": nora.DoraConfig(r=32 // k, alpha=64 // k),
     }
     peft = f"peft-lora-r{32 // k}"
-    out = [Row(peft, (), lora), Row(peft, ("lean", "chunked"), lora)]
+    # PEFT with every generic option: checkpointing too (nora.accel's, which keeps nothing of a PEFT layer)
+    out = [Row(peft, options, lora) for options in [(), ("lean", "chunked"), ("lean", "chunked", "ckpt")]]
     for name, config in methods.items():
         out += [Row(name, options, nora_method(config)) for options in OPTION_SETS.values()]
     return out
