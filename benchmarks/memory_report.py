@@ -22,6 +22,18 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 GPU_GIB = (24, 48, 80)
 LAYERS_8B = 32
 TARGET_TOKENS = 4096
+METHOD_ORDER = ["peft-lora", "nora-lora-r", "nora-nora", "nora-lora-xs", "nora-svfit", "nora-pissa", "nora-dora"]
+OPTION_ORDER = ["stock", "ckpt", "lean", "lean+chunked", "lean+chunked+ckpt"]
+
+
+def in_order(rows: dict) -> list[tuple[str, dict]]:
+    """Rows by method, then options, whatever order the runs added them in."""
+
+    def key(name: str) -> tuple[int, int]:
+        method, options = name.split(" ")
+        return next(i for i, m in enumerate(METHOD_ORDER) if method.startswith(m)), OPTION_ORDER.index(options)
+
+    return sorted(rows.items(), key=lambda item: key(item[0]))
 
 
 def reference(record: dict, options: str = "stock") -> dict:
@@ -46,7 +58,7 @@ def print_tables(records: list[dict]) -> None:
             "| speed × PEFT stock |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, r in rec["rows"].items():
+        for name, r in in_order(rec["rows"]):
             held = r["held_per_token_per_layer"]
             at_target = step_bytes(r, layers, TARGET_TOKENS)
             vs_generic = f"{held / generic['held_per_token_per_layer']:.3f}" if generic else "–"
@@ -146,7 +158,7 @@ def longest_context(records: list[dict], out: Path) -> dict | None:
     heads = " | ".join(f"{b} {g} GiB" for b in bases for g in GPU_GIB)
     print(f"| row | bytes/token (32 layers) | fixed GiB bf16 / nf4 | {heads} |")
     print("|---|---|---|" + "---|" * len(bases) * len(GPU_GIB))
-    for name, r in rec["rows"].items():
+    for name, r in in_order(rec["rows"]):
         state = r["adapter_frozen_bytes"] + 2 * r["trainable_bytes"] + r["optimizer_bytes"]
         per_layer = state / layers + r["held_fixed_per_layer"]
         rest = r["step_fixed_bytes"] - r["trainable_bytes"] - layers * r["held_fixed_per_layer"]
