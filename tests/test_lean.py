@@ -283,19 +283,21 @@ def test_nora_train_runs_lean_by_default_and_the_switch_gives_the_same_loss_curv
 
     model, data = save_tiny_llm(tmp_path / "base"), tmp_path / "train.json"
     data.write_text(json.dumps(RECORDS[:16]))
-    common = ["train", "--model", model, "--data", data, "--max-steps", "4", "--logging-steps", "1",
-              "--batch-size", "4", "--no-progress", "--no-plot", "--loss-chunk-tokens", "8"]  # fmt: skip
+    common = ["train", "--model", model, "--data", data, "--eval-data", data, "--max-steps", "4",
+              "--logging-steps", "1", "--batch-size", "4", "--no-progress", "--no-plot",
+              "--loss-chunk-tokens", "8"]  # fmt: skip
     curves, summaries = [], []
     for name, extra in (("lean", []), ("stock", ["--no-lean-activations", "--loss-chunk-tokens", "0"])):
         out = tmp_path / name
         result = CliRunner().invoke(app, [str(a) for a in [*common, "--output-dir", out, *extra]])
         assert result.exit_code == 0, result.output
         lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        curves.append(torch.tensor([r["loss"] for r in lines if "loss" in r], dtype=torch.float64))
+        losses = [r["loss"] for r in lines if "loss" in r] + [r["eval_loss"] for r in lines if "eval_loss" in r]
+        curves.append(torch.tensor(losses, dtype=torch.float64))
         summaries.append(json.loads((out / "summary.json").read_text())["accelerations"])
     assert summaries[0]["lean_activations"].startswith("on: LlamaMLP ×2"), summaries[0]
     assert "lean_activations" not in summaries[1]
-    assert len(curves[0]) == 4
+    assert len(curves[0]) >= 5  # four steps and the final evaluation
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-5, atol=1e-5)
 
 
@@ -327,3 +329,42 @@ def test_checkpointing_recomputes_the_base_and_never_an_adapters_input_projectio
     assert kept["step"] == plain["step"] and 0 < kept["recompute"] < kept["forward"]
     assert plain["recompute"] - kept["recompute"] >= projections
     assert not model.model.is_activation_checkpointing  # left as it was
+
+
+def test_a_negative_loss_chunk_is_refused_before_anything_loads():
+    from nora.training import TrainConfig
+
+    with pytest.raises(nora.AdapterError, match="loss_chunk_tokens=-1 must be at least 1, 0"):
+        TrainConfig(model="m", data="d.json", loss_chunk_tokens=-1)
+
+
+def test_the_chunked_loss_keeps_no_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 33, 16, requires_grad=True)
+    head = nn.Linear(16, 4096, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 4096, (2, 33))
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != head.weight.untyped_storage().data_ptr():
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=16)
+    # the hidden states (a copy of the targeted rows) and two index vectors; one chunk's logits alone take 256 KiB
+    assert 0 < sum(kept.values()) <= hidden.numel() * 4 + 2 * labels.numel() * 8
+
+
+def test_lean_activations_under_autocast_give_the_stock_gradients():
+    stock = adapted("llama", "nora", torch.float32)
+    lean = copy.deepcopy(stock)
+    lean_activations(lean)
+    batch = padded_batch()
+    results = []
+    for model in (lean, stock):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert_same(results[0], results[1])

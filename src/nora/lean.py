@@ -36,12 +36,23 @@ FAMILIES = frozenset(
 _STOCK = "_nora_stock"  # + "_<attribute>": the attribute as it was before nora patched it
 
 
+def _autocast_state(t: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _replayed(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
+    """The forward's autocast state, for the recompute in backward (as torch.utils.checkpoint does)."""
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
 class _GatedProduct(torch.autograd.Function):
     """act(gate) * up, keeping gate and up only."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]):
-        ctx.act = act
+        ctx.act, ctx.autocast = act, _autocast_state(gate)
         ctx.save_for_backward(gate, up)
         return act(gate) * up
 
@@ -49,7 +60,7 @@ class _GatedProduct(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
+        with torch.enable_grad(), _replayed(ctx.autocast):
             g = gate.detach().requires_grad_(need_gate)
             activated = ctx.act(g)
         grad_up = grad * activated.detach() if need_up else None
@@ -70,7 +81,7 @@ class _Recomputed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor]):
-        ctx.fn, ctx.weight = fn, weight  # the weight is a parameter, not an activation to keep
+        ctx.fn, ctx.weight, ctx.autocast = fn, weight, _autocast_state(x)  # the weight: a parameter, not kept
         ctx.save_for_backward(x)
         with torch.no_grad():
             return fn(x)
@@ -79,7 +90,7 @@ class _Recomputed(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        with torch.enable_grad():
+        with torch.enable_grad(), _replayed(ctx.autocast):
             xd = x.detach().requires_grad_(need_x)
             out = ctx.fn(xd)
         weight = ctx.weight if need_w else None
