@@ -25,10 +25,17 @@ def _run(memory, out):
     return record
 
 
-def test_quick_rows_invariants_and_exact_repeat(memory, tmp_path):
+@pytest.fixture(scope="module")
+def two_runs(memory, tmp_path_factory):
+    """The same quick benchmark run twice, each into its own folder."""
+    folders = [tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")]
+    return [(_run(memory[0], folder), folder) for folder in folders]
+
+
+def test_quick_rows_invariants_and_exact_repeat(memory, two_runs):
     bench, report = memory
-    first, second = _run(bench, tmp_path / "a"), _run(bench, tmp_path / "b")
-    assert json.loads((tmp_path / "a" / "memory-quick-fp32.json").read_text()) == first
+    (first, folder), (second, _) = two_runs
+    assert json.loads((folder / "memory-quick-fp32.json").read_text()) == first
     expected = {row.name for row in bench.rows(quick=True) if any(o in row.name for o in ROWS)}
     assert set(first["rows"]) | set(first["skipped"]) == expected
     assert all("not importable" in why for why in first["skipped"].values())
@@ -56,9 +63,9 @@ def test_quick_rows_invariants_and_exact_repeat(memory, tmp_path):
     assert {t[0] for t in report.targets(first)} and len(report.targets(first)) == 8
 
 
-def test_longest_context_projection_and_plot(memory, tmp_path):
-    bench, report = memory
-    record = _run(bench, tmp_path)
+def test_longest_context_projection_and_plot(memory, two_runs, tmp_path):
+    _, report = memory
+    record = two_runs[0][0]
     projection = report.longest_context([{**record, "shape": "llama-3-8b", "dtype": "bf16"}], tmp_path)
     assert "bytes(T) = W + 32·F + R + T·(32·a + h)" in projection["formula"]
     assert projection["bases"]["nf4"] < projection["bases"]["bf16"] / 2
