@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from counting import SavedBytes
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -114,21 +115,6 @@ def methods(shape: str) -> dict[str, Callable]:
     return table
 
 
-class SavedBytes:
-    """Bytes autograd keeps for backward, counted once per storage."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-        self.total = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage().data_ptr()
-        if key not in self.seen:
-            self.seen.add(key)
-            self.total += t.untyped_storage().nbytes()
-        return t
-
-
 def accelerate(model, args) -> tuple[torch.nn.Module, dict[str, str]]:
     report: dict[str, str] = {}
     if args.liger:
@@ -169,7 +155,7 @@ def run(name: str, wrap: Callable, args, device: str, dtype: torch.dtype) -> dic
         ids = batches[step % len(batches)]
         start = time.perf_counter()
         counter = SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        with counter.hooks():
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
