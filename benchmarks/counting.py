@@ -15,7 +15,6 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def storage_keys(tensors: Iterable[torch.Tensor]) -> set[int]:
@@ -87,23 +86,3 @@ class LiveBytes(TorchDispatchMode):
 
 def _real(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type != "meta"
-
-
-class _GlobalOnly:
-    """Stands in for FlopCounterMode's module tracker: every FLOP is charged to "Global" alone. The tracker's
-    backward hooks refuse an autograd.grad() run inside a custom Function's backward (lean activations do that)."""
-
-    parents = ("Global",)
-
-    def __enter__(self) -> _GlobalOnly:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        return None
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FlopCounterMode (its registry, its decompositions), counting totals only."""
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalOnly()
-    return counter

@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from counting import LiveBytes, SavedBytes, flop_counter
+from counting import LiveBytes, SavedBytes
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nora
 from nora import accel
+from nora.accel import flop_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {

@@ -316,12 +316,16 @@ def test_checkpointing_with_lean_activations_gives_the_stock_gradients(adapter):
     assert_same(loss_and_grads(both, batch), loss_and_grads(stock, batch))
 
 
-def test_checkpointing_recomputes_the_base_and_never_an_adapters_input_projection():
+@pytest.mark.parametrize("lean", [False, True])
+def test_checkpointing_recomputes_the_base_and_never_an_adapters_input_projection(lean):
     """recompute_flops: nora's checkpointing recomputes less than plain checkpointing by at least the adapters' input
-    projections (x·Vᵣᵀ, kept from the first forward), and less than a whole forward."""
+    projections (x·Vᵣᵀ, kept from the first forward), and less than a whole forward; counted with lean activations
+    too (their backward runs autograd.grad, which FlopCounterMode's module tracker refuses)."""
     torch.manual_seed(0)
     config = LlamaConfig(**{**SMALL, "hidden_size": 64, "intermediate_size": 128})
     model = nora.get_peft_model(AutoModelForCausalLM.from_config(config).double().train(), nora.NoraConfig(r=8))
+    if lean:
+        assert lean_activations(model)
     ids = torch.randint(0, 48, (2, 40))
     inputs = {"input_ids": ids, "labels": ids}
     kept, plain = recompute_flops(model, inputs), recompute_flops(model, inputs, keep_adapter_projections=False)

@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import AdapterLayer
 
@@ -91,11 +92,30 @@ def enable_adapter_checkpointing(model: nn.Module, keep_adapter_projections: boo
         target.enable_input_require_grads()
 
 
-def _step_flops(model: nn.Module, inputs: dict[str, torch.Tensor], backward: bool = True) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP is charged to "Global" alone. The tracker's
+    backward hooks refuse an autograd.grad() run inside a custom Function's backward (lean activations do that)."""
 
+    parents = ("Global",)
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode (its registry, its decompositions), counting totals only, so that it also counts
+    models whose backward runs autograd.grad (nora.lean)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def _step_flops(model: nn.Module, inputs: dict[str, torch.Tensor], backward: bool = True) -> int:
     grads = {p: p.grad for p in model.parameters()}
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss = model(**inputs).loss
         if backward:
             loss.backward()
