@@ -57,11 +57,12 @@ def _collator(tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
-def _trainer(llm_dir, out, **overrides):
+def _trainer(llm_dir, out, lean_activations=True, **overrides):
     data, tokenizer = _dataset(llm_dir)
     evals = {"eval_dataset": data.select(range(8))} if "eval_strategy" in overrides else {}
     return NoraTrainer(model=_model(llm_dir), args=_args(out, **overrides), train_dataset=data,
-                       data_collator=_collator(tokenizer), processing_class=tokenizer, **evals)  # fmt: skip
+                       data_collator=_collator(tokenizer), processing_class=tokenizer,
+                       lean_activations=lean_activations, **evals)  # fmt: skip
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -122,6 +123,20 @@ def test_trainer_with_activation_checkpointing_and_bf16(tmp_path, llm_dir):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)  # the same steps, recomputed
     mixed = _trainer(llm_dir, tmp_path / "bf16", max_steps=3, save_steps=100, bf16=True)
     assert math.isfinite(mixed.train().training_loss)
+
+
+def test_trainer_keeps_lean_activations_by_default_and_trains_as_the_stock_layers_do(tmp_path, llm_dir):
+    lean = _trainer(llm_dir, tmp_path / "lean", max_steps=3, save_steps=100)
+    assert any("MLP" in line for line in lean.lean_activations) and any(
+        "RMSNorm" in line for line in lean.lean_activations
+    )
+    lean.train()
+    stock = _trainer(llm_dir, tmp_path / "stock", max_steps=3, save_steps=100, lean_activations=False)
+    assert stock.lean_activations == []
+    stock.train()
+    for (name, a), (_, b) in zip(stock.model.named_parameters(), lean.model.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)  # the same steps
 
 
 def test_sft_trainer_trains_a_nora_model_to_adapter_only_checkpoints(tmp_path, llm_dir):

@@ -17,6 +17,9 @@ first training step (nora.hf_compat.note_trainer). `NoraTrainerMixin` makes savi
     from nora.hf_trainer import NoraTrainer            # or NoraSFTTrainer, with TRL installed
     trainer = NoraTrainer(model=nora.get_peft_model(base, nora.NoraConfig()), args=TrainingArguments(...), ...)
 
+- the model's recognised layers keep lean activations (nora.lean: exact, less memory), as `nora train` does by
+  default; `lean_activations=False` leaves them stock. `trainer.lean_activations` lists what was changed.
+
 `AdaptedModel.activation_checkpointing_enable` (what `activation_checkpointing=True` calls) checkpoints the base
 model's blocks while keeping the adapters' narrow activations (nora.accel).
 """
@@ -29,6 +32,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from . import lean
 from .io import read_adapter
 from .model import AdaptedModel
 from .state import apply_tensors
@@ -40,9 +44,10 @@ class NoraTrainerMixin:
 
     saves_nora_adapters = True  # nora.hf_compat.note_trainer: no word about whole state dicts
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lean_activations: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._adapted()  # a nora model, or the error now rather than at the first checkpoint
+        model = self._adapted()  # a nora model, or the error now rather than at the first checkpoint
+        self.lean_activations: list[str] = lean.lean_activations(model) if lean_activations else []
 
     def _adapted(self) -> AdaptedModel:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # type: ignore[attr-defined]
