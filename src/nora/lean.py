@@ -145,15 +145,20 @@ def _lean_patch_of(module: nn.Module) -> tuple[str, Callable[..., torch.Tensor],
     return None
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside nora's AdaptedModel, PEFT's PeftModel, DDP (each keeps it one level down)."""
-    seen = 0
-    while not hasattr(model, "config") or not hasattr(model.config, "model_type"):
-        inner = getattr(model, "module", None) or getattr(model, "model", None) or getattr(model, "base_model", None)
-        if inner is None or seen > 4:
-            return model
-        model, seen = inner, seen + 1
-    return model
+def wrapped_levels(model: nn.Module):
+    """`model` and the models it wraps, outermost first: DDP keeps its model as .module, nora's AdaptedModel as
+    .model, PEFT's PeftModel as .base_model (each one level down)."""
+    for _ in range(6):
+        yield model
+        inner = model.__dict__.get("_modules", {})
+        model = inner.get("module") or inner.get("model") or inner.get("base_model")
+        if model is None:
+            return
+
+
+def _hf_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model inside nora's AdaptedModel, PEFT's PeftModel, DDP: the first level with a model_type."""
+    return next((lv for lv in wrapped_levels(model) if hasattr(getattr(lv, "config", None), "model_type")), None)
 
 
 def model_type(model: nn.Module) -> str | None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AdapterError
-from .lean import model_type
+from .lean import model_type, wrapped_levels
 
 DEFAULT_CHUNK_TOKENS = 1024
 _CHUNK_BYTES = 1 << 28  # auto: a chunk's float32 logits take at most 256 MiB
@@ -89,23 +89,13 @@ def set_loss_chunking(model: nn.Module, chunk_tokens: int | None) -> None:
     object.__setattr__(model, _SETTING, chunk_tokens)
 
 
-def _levels(model: nn.Module):
-    """The model and the models it wraps (DDP's .module, nora's and PEFT's .model / .base_model)."""
-    for _ in range(6):
-        yield model
-        inner = model.__dict__.get("_modules", {})
-        model = inner.get("module") or inner.get("model") or inner.get("base_model")
-        if model is None:
-            return
-
-
 def causal_lm_chunked_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], num_items: int | torch.Tensor
 ) -> tuple[torch.Tensor, object] | None:
     """The causal-LM loss of `batch` through `model` with the chunked head (and the model's output, its logits
     empty), or None where the model's own loss is to be used: chunking is off or not set, the family is not one
     whose head nora knows, the model is compiled, or its loss adds a router term."""
-    levels = list(_levels(model))
+    levels = list(wrapped_levels(model))
     setting = next((lv.__dict__[_SETTING] for lv in levels if _SETTING in lv.__dict__), 0)
     hf = next((lv for lv in levels if hasattr(lv, "get_decoder") and hasattr(lv, "lm_head")), None)
     if setting == 0 or hf is None or model_type(hf) not in CHUNKABLE or hasattr(model, "_orig_mod"):
