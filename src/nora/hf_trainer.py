@@ -12,13 +12,12 @@ first training step (nora.hf_compat.note_trainer). `NoraTrainerMixin` makes savi
   adapter being trained (the optimizer, scheduler and RNG states are the Trainer's own, so resume is exact);
 - `train` holds the lock `nora train` holds on its output directory (nora.training.rundir), so a second writer
   into the same `output_dir` (another Trainer, another `nora train`) is refused at once rather than mixing
-  checkpoints. Only the main process locks; the lock goes when `train` returns or its process dies.
+  checkpoints. Only the main process locks; the lock goes when `train` returns or its process dies;
+- the model's recognised layers keep lean activations (nora.lean: exact, less memory), as `nora train` does by
+  default; `lean_activations=False` leaves them stock. `trainer.lean_activations` lists what was changed.
 
     from nora.hf_trainer import NoraTrainer            # or NoraSFTTrainer, with TRL installed
     trainer = NoraTrainer(model=nora.get_peft_model(base, nora.NoraConfig()), args=TrainingArguments(...), ...)
-
-- the model's recognised layers keep lean activations (nora.lean: exact, less memory), as `nora train` does by
-  default; `lean_activations=False` leaves them stock. `trainer.lean_activations` lists what was changed.
 
 `AdaptedModel.activation_checkpointing_enable` (what `activation_checkpointing=True` calls) checkpoints the base
 model's blocks while keeping the adapters' narrow activations (nora.accel).

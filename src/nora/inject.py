@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -147,10 +148,7 @@ def _note_left_out(model: nn.Module, heads: set[str], left_out: list[str]) -> No
         left_out.append(f"{name}.weight ({type(module).__name__})")
     if not left_out:
         return
-    counts: dict[str, int] = {}
-    for path in left_out:
-        key = re.sub(r"\.\d+\.", ".*.", path)
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(re.sub(r"\.\d+\.", ".*.", path) for path in left_out)
     listed = ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items())
     warnings.warn(
         f"target_modules='all-linear' leaves {len(left_out)} weight(s) unadapted that are no nn.Linear/Conv1D layer: "
