@@ -229,7 +229,9 @@ def ref_place(U, S, Vt, placement: str):
 # covers; on a pytest.param for one parametrized case). `pytest --bad-input-matrix` prints the matrix of the tests
 # run: cases and how many ended clean (passed), per command and family; test_bad_input_matrix.py fails while any
 # cell has no case at all.
-BAD_INPUT_COMMANDS = ("train", "eval", "export", "generate", "serve", "convert", "demo", "plot", "hub-cache")
+BAD_INPUT_COMMANDS = (
+    "train", "eval", "export", "generate", "serve", "convert", "demo", "plot", "hub-cache", "federate"
+)  # fmt: skip
 BAD_INPUT_FAMILIES = ("missing", "malformed", "hostile", "too large", "unwritable", "interrupted")
 
 

@@ -28,5 +28,5 @@ def _register(module: str) -> None:
             raise
 
 
-for _module in ("train", "demo", "plot", "convert", "eval", "serve", "generate", "export", "hub_cache"):
+for _module in ("train", "demo", "plot", "convert", "eval", "serve", "generate", "export", "hub_cache", "federate"):
     _register(_module)

@@ -71,9 +71,10 @@ def dirichlet_split(
 
 
 def split_examples(
-    examples: list[dict], n_clients: int, scheme: str, seed: int, alpha: float | None = None
+    examples: list[dict], n_clients: int, scheme: str, seed: int, alpha: float | None = None, min_examples: int = 1
 ) -> list[list[dict]]:
-    """`examples` divided between `n_clients` by `scheme`: "iid", or "dirichlet" (needs `alpha` and labels)."""
+    """`examples` divided between `n_clients` by `scheme`: "iid", or "dirichlet" (needs `alpha` and labels; each
+    client gets at least `min_examples`)."""
     if scheme not in SCHEMES:
         raise SplitError(f"unknown split scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     if scheme == "iid":
@@ -87,7 +88,7 @@ def split_examples(
             raise SplitError("scheme='dirichlet' needs alpha, e.g. 0.1 (strong label skew) to 100 (near iid)")
         if any("label" not in example for example in examples):
             raise SplitError("label-skewed splits need a classification task; use scheme='iid' or one file per client")
-        parts = dirichlet_split([example["label"] for example in examples], n_clients, alpha, seed)
+        parts = dirichlet_split([example["label"] for example in examples], n_clients, alpha, seed, min_examples)
     return [[examples[i] for i in part] for part in parts]
 
 

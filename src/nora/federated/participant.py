@@ -1,0 +1,132 @@
+"""One federated party's model: the base model with the run's adapter, trained by nora's training engine.
+
+A client loads the global adapter's tensors, takes `local_steps` optimizer steps over its own examples and sends
+back its adapter (ClientUpdate); the server holds the global adapter on the same base, aggregates into it and
+evaluates it. Both build the same Participant from the same TrainConfig, so both compute the same frozen basis (the
+SVD is deterministic and sign-canonical) and `base_fingerprint` lets each side check that it is so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from ..lean import lean_activations
+from ..loss import set_loss_chunking
+from ..methods import get_method
+from ..model import get_peft_model
+from ..pretrained import base_reference
+from ..state import adapter_payload, apply_tensors
+from ..training.config import TrainConfig
+from ..training.engine import Engine
+from ..training.trainer import _loading, load_base_model
+from .clients import ClientUpdate
+from .rules import Rule
+
+
+class FederatedError(AdapterError):
+    """A federated run cannot start or go on (its inputs, a client's reply, its output directory)."""
+
+
+def check_federable(config: TrainConfig) -> None:
+    """Refuse, before anything loads, a training setting a federated party cannot use."""
+    adapter = config.adapter_config()
+    if get_method(adapter.method).calibration(adapter) is not None:
+        raise FederatedError(
+            "an activation-aware basis (awsvd=True) is calibrated on each party's own data, so the clients' bases "
+            "would differ and their updates could not be aggregated: leave awsvd off for federated training."
+        )
+    if config.fsdp or config.loftq or config.quantize:
+        raise FederatedError("federated clients train unquantized, unsharded models: leave --fsdp, --loftq and "
+                             "--quantize off.")  # fmt: skip
+
+
+class Participant(Engine):
+    """The base model of `config.model` with adapter "default" as `config` describes it, for labels `labels`, the
+    tensors the aggregation `rule` keeps shared frozen (e.g. LoRA's A under "ffa")."""
+
+    def __init__(
+        self, config: TrainConfig, labels: list[str] | None, rule: Rule, model: nn.Module | None = None, tokenizer=None
+    ) -> None:
+        check_federable(config)
+        self.config, self.task, self.labels, self.rule = config, config.kind, labels, rule
+        self._start_processes()
+        if self.world > 1:
+            raise FederatedError("a federated party trains in one process: launch it without torchrun/accelerate.")
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.tokenizer = tokenizer or _loading(config.model, lambda: self.task.load_processor(config))
+        if model is None:
+            model = _loading(config.model, lambda: self.task.build_model(config, labels))
+        if model is None:
+            model = load_base_model(config, num_labels=self.task.head_width(labels))
+        self.task.label_model(model, labels)
+        self.task.fit_processor(self.tokenizer, model)
+        adapter = config.adapter_config()
+        if adapter.base_model_name_or_path is None and config.model is not None:
+            adapter.base_model_name_or_path = base_reference(config.model, config.gguf_file)
+        self.adapted = get_peft_model(model.to(self.acc.device), adapter)
+        for name, p in self.adapted.named_parameters():
+            if p.requires_grad and name.rsplit(".", 1)[-1] in rule.frozen:
+                p.requires_grad_(False)  # shared by every client, never trained (FFA-LoRA, NoRA frozen-a)
+            elif p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if config.lean_activations:
+            lean_activations(self.adapted)
+        set_loss_chunking(self.adapted, config.loss_chunk_tokens)
+        self.model = self.adapted
+        self.train_examples: list[dict[str, Any]] = []
+        self.eval_examples: list[dict[str, Any]] = []
+        self._order_cache: tuple[int, list[int]] | None = None
+        self.step = self.tokens_seen = 0
+        self.fingerprint = base_fingerprint(adapter_payload(self.adapted, "default")[1]["nora"])
+
+    def encode(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+        """`rows` as examples under this party's label set (a label outside it is an error naming it)."""
+        return self.task.encode(self.config, self.tokenizer, rows, source, self.labels).examples
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (copies)."""
+        return {k: v.detach().clone() for k, v in adapter_payload(self.adapted, "default")[0].items()}
+
+    def load(self, tensors: dict[str, torch.Tensor], where: str = "the global adapter") -> None:
+        """Set the adapter's tensors (every one, checked by name and shape)."""
+        apply_tensors(self.adapted, "default", tensors, where)
+
+    def update(self, name: str) -> ClientUpdate:
+        return ClientUpdate.of_model(self.adapted, "default", name)
+
+    def fit(self, examples: list[dict[str, Any]], steps: int, seed: int) -> dict[str, float]:
+        """`steps` optimizer steps (a fresh optimizer and schedule) over `examples` in the order `seed` draws;
+        returns the mean training loss and the number of examples."""
+        config = self.config
+        self.train_examples = examples
+        self.global_batch = config.batch_size * config.grad_accum
+        self.steps_per_epoch = len(examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise FederatedError(
+                f"a client holds {len(examples)} examples, fewer than one batch of {self.global_batch} (batch size × "
+                "gradient accumulation): lower --batch-size, or give that client more data."
+            )
+        self.order_seed, self._order_cache, self.step, self.tokens_seen = seed, None, 0, 0
+        self._build_optimizer(steps)
+        self.adapted.train()
+        losses = [self.train_step() for _ in range(steps)]
+        return {"train_loss": sum(losses) / len(losses), "num_examples": float(len(examples))}
+
+    def evaluate_on(self, examples: list[dict[str, Any]]) -> dict[str, float]:
+        self.eval_examples = examples
+        return self.evaluate()
+
+
+def base_fingerprint(meta: dict[str, Any]) -> str:
+    """One digest of every adapted layer's base weight, shape and basis (nora's per-layer fingerprints): equal on
+    two parties exactly when their bases, and so their frozen SVD factors, are the same."""
+    layers = meta.get("layers", {})
+    record = {name: [info.get("shape"), info.get("weight"), info.get("fingerprint")] for name, info in layers.items()}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
