@@ -44,6 +44,7 @@ ROWS = [
     Row("centralised NoRA", "nora", "product", central=True),
     Row("LoRA FedAvg", "lora", "fedavg"),
     Row("LoRA FFA", "lora", "ffa"),
+    Row("LoRA FLoRA", "lora", "flora"),
     Row("LoRA-XS", "lora-xs", "mean"),
     Row("SVFit", "svfit", "mean"),
     Row("NoRA product", "nora", "product"),
@@ -229,6 +230,30 @@ def _plot(records: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "rounds.png", dpi=110)
 
 
+def _claim(out: Path, name: str) -> bool:
+    """Whether this process takes run `name`: a claim file holding its pid, unless a live process holds it (so
+    several benchmark processes share one job list; a killed one's claims are taken over)."""
+    import os
+
+    claims = out / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / name
+    if (out / "runs" / f"{name}.json").is_file():
+        return True  # finished: run_one reads it
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False  # a live process runs it
+        except (ProcessLookupError, ValueError):
+            path.unlink(missing_ok=True)
+            return _claim(out, name)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "report"))
@@ -249,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     index, count = (int(x) for x in args.shard.split("/"))
     todo = jobs(args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.splits.split(","), rows)
     for n, (task, row, split, seed) in enumerate(todo):
-        if n % count != index:
+        if n % count != index or not _claim(args.out, key(task, row, split, seed)):
             continue
         budget = QUICK if args.quick else BUDGETS[task]
         started = time.perf_counter()

@@ -18,7 +18,9 @@ import pytest
 import torch
 from conftest import ROOT, char_tokenizer
 from test_bad_input import refused
+from typer.testing import CliRunner
 
+from nora.cli import app
 from nora.federated import FederatedConfig, FederatedError, federate
 from nora.federated.coordinator import train_client
 from nora.io import read_adapter
@@ -289,3 +291,23 @@ def test_an_output_dir_in_use_or_holding_a_run_is_refused_before_training(tiny_c
         holder.close()
     federate(config(tiny_classifier, data, out, rounds=1), "inline")
     refused(federate_args(tiny_classifier, data, out, "--method", "lora-xs"), r"--overwrite")
+
+
+def test_flora_stacks_every_round_into_the_global_model_and_saves_it_as_an_ordinary_lora(tiny_classifier, data,
+                                                                                        tmp_path):  # fmt: skip
+    """FLoRA over rounds: exact every round, the global update's rank (and the download) grows with the rounds, and
+    the saved adapter on the untouched base gives the server's evaluation of the global model."""
+    fc = config(tiny_classifier, data, tmp_path / "run", method="lora", rule="flora", rounds=3)
+    result = federate(fc, "inline")
+    fed = result.history[1:]
+    assert all(h["rule"] == "flora" and h["exact"] and h["aggregation_error"] < 1e-4 for h in fed)
+    assert fed[0]["bytes_down"] < fed[1]["bytes_down"]  # round 1 sends the head only; then the stacked factors
+    _, _, meta = read_adapter(result.adapter_dir)
+    ranks = {info["r"] for info in meta["layers"].values()}
+    assert ranks == {32}  # 3 rounds × 3 clients × r 4 = 36 > min(d, k) = 32: re-factored exactly at 32
+    out = tmp_path / "eval.json"
+    ok = CliRunner().invoke(app, ["eval", str(result.adapter_dir), "--tasks", str(data["dev"]), "-o", str(out),
+                                  "--no-progress"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    (scores,) = json.loads(out.read_text())["results"]["classification"]["tasks"].values()
+    assert scores["n"] == 40 and scores["acc"] == pytest.approx(fed[-1]["eval_acc"])

@@ -76,6 +76,9 @@ class FederatedConfig:
                 raise FederatedError("--dp-noise and --dp-clip must be positive finite numbers.")
             if not 0 < self.dp_delta < 1:
                 raise FederatedError(f"--dp-delta {self.dp_delta} must lie in (0, 1), e.g. 1e-5.")
+        if self.dp_noise is not None and self.rule == "flora":
+            raise FederatedError("central DP clips each client's change to the global tensors, which FLoRA's fresh "
+                                 "per-round factors are not: use --rule ffa or fedavg with --dp-noise.")  # fmt: skip
         if self.train.max_steps is not None or self.train.eval_steps or self.train.save_steps:
             raise FederatedError("a federated run counts --local-steps per round and --rounds, not --max-steps, "
                                  "--eval-steps or --save-steps: leave those out.")  # fmt: skip

@@ -25,9 +25,10 @@ import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import AdapterConfig
-from ..io import read_adapter, write_adapter
+from ..io import SAVE_PREFIX, read_adapter, write_adapter
 from ..tasks.data import split_eval
 from ..training.trainer import _loading
+from . import stacking
 from .aggregate import aggregate
 from .clients import ClientUpdate
 from .config import FILES, FederatedConfig
@@ -134,8 +135,14 @@ def train_client(party: Participant, data: ClientData, client: int, instructions
             f"{instructions['fingerprint'][:12]}… differs from this client's {fingerprint[:12]}… (another base model, "
             "SVD setting or seed): every party must load the same base model with the same settings."
         )
-    state = party.state()
-    missing = sorted(set(sent_keys(state, party.rule)) - set(tensors))
+    if party.rule.name == "flora":  # a fresh LoRA on the global model (its update merged into the base)
+        state = dict(party.fresh)
+        party.set_base_delta(stacking.from_message(tensors))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(stacking.PREFIX)}
+    else:
+        state = party.state()
+    expected = [k for k in sent_keys(state, party.rule) if party.rule.name != "flora" or k.startswith(SAVE_PREFIX)]
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise FederatedError(f"the server sent no {missing[:3]}: its adapter is not the one this client trains.")
     state.update(tensors)
@@ -160,6 +167,7 @@ class Coordinator:
         self.state = party.state()
         self.fingerprint = party.fingerprint + frozen_digest(self.state, rule)
         self.start_round = 1
+        self.carry: stacking.Carry | None = {} if rule.name == "flora" else None
         recorded = work / "federation.json"
         if fc.resume and recorded.is_file():
             self._resume(json.loads(recorded.read_text()))
@@ -179,7 +187,11 @@ class Coordinator:
         self.history = [json.loads(line) for line in lines if line.strip()]
         done = max((h["round"] for h in self.history), default=0)
         if done:
-            _, tensors, _ = read_adapter(self.work / _round_dir(done))
+            config, tensors, meta = read_adapter(self.work / _round_dir(done))
+            if self.carry is not None:
+                self.carry = stacking.from_adapter(tensors, meta, config)
+                self.party.set_base_delta(self.carry)
+                tensors = {**self.party.fresh, **stacking.head_of(tensors)}
             self.party.load(tensors, f"round {done}'s adapter")
             self.state = self.party.state()
         self.start_round = done + 1
@@ -219,7 +231,9 @@ class Coordinator:
                 "seed": round_seed(self.fc.train.seed, rnd, client)}  # fmt: skip
 
     def sent(self) -> dict[str, torch.Tensor]:
-        """The global tensors every sampled client receives."""
+        """The global tensors every sampled client receives (FLoRA: the head and the global update's factors)."""
+        if self.carry is not None:
+            return {**stacking.head_of(self.state), **stacking.to_message(self.carry)}
         return {k: self.state[k] for k in sent_keys(self.state, self.rule)}
 
     def evaluate_initial(self) -> None:
@@ -246,6 +260,12 @@ class Coordinator:
         state = dict(result.state)
         if self.fc.dp_noise is not None:
             _add_noise(state, list(base), self.fc.dp_noise * self.fc.dp_clip / self.fc.per_round)
+        payload = result.payload
+        if self.carry is not None:  # FLoRA: the stacked round joins the global update, merged into the base
+            ranks = {lname: info["r"] for lname, info in payload["nora"]["layers"].items()}
+            self.carry = stacking.extend(self.carry, stacking.round_update(state, ranks, result.config))
+            self.party.set_base_delta(self.carry)
+            state = {**self.party.fresh, **stacking.head_of(state)}
         self.party.load(state, "the aggregated adapter")
         self.state = self.party.state()
         total = sum(weights)
@@ -268,7 +288,7 @@ class Coordinator:
             line["delta"] = self.fc.dp_delta
         line.update(self._evaluate())
         line["server_s"] = time.perf_counter() - started
-        self._save(rnd, result.payload)
+        self._save(rnd, payload)
         self._append(line)
         return line
 
@@ -282,8 +302,13 @@ class Coordinator:
         head = self.party.task.head_record(self.data.labels, self.fc.train)
         if head is not None:
             payload["nora"]["head"] = head
+        tensors = self.state
+        if self.carry is not None:
+            config = self.party.adapted.peft_config["default"]
+            tensors, payload = stacking.as_adapter(self.carry, stacking.head_of(self.state), payload, config,
+                                                   self.party.adapted.layers())  # fmt: skip
         for name in (_round_dir(rnd), "adapter"):
-            write_adapter(self.state, payload, self.work / name)
+            write_adapter(tensors, payload, self.work / name)
 
     def _append(self, line: dict[str, Any]) -> None:
         self.history.append(line)

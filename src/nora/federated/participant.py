@@ -85,6 +85,8 @@ class Participant(Engine):
         self._order_cache: tuple[int, list[int]] | None = None
         self.step = self.tokens_seen = 0
         self.fingerprint = base_fingerprint(adapter_payload(self.adapted, "default")[1]["nora"])
+        self.fresh = self.state()  # the adapter as initialised (FLoRA starts every round from it)
+        self._w0: dict[str, torch.Tensor] = {}
 
     def encode(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
         """`rows` as examples under this party's label set (a label outside it is an error naming it)."""
@@ -97,6 +99,16 @@ class Participant(Engine):
     def load(self, tensors: dict[str, torch.Tensor], where: str = "the global adapter") -> None:
         """Set the adapter's tensors (every one, checked by name and shape)."""
         apply_tensors(self.adapted, "default", tensors, where)
+
+    @torch.no_grad()
+    def set_base_delta(self, delta: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Base weights W0 + B·A on the layers of `delta` (FLoRA: the global update merged into the base); W0 is
+        kept, so each call replaces the previous delta."""
+        layers = self.adapted.layers()
+        for lname, (B, A) in delta.items():
+            W = layers[lname].base_weight()
+            W0 = self._w0.setdefault(lname, W.detach().clone())
+            W.copy_((W0.double() + B.double() @ A.double()).to(W.dtype))
 
     def update(self, name: str) -> ClientUpdate:
         return ClientUpdate.of_model(self.adapted, "default", name)
