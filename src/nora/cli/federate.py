@@ -39,6 +39,9 @@ OWN: tuple[CliOption, ...] = (
     CliOption("overwrite", bool, None, Opt(help="Replace the run in --output-dir once the new one has finished.")),
     CliOption("runtime", str, None, Opt(help="flower (default: Flower's simulation runtime) or inline (one process).")),
     CliOption("workers", int, None, Opt(min=1, help="Clients trained at once under flower (default: CPUs).")),
+    CliOption(
+        "flower_app", str, None, Opt(help="Write a Flower app directory here for `flwr run` instead of running.")
+    ),
 )
 ALL = (*TRAIN_OPTIONS, *OWN)
 
@@ -55,17 +58,24 @@ def federated_config(options: dict[str, Any]):
     if own.get("client_data") and "split" not in own:
         own["split"] = FILES
     fields = {"output_dir": own.pop("fed_output_dir", None), "alpha": own.pop("dirichlet_alpha", None)}
-    fields.update({k: v for k, v in own.items() if k not in ("runtime", "workers")})
+    fields.update({k: v for k, v in own.items() if k not in ("runtime", "workers", "flower_app")})
     return FederatedConfig(train=train, **{k: v for k, v in fields.items() if v is not None})
 
 
 def federate_command(**options: Any) -> None:
     """Federated fine-tuning: every client trains the adapter on its own data, the server aggregates it each round
     (exactly, where the method's frozen shared basis allows) and saves the global adapter after every round."""
-    from ..federated.run import federate
+    from ..federated.run import federate, write_flower_app
 
     try:
         fc = federated_config(options)
+        if options.get("flower_app"):
+            where = write_flower_app(fc, options["flower_app"])
+            typer.echo(
+                f"wrote the Flower app {where}: run it with `flwr run {where}` (Flower's local simulation), or "
+                "deploy it on a SuperLink with one SuperNode per client (--node-config 'partition-id=I')."
+            )
+            return
         result = federate(fc, runtime=options.get("runtime") or "flower", workers=options.get("workers"))
     except (AdapterError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -72,3 +72,52 @@ def _simulate(fc: FederatedConfig, work: Path, workers: int | None) -> list[dict
     if "history" not in out:
         raise FederatedError("the Flower simulation ended before the server finished; its log above says why.")
     return out["history"]
+
+
+FLOWER_APP = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "nora-federated-app"
+version = "0.1.0"
+description = "nora federated fine-tuning as a Flower app (written by nora federate --flower-app)"
+license = "Apache-2.0"
+dependencies = ["nora-peft[federated]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "nora"
+
+[tool.flwr.app.components]
+serverapp = "nora.federated.flower:server_app"
+clientapp = "nora.federated.flower:client_app"
+
+[tool.flwr.app.config]
+nora-config = "{config}"
+
+[tool.flwr.federations]
+default = "local-simulation"
+
+[tool.flwr.federations.local-simulation]
+options.num-supernodes = {clients}
+"""
+
+
+def write_flower_app(fc: FederatedConfig, directory: str | os.PathLike) -> Path:
+    """A Flower app directory running `fc` with Flower's own commands (`flwr run DIR`, or a SuperLink and one
+    SuperNode per client started with --node-config "partition-id=I"): pyproject.toml and federation.json."""
+    import json
+
+    from ..atomic import atomic_write_bytes, atomic_write_json
+
+    fc.check()
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "federation.json"
+    atomic_write_json(fc.to_dict(), config)
+    text = FLOWER_APP.format(config=json.dumps(str(config))[1:-1], clients=fc.clients)
+    atomic_write_bytes(text.encode(), directory / "pyproject.toml")
+    return directory
