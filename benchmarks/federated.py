@@ -50,7 +50,7 @@ ROWS = [
     Row("NoRA product", "nora", "product"),
     Row("NoRA frozen-A", "nora", "frozen-a"),
 ]
-SPLITS = {"iid": ("iid", None), "dir1.0": ("dirichlet", 1.0), "dir0.1": ("dirichlet", 0.1)}
+SPLITS = {"iid": ("iid", None), "dir1.0": ("dirichlet-equal", 1.0), "dir0.1": ("dirichlet-equal", 0.1)}
 
 
 @dataclass(frozen=True)

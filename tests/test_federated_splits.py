@@ -14,6 +14,7 @@ from nora.federated.splits import (
     SplitError,
     check_clients,
     dirichlet_split,
+    equal_dirichlet_split,
     iid_split,
     label_histogram,
     split_examples,
@@ -148,3 +149,26 @@ def test_label_histogram():
     assert label_histogram([[{"label": 0}, {"label": 2}, {"label": 2}], [{"label": 1}]], 3) == [[1, 0, 2], [0, 1, 0]]
     with pytest.raises(SplitError, match="not a class id"):
         label_histogram([[{"label": 3}]], 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 3), min_size=10, max_size=200),
+    n_clients=st.integers(1, 10),
+    alpha=st.floats(0.05, 100.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_equal_dirichlet_is_a_deterministic_partition_with_equal_sizes(labels, n_clients, alpha, seed):
+    parts = equal_dirichlet_split(labels, n_clients, alpha, seed)
+    assert sorted(i for part in parts for i in part) == list(range(len(labels)))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert equal_dirichlet_split(labels, n_clients, alpha, seed) == parts
+
+
+def test_equal_dirichlet_skew_follows_alpha_and_the_scheme_is_offered():
+    labels = [i % 2 for i in range(4000)]
+    skewed = np.mean([max_share(equal_dirichlet_split(labels, 10, 0.1, seed), labels) for seed in range(5)])
+    balanced = np.mean([max_share(equal_dirichlet_split(labels, 10, 100.0, seed), labels) for seed in range(5)])
+    assert skewed > 0.85 and balanced < 0.6
+    parts = split_examples([{"label": y} for y in labels], 10, "dirichlet-equal", 0, alpha=0.1)
+    assert [len(p) for p in parts] == [400] * 10  # Hsu's split would leave some of these clients nearly empty

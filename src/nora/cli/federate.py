@@ -19,7 +19,12 @@ _NOT_HERE = {"output_dir", "epochs", "max_steps", "eval_steps", "save_steps", "s
 TRAIN_OPTIONS = tuple(o for o in OPTIONS if o.name not in _NOT_HERE)
 OWN: tuple[CliOption, ...] = (
     CliOption("clients", int, None, Opt(help="Number of clients --data is split between (default 10).")),
-    CliOption("split", str, None, Opt(help="iid (default), dirichlet (label skew: --dirichlet-alpha) or files.")),
+    CliOption(
+        "split",
+        str,
+        None,
+        Opt(help="iid (default), dirichlet or dirichlet-equal (label skew; -equal: same sizes) or files."),
+    ),
     CliOption("dirichlet_alpha", float, None, Opt(help="Dirichlet concentration of --split dirichlet (0.1: skewed).")),
     CliOption("client_data", list[str], None, Opt(help="One data file per client (repeat; implies --split files).")),
     CliOption("rounds", int, None, Opt(help="Federated rounds (default 5).")),

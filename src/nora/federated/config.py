@@ -19,7 +19,8 @@ FILES = "files"  # one data file per client
 
 @dataclass
 class FederatedConfig:
-    """`train.data` is split into `clients` by `split` ("iid", "dirichlet" with `alpha`), or with split="files"
+    """`train.data` is split into `clients` by `split` ("iid"; "dirichlet" or "dirichlet-equal", the label skew with
+    equal client sizes, with `alpha`), or with split="files"
     each of `client_data` is one client's data. Each round samples `clients_per_round` clients (None: all), each
     takes `local_steps` optimizer steps from the global adapter, and the server aggregates by `rule`. With
     `dp_noise` and `dp_clip`, every client's update is clipped to L2 norm `dp_clip` and Gaussian noise of
@@ -54,9 +55,10 @@ class FederatedConfig:
             self.clients = len(self.client_data)
         elif self.client_data:
             raise FederatedError("--client-data gives each client its own file: use it with --split files only.")
-        if self.split == "dirichlet" and self.alpha is None:
-            raise FederatedError("--split dirichlet needs --dirichlet-alpha: 0.1 (label-skewed) to 100 (near IID).")
-        if self.alpha is not None and (self.split != "dirichlet" or not (math.isfinite(self.alpha) and self.alpha > 0)):
+        skewed = self.split.startswith("dirichlet")
+        if skewed and self.alpha is None:
+            raise FederatedError(f"--split {self.split} needs --dirichlet-alpha: 0.1 (label-skewed) to 100 (near IID).")
+        if self.alpha is not None and (not skewed or not (math.isfinite(self.alpha) and self.alpha > 0)):
             raise FederatedError("--dirichlet-alpha (Dirichlet concentration) is positive, for --split dirichlet.")
         _positive("--rounds", self.rounds, "a federated run needs at least one round")
         _positive("--clients", self.clients, "a federated run needs at least one client")

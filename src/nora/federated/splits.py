@@ -1,6 +1,7 @@
-"""How a federated run's training data is divided between its clients: a seeded IID shuffle, or the label-skewed
-Dirichlet split (Hsu et al. 2019), on encoded examples (dicts; classification ones carry an int "label"), and the
-checks every client's data passes before any training."""
+"""How a federated run's training data is divided between its clients: a seeded IID shuffle, the label-skewed
+Dirichlet split (Hsu et al. 2019: each class's examples shared out by Dir(α) proportions, so client sizes vary too),
+or its equal-size form (each client's label mix drawn from Dir(α), every client the same size), on encoded examples
+(dicts; classification ones carry an int "label"), and the checks every client's data passes before any training."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-SCHEMES = ("iid", "dirichlet")
+SCHEMES = ("iid", "dirichlet", "dirichlet-equal")
 MAX_DRAWS = 100
 FEWER = "use fewer clients, or more data"
 
@@ -70,11 +71,36 @@ def dirichlet_split(
     )
 
 
+def equal_dirichlet_split(labels: Sequence[int], n_clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Label skew without quantity skew: client i's label mix q_i ~ Dir(alpha·1_C); its n/N examples (sizes within
+    1) are drawn one by one from the classes by q_i, renormalised over the classes not yet used up. A partition."""
+    n_clients, alpha, rng = _int("n_clients", n_clients, 1), _alpha(alpha), np.random.default_rng(_int("seed", seed, 0))
+    if any(isinstance(y, bool) or not isinstance(y, Integral) for y in labels):
+        raise SplitError("labels must be int class ids: a label-skewed split needs a classification task")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) < n_clients:
+        raise SplitError(f"{len(labels)} examples cannot give each of {n_clients} clients one: {FEWER}")
+    classes = np.unique(labels)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    mixes = rng.dirichlet(np.full(len(classes), alpha), size=n_clients)
+    sizes = [len(part) for part in np.array_split(np.arange(len(labels)), n_clients)]
+    parts: list[list[int]] = []
+    for mix, size in zip(mixes, sizes, strict=True):
+        part = []
+        for _ in range(size):
+            left = np.array([len(pool) > 0 for pool in pools], dtype=float) * mix
+            if left.sum() == 0:  # this client's classes are used up: the classes left, in their remaining shares
+                left = np.array([len(pool) for pool in pools], dtype=float)
+            part.append(int(pools[rng.choice(len(pools), p=left / left.sum())].pop()))
+        parts.append(sorted(part))
+    return parts
+
+
 def split_examples(
     examples: list[dict], n_clients: int, scheme: str, seed: int, alpha: float | None = None, min_examples: int = 1
 ) -> list[list[dict]]:
-    """`examples` divided between `n_clients` by `scheme`: "iid", or "dirichlet" (needs `alpha` and labels; each
-    client gets at least `min_examples`)."""
+    """`examples` divided between `n_clients` by `scheme`: "iid"; "dirichlet" (needs `alpha` and labels; each client
+    gets at least `min_examples`) or "dirichlet-equal" (the same label skew, equal client sizes)."""
     if scheme not in SCHEMES:
         raise SplitError(f"unknown split scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     if scheme == "iid":
@@ -88,7 +114,11 @@ def split_examples(
             raise SplitError("scheme='dirichlet' needs alpha, e.g. 0.1 (strong label skew) to 100 (near iid)")
         if any("label" not in example for example in examples):
             raise SplitError("label-skewed splits need a classification task; use scheme='iid' or one file per client")
-        parts = dirichlet_split([example["label"] for example in examples], n_clients, alpha, seed, min_examples)
+        labels = [example["label"] for example in examples]
+        if scheme == "dirichlet":
+            parts = dirichlet_split(labels, n_clients, alpha, seed, min_examples)
+        else:
+            parts = equal_dirichlet_split(labels, n_clients, alpha, seed)
     return [[examples[i] for i in part] for part in parts]
 
 
