@@ -105,7 +105,8 @@ class NoraStrategy(Strategy):
         by_node = {node: client for client, node in self.nodes.items()}
         answers, failures = [], {}
         for msg in replies:
-            name = self.coordinator.data.names[by_node.get(msg.metadata.src_node_id, 0)]
+            client = by_node.get(msg.metadata.src_node_id)
+            name = f"node {msg.metadata.src_node_id}" if client is None else self.coordinator.data.names[client]
             if msg.has_error():
                 failures[name] = msg.error.reason[-2000:]
                 print(f"round {rnd}: {name} failed and is left out: {failures[name]}", file=sys.stderr)
