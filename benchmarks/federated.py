@@ -157,8 +157,9 @@ def report(out: Path) -> dict[str, Any]:
         metric = BUDGETS[task].metric.removeprefix("eval_")
         head = " | ".join(SPLITS)
         lines += [f"#### {task} — final {metric} after {BUDGETS[task].rounds} rounds, mean ± std (seeds)", "",
-                  f"| row | rule | exact | {head} | values sent per client per round | aggregation error (mean) |",
-                  "|---|---|---|" + "---|" * len(SPLITS) + "---|---|"]  # fmt: skip
+                  f"| row | rule | exact | {head} | values up per client per round | values down per client, last "
+                  "round | aggregation error (mean) |",
+                  "|---|---|---|" + "---|" * len(SPLITS) + "---|---|---|"]  # fmt: skip
         for row in ROWS:
             runs = [r for r in mine if r["row"] == row.name]
             if not runs:
@@ -169,11 +170,12 @@ def report(out: Path) -> dict[str, Any]:
                 cells.append(_mean_std([_final(r) for r in chosen]))
             fed = runs[0]["history"][1:]
             per_client = fed[0]["bytes_up"] // max(1, len(fed[0]["clients"])) // 4
+            down = fed[-1]["bytes_down"] // max(1, len(fed[-1]["clients"])) // 4
             errors = [h["aggregation_error"] for r in runs for h in r["history"][1:]]
             exact = "—" if row.central else ("yes" if all(h["exact"] for h in fed) else "no")
             error = "—" if row.central else f"{statistics.mean(errors):.2e}"
             lines.append(f"| {row.name} | {row.rule} | {exact} | " + " | ".join(cells) +
-                         f" | {per_client:,} | {error} |")  # fmt: skip
+                         f" | {per_client:,} | {down:,} | {error} |")  # fmt: skip
             summary["tables"].setdefault(task, {})[row.name] = {s: c for s, c in zip(SPLITS, cells, strict=True)}
         lines += ["", *_gaps(mine, task, summary), ""]
     text = "\n".join(lines)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..pretrained import require_package
 from ..training.rundir import RunDir
 from .config import FederatedConfig
 from .coordinator import train_client
@@ -32,6 +33,9 @@ def federate(fc: FederatedConfig, runtime: str = "flower", workers: int | None =
     if runtime not in RUNTIMES:
         raise FederatedError(f"unknown runtime {runtime!r}: use one of {RUNTIMES}.")
     fc.check()
+    require_package("flwr", "federated", "federated training (Flower)")
+    if fc.dp_noise is not None:
+        require_package("dp_accounting", "federated", "the privacy accounting of --dp-noise")
     output = RunDir(fc.output_dir)
     try:
         output.claim(fc.overwrite, fc.resume)
@@ -83,7 +87,7 @@ name = "nora-federated-app"
 version = "0.1.0"
 description = "nora federated fine-tuning as a Flower app (written by nora federate --flower-app)"
 license = "Apache-2.0"
-dependencies = ["nora-peft[federated]"]
+dependencies = []  # nora with its federated extra, installed where the app runs
 
 [tool.hatch.build.targets.wheel]
 packages = ["."]
