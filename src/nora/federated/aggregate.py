@@ -91,10 +91,12 @@ def update_bytes(tensors: dict[str, torch.Tensor], rule: Rule | str, method: str
         if method is None:
             raise AdapterError("update_bytes: give method= with a rule named by a string.")
         rule = resolve_rule(method, rule)
-    return sum(t.numel() * t.element_size() for key, t in tensors.items() if _sent(key, rule))
+    return sum(t.numel() * t.element_size() for key, t in tensors.items() if is_sent(key, rule))
 
 
-def _sent(key: str, rule: Rule) -> bool:
+def is_sent(key: str, rule: Rule) -> bool:
+    """Whether a client sends tensor `key` under `rule` (and the server sends it back): all but the factors the
+    rule keeps frozen and shared, and the AwSVD scales."""
     if key.startswith(SAVE_PREFIX):
         return True
     pname = key.rsplit(".", 1)[-1]

@@ -29,7 +29,7 @@ from ..io import SAVE_PREFIX, read_adapter, write_adapter
 from ..tasks.data import split_eval
 from ..training.trainer import _loading
 from . import stacking
-from .aggregate import aggregate
+from .aggregate import aggregate, is_sent
 from .clients import ClientUpdate
 from .config import FILES, FederatedConfig
 from .participant import FederatedError, Participant
@@ -80,6 +80,7 @@ def _client_data(fc: FederatedConfig, tokenizer: Any) -> ClientData:
         names = [f"client-{i} ({Path(source).name})" for i, source in enumerate(sources)]
     else:
         sources, rows, names = [str(train.data)], [task.read_rows(train, str(train.data), True)], []
+    batch = train.batch_size * train.grad_accum  # every client must fill at least one batch
     labels = train.labels
     if task.has_label_set and labels is None:  # the label set of all the data, so every party's head agrees
         labels = task.encode(train, tokenizer, [r for part in rows for r in part], ", ".join(sources), None).labels
@@ -88,14 +89,12 @@ def _client_data(fc: FederatedConfig, tokenizer: Any) -> ClientData:
     eval_examples: list[dict[str, Any]] = []
     if fc.split != FILES:
         pooled, eval_examples = split_eval(encoded[0], train.eval_fraction, train.seed)
-        batch = train.batch_size * train.grad_accum  # every client fills at least one batch
         encoded = split_examples(pooled, fc.clients, fc.split, train.seed, fc.alpha, batch)
         names = [f"client-{i}" for i in range(fc.clients)]
     if train.eval_data:
         eval_rows = task.read_rows(train, train.eval_data, False)
         eval_examples = task.encode(train, tokenizer, eval_rows, train.eval_data, labels).examples
     check_clients(encoded, names, labels, allow_unique_labels=fc.split != FILES)
-    batch = train.batch_size * train.grad_accum
     for name, examples in zip(names, encoded, strict=True):
         if len(examples) < batch:
             raise FederatedError(
@@ -111,24 +110,15 @@ def round_seed(seed: int, rnd: int, client: int = -1) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def frozen_digest(state: dict[str, torch.Tensor], rule: Rule) -> str:
-    """Digest of the tensors the rule keeps frozen and shared: every client must hold the same ones."""
-    h = hashlib.sha256()
-    for key in sorted(k for k in state if k.rsplit(".", 1)[-1] in rule.frozen):
-        h.update(key.encode())
-        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def sent_keys(state: dict[str, torch.Tensor], rule: Rule) -> list[str]:
-    """The tensors that travel each round (both ways): all but the rule's frozen ones and AwSVD scales."""
-    return sorted(k for k in state if k.rsplit(".", 1)[-1] not in (*rule.frozen, "awsvd_scale"))
+    """The tensors that travel each round (both ways)."""
+    return sorted(k for k in state if is_sent(k, rule))
 
 
 def train_client(party: Participant, data: ClientData, client: int, instructions: dict[str, Any],
                  tensors: dict[str, torch.Tensor]) -> Reply:  # fmt: skip
     """One client's round: check the server's basis, start from the global adapter, train, answer."""
-    fingerprint = party.fingerprint + frozen_digest(party.state(), party.rule)
+    fingerprint = party.fingerprint
     if instructions["fingerprint"] != fingerprint:
         raise FederatedError(
             f"{data.names[client]} refuses round {instructions['round']}: the server's base model fingerprint "
@@ -165,7 +155,7 @@ class Coordinator:
         self.log_path = work / "rounds.jsonl"
         self.history: list[dict[str, Any]] = []
         self.state = party.state()
-        self.fingerprint = party.fingerprint + frozen_digest(self.state, rule)
+        self.fingerprint = party.fingerprint
         self.start_round = 1
         self.carry: stacking.Carry | None = {} if rule.name == "flora" else None
         recorded = work / "federation.json"

@@ -49,11 +49,7 @@ def make_client_app(fc: FederatedConfig | None = None) -> ClientApp:
 
     def party(context: Context) -> tuple[Participant, ClientData]:
         if "party" not in cache:
-            config = _config(fc, context)
-            rule = config.check()
-            tokenizer = load_tokenizer(config)
-            data = client_data(config, tokenizer)
-            cache["party"] = (Participant(config.train, data.labels, rule, tokenizer=tokenizer), data)
+            cache["party"] = build_party(_config(fc, context))
         return cache["party"]
 
     @app.query()
@@ -178,12 +174,17 @@ def make_server_app(fc: FederatedConfig | None = None, work: Path | None = None,
     return app
 
 
-def build_coordinator(config: FederatedConfig, work: Path) -> Coordinator:
+def build_party(config: FederatedConfig) -> tuple[Participant, ClientData]:
+    """One party's model and every client's data, as each process (server or client) builds them."""
     rule = config.check()
     tokenizer = load_tokenizer(config)
     data = client_data(config, tokenizer)
-    party = Participant(config.train, data.labels, rule, tokenizer=tokenizer)
-    return Coordinator(config, rule, party, data, work)
+    return Participant(config.train, data.labels, rule, tokenizer=tokenizer), data
+
+
+def build_coordinator(config: FederatedConfig, work: Path) -> Coordinator:
+    party, data = build_party(config)
+    return Coordinator(config, party.rule, party, data, work)
 
 
 client_app = make_client_app()

@@ -84,13 +84,11 @@ class Participant(Engine):
         self.eval_examples: list[dict[str, Any]] = []
         self._order_cache: tuple[int, list[int]] | None = None
         self.step = self.tokens_seen = 0
-        self.fingerprint = base_fingerprint(adapter_payload(self.adapted, "default")[1]["nora"])
         self.fresh = self.state()  # the adapter as initialised (FLoRA starts every round from it)
+        # what every party must share: the base and its bases, and the factors the rule freezes (never trained)
+        meta = adapter_payload(self.adapted, "default")[1]["nora"]
+        self.fingerprint = base_fingerprint(meta) + frozen_digest(self.fresh, rule)
         self._w0: dict[str, torch.Tensor] = {}
-
-    def encode(self, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-        """`rows` as examples under this party's label set (a label outside it is an error naming it)."""
-        return self.task.encode(self.config, self.tokenizer, rows, source, self.labels).examples
 
     def state(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors (copies)."""
@@ -134,6 +132,15 @@ class Participant(Engine):
     def evaluate_on(self, examples: list[dict[str, Any]]) -> dict[str, float]:
         self.eval_examples = examples
         return self.evaluate()
+
+
+def frozen_digest(state: dict[str, torch.Tensor], rule: Rule) -> str:
+    """Digest of the tensors the rule keeps frozen and shared: every client must hold the same ones."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if k.rsplit(".", 1)[-1] in rule.frozen):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def base_fingerprint(meta: dict[str, Any]) -> str:
