@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,10 +188,33 @@ def test_central_dp_clips_adds_noise_and_reports_epsilon(tiny_classifier, data, 
     dp = federate(config(tiny_classifier, data, tmp_path / "dp", rounds=2, dp_noise=1.0, dp_clip=0.5), "inline")
     eps = [h["epsilon"] for h in dp.history[1:]]
     assert 0 < eps[0] < eps[1] and all(h["delta"] == 1e-5 for h in dp.history[1:])
-    assert "epsilon" not in plain.history[1]
+    assert "epsilon" not in plain.history[1] and "dp_noise_dw" not in plain.history[1]
+    assert all(h["update_norm"] > 0 for h in plain.history[1:])
+    # the noise measured where it acts: ΔW, beside the round's clean step (LoRA-XS: ΔW is linear in the noise)
+    assert all(h["dp_noise_dw"] > 0 and h["update_dw"] > 0 for h in dp.history[1:])
     _, a, _ = read_adapter(plain.adapter_dir)
     _, b, _ = read_adapter(dp.adapter_dir)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dp_noise_comes_from_the_servers_secret_not_the_public_seed_and_resumes_exactly(tiny_classifier, data,
+                                                                                        tmp_path):  # fmt: skip
+    dp = {"dp_noise": 1.0, "dp_clip": 0.5}
+    out = tmp_path / "run"
+    federate(config(tiny_classifier, data, out, rounds=1, **dp), "inline")
+    secret = out / "dp-noise.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    resumed = federate(config(tiny_classifier, data, out, rounds=2, resume=True, **dp), "inline")
+    again = federate(config(tiny_classifier, data, copy, rounds=2, resume=True, **dp), "inline")
+    assert numbers(resumed.history) == numbers(again.history)  # round 2's noise: a function of the kept secret
+    # another run of the same settings and seed draws another secret, so other noise
+    other = federate(config(tiny_classifier, data, tmp_path / "other", rounds=1, **dp), "inline")
+    assert other.history[1]["dp_noise_dw"] != resumed.history[1]["dp_noise_dw"]
+    secret.unlink()
+    with pytest.raises(FederatedError, match=r"dp-noise.secret is missing"):
+        federate(config(tiny_classifier, data, out, rounds=3, resume=True, **dp), "inline")
 
 
 def test_clients_sampled_per_round_are_a_function_of_seed_and_round(tiny_classifier, data, tmp_path):

@@ -35,7 +35,7 @@ def plain_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask()
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic(path: Path, write: Callable[[Path], None], mode: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,7 +44,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, plain_mode())
+        os.chmod(tmp, plain_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,8 +68,9 @@ def atomic_save_safetensors(
     _atomic(Path(path), write)
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(data: bytes, path: str | os.PathLike, mode: int | None = None) -> None:
+    """`data` into `path` atomically, with the mode a new file gets (or `mode`, e.g. 0o600 for a secret)."""
+    _atomic(Path(path), lambda tmp: tmp.write_bytes(data), mode)
 
 
 def atomic_write_json(obj: object, path: str | os.PathLike) -> None:

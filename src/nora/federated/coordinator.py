@@ -5,6 +5,9 @@
 
 Everything a round does is a function of the global adapter, the run's seed and the round number (the clients it
 samples, each client's data order and dropout), so a run resumed after a kill takes exactly the rounds it would have.
+The one exception is DP noise: drawn from a secret the server keeps in the run directory (dp-noise.secret, mode
+0600), never from the run's seed, which every party knows; so a resumed run adds the same noise and no client can
+subtract it.
 The run directory holds federation.json (the settings), rounds.jsonl (one line per round), round-NNNN/ (the global
 adapter after each round, an ordinary nora adapter) and adapter/ (the latest).
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +40,8 @@ from .config import FILES, FederatedConfig
 from .participant import FederatedError, Participant
 from .rules import Rule
 from .splits import SplitError, check_clients, split_examples
+
+NOISE_SECRET = "dp-noise.secret"  # the server's secret seed of the DP noise, in the run directory
 
 
 @dataclass
@@ -164,6 +171,7 @@ class Coordinator:
         else:
             atomic_write_json({**fc.to_dict(), "labels": data.labels, "client_names": data.names}, recorded)
         self.accountant = self._accountant()
+        self.noise_secret = self._noise_secret()
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     def _resume(self, recorded: dict[str, Any]) -> None:
@@ -203,6 +211,21 @@ class Coordinator:
             accountant.compose(self._privacy_event(), count=done)
         return accountant
 
+    def _noise_secret(self) -> int | None:
+        if self.fc.dp_noise is None:
+            return None
+        path = self.work / NOISE_SECRET
+        if self.start_round > 1:
+            if not path.is_file():
+                raise FederatedError(
+                    f"{path} is missing: this DP run's noise cannot be continued as it began. Start the run again "
+                    "without --resume (or in another --output-dir)."
+                )
+            return int(path.read_text())
+        secret = secrets.randbits(128)
+        atomic_write_bytes(str(secret).encode(), path, mode=0o600)
+        return secret
+
     def _privacy_event(self):
         from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
@@ -238,6 +261,7 @@ class Coordinator:
                                  f"resumable from round {rnd - 1}.")  # fmt: skip
         replies = sorted(replies, key=lambda r: r.client)
         base = self.sent()
+        norms = [_update_norm(r.tensors, base) for r in replies] if self.carry is None else []  # FLoRA: fresh factors
         if self.fc.dp_clip is not None:
             for reply in replies:
                 _clip(reply.tensors, base, self.fc.dp_clip)
@@ -246,10 +270,17 @@ class Coordinator:
                                 {**frozen, **r.tensors}, r.meta) for r in replies]  # fmt: skip
         weights = [1.0] * len(replies) if self.fc.dp_noise else [float(r.num_examples) for r in replies]
         self.party.load(self.state, "the global adapter")
+        before = self._weights_delta() if self.fc.dp_noise is not None else None
         result = aggregate(self.party.adapted, updates, weights, self.rule.name)
         state = dict(result.state)
+        noise: dict[str, float] = {}
         if self.fc.dp_noise is not None:
-            _add_noise(state, list(base), self.fc.dp_noise * self.fc.dp_clip / self.fc.per_round)
+            self.party.load(state, "the aggregated adapter")
+            clean = self._weights_delta()
+            rng = np.random.default_rng([self.noise_secret, rnd])
+            _add_noise(state, list(base), self.fc.dp_noise * self.fc.dp_clip / self.fc.per_round, rng)
+            self.party.load(state, "the noised adapter")
+            noise = {"dp_noise_dw": _distance(self._weights_delta(), clean), "update_dw": _distance(clean, before)}
         payload = result.payload
         if self.carry is not None:  # FLoRA: the stacked round joins the global update, merged into the base
             ranks = {lname: info["r"] for lname, info in payload["nora"]["layers"].items()}
@@ -269,6 +300,8 @@ class Coordinator:
             "bytes_up": sum(result.bytes.values()),
             "bytes_down": len(replies) * sum(t.numel() * t.element_size() for t in base.values()),
             "train_loss": sum(w * r.train_loss for w, r in zip(weights, replies, strict=True)) / total,
+            **({"update_norm": statistics.median(norms)} if norms else {}),
+            **noise,
         }
         if failures:
             line["failed"] = failures
@@ -281,6 +314,14 @@ class Coordinator:
         self._save(rnd, payload)
         self._append(line)
         return line
+
+    def _weights_delta(self) -> dict[str, torch.Tensor]:
+        """Each adapted layer's W − W0 under the adapter the server holds now (float64)."""
+        out = {}
+        for lname, layer in self.party.adapted.layers().items():
+            W = layer.base_weight().double()
+            out[lname] = layer.merged_weight(layer.core("default"), W)[0] - W
+        return out
 
     def _evaluate(self) -> dict[str, float]:
         if not self.data.eval_examples:
@@ -323,11 +364,19 @@ def _clip(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor], norm:
         tensors[k] = torch.from_numpy(a).to(tensors[k].dtype)
 
 
-def _add_noise(state: dict[str, torch.Tensor], keys: list[str], std: float) -> None:
-    """Flower's Gaussian noise of standard deviation `std` on the aggregated tensors `keys`, in place."""
-    from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
+def _add_noise(state: dict[str, torch.Tensor], keys: list[str], std: float, rng: np.random.Generator) -> None:
+    """Gaussian noise of standard deviation `std` on the aggregated tensors `keys`, in place. (Flower's
+    add_gaussian_noise_inplace draws from NumPy's global generator, which training seeds with the public run seed.)"""
+    for k in sorted(keys):
+        noise = torch.from_numpy(rng.normal(0.0, std, tuple(state[k].shape)))
+        state[k] = (state[k].double() + noise).to(state[k].dtype)
 
-    arrays = [state[k].double().numpy().copy() for k in keys]
-    add_gaussian_noise_inplace(arrays, std)
-    for k, a in zip(keys, arrays, strict=True):
-        state[k] = torch.from_numpy(a).to(state[k].dtype)
+
+def _update_norm(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of a client's update (what it sent − what it received), before any clipping."""
+    return math.sqrt(sum(float((tensors[k].double() - base[k].double()).square().sum()) for k in base))
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """‖a − b‖_F over every layer."""
+    return math.sqrt(sum(float(torch.linalg.matrix_norm(a[k] - b[k]) ** 2) for k in a))
