@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,21 @@ SPLITS = {"iid": ("iid", None), "dir1.0": ("dirichlet-equal", 1.0), "dir0.1": ("
 
 
 @dataclass(frozen=True)
+class Privacy:
+    """Central DP for the `--dp` grid: every row's clip is the median client update norm of its own first round
+    without DP (clipping at the median, Andrew et al.'s target), so the noise multiplier means the same for every
+    row: noise of std noise × clip / clients on each value sent."""
+
+    noise: float = 0.01
+    task: str = "SST-2"
+    split: str = "iid"
+
+
+DP = Privacy()
+DP_ROWS = [r for r in ROWS if not r.central and r.rule != "flora"]  # FLoRA's fresh factors take no DP
+
+
+@dataclass(frozen=True)
 class Budget:
     max_examples: int | None
     max_length: int
@@ -71,19 +86,21 @@ BUDGETS = {
 QUICK = Budget(64, 32, "eval_acc", clients=3, rounds=2, local_steps=1, batch_size=8)
 
 
-def key(task: str, row: Row, split: str, seed: int) -> str:
+def key(task: str, row: Row, split: str, seed: int, dp: float | None = None) -> str:
     slug = "".join(c if c.isalnum() else "-" for c in row.name)
-    return f"{task}__{slug}__{'central' if row.central else split}__s{seed}"
+    return f"{task}__{slug}__{'central' if row.central else split}__s{seed}" + (f"__dp{dp:g}" if dp else "")
 
 
-def run_one(task: str, row: Row, split: str, seed: int, budget: Budget, out: Path, quick: bool) -> dict[str, Any]:
+def run_one(task: str, row: Row, split: str, seed: int, budget: Budget, out: Path, quick: bool,
+            dp: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One run (dp: its noise multiplier and clip), read back if its JSON is in <out>/runs/."""
     from nora.atomic import atomic_write_json
     from nora.demo import minilm_dir
     from nora.federated.config import FederatedConfig
     from nora.federated.run import federate
     from nora.training.config import TrainConfig
 
-    path = out / "runs" / f"{key(task, row, split, seed)}.json"
+    path = out / "runs" / f"{key(task, row, split, seed, dp and dp[0])}.json"
     if path.is_file():
         return json.loads(path.read_text())
     folder = DATA / task
@@ -99,6 +116,7 @@ def run_one(task: str, row: Row, split: str, seed: int, budget: Budget, out: Pat
         fc = FederatedConfig(
             train=train, clients=clients, split="iid" if row.central else scheme, alpha=None if row.central else alpha,
             rounds=budget.rounds, local_steps=local_steps, rule=row.rule, output_dir=f"{tmp}/run",
+            dp_noise=dp and dp[0], dp_clip=dp and dp[1],
         )  # fmt: skip
         started = time.perf_counter()
         result = federate(fc, runtime="inline")
@@ -108,9 +126,22 @@ def run_one(task: str, row: Row, split: str, seed: int, budget: Budget, out: Pat
         "task": task, "row": row.name, "method": row.method, "rule": row.rule, "central": row.central,
         "split": "central" if row.central else split, "seed": seed, "lr": train.lr, "metric": budget.metric,
         "budget": budget.__dict__, "history": result.history, "wall_s": wall, **trainable, "quick": quick,
+        "dp": None if dp is None else {"noise": dp[0], "clip": dp[1]},
     }  # fmt: skip
     atomic_write_json(record, path)
     return record
+
+
+def dp_clip(row: Row, budget: Budget, out: Path) -> float:
+    """The row's clip: the median client update norm of one round without DP (seed 0), kept in <out>/dp-clip/."""
+    from nora.atomic import atomic_write_json
+
+    path = out / "dp-clip" / f"{key(DP.task, row, DP.split, 0)}.json"
+    if not path.is_file():
+        with tempfile.TemporaryDirectory(prefix="nora-fed-probe-") as tmp:
+            record = run_one(DP.task, row, DP.split, 0, replace(budget, rounds=1), Path(tmp), quick=False)
+        atomic_write_json({"row": row.name, "update_norm": record["history"][1]["update_norm"]}, path)
+    return json.loads(path.read_text())["update_norm"]
 
 
 def _trainable(adapter_dir: Path) -> dict[str, int]:
@@ -148,6 +179,8 @@ def _mean_std(values: list[float]) -> str:
 def report(out: Path) -> dict[str, Any]:
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     records = [r for r in records if not r.get("quick")]
+    private = [r for r in records if r.get("dp")]
+    records = [r for r in records if not r.get("dp")]
     lines: list[str] = []
     summary: dict[str, Any] = {"tables": {}, "fedavg_gap": {}}
     for task in BUDGETS:
@@ -178,6 +211,7 @@ def report(out: Path) -> dict[str, Any]:
                          f" | {per_client:,} | {down:,} | {error} |")  # fmt: skip
             summary["tables"].setdefault(task, {})[row.name] = {s: c for s, c in zip(SPLITS, cells, strict=True)}
         lines += ["", *_gaps(mine, task, summary), ""]
+    lines += _privacy(private, records, summary)
     text = "\n".join(lines)
     (out / "federated.md").write_text(text + "\n")
     (out / "federated.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -201,6 +235,39 @@ def _gaps(records: list[dict[str, Any]], task: str, summary: dict[str, Any]) -> 
                 summary["fedavg_gap"].setdefault(task, {}).setdefault(split, {})[row.name] = text
                 lines.append(f"- {split}: {row.name} − LoRA FedAvg = {text} points (paired by seed)")
     return lines
+
+
+def _privacy(private: list[dict[str, Any]], plain: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """The DP grid: each row with and without noise (paired by seed), and the noise measured in ΔW."""
+    if not private:
+        return []
+    lines = [
+        f"#### Central DP — {DP.task} {DP.split}, noise multiplier {DP.noise}, clip at each row's median "
+        "update norm (mean ± std over seeds)",
+        "",
+        "| row | rule | clip | values sent | noise std per value | acc without DP | acc with DP | change "
+        "(paired) | ‖noise in ΔW‖ / ‖clean step in ΔW‖ | ε (δ = 1e-5) |",
+        "|---" * 10 + "|",
+    ]
+    for row in DP_ROWS:
+        runs = [r for r in private if r["row"] == row.name]
+        if not runs:
+            continue
+        base = {r["seed"]: _final(r) for r in plain if r["row"] == row.name and r["task"] == DP.task and
+                r["split"] == DP.split}  # fmt: skip
+        clip, noise = runs[0]["dp"]["clip"], runs[0]["dp"]["noise"]
+        fed = runs[0]["history"][1:]
+        sent = fed[0]["bytes_up"] // max(1, len(fed[0]["clients"])) // 4
+        ratio = [h["dp_noise_dw"] / h["update_dw"] for r in runs for h in r["history"][1:]]
+        cells = [_mean_std([base[r["seed"]] for r in runs if r["seed"] in base]), _mean_std([_final(r) for r in runs]),
+                 _mean_std([_final(r) - base[r["seed"]] for r in runs if r["seed"] in base]),
+                 f"{statistics.mean(ratio):.2f} ± {statistics.stdev(ratio) if len(ratio) > 1 else 0:.2f}",
+                 f"{runs[0]['history'][-1]['epsilon']:.3g}"]  # fmt: skip
+        lines.append(f"| {row.name} | {row.rule} | {clip:.3f} | {sent:,} | {noise * clip / len(fed[0]['clients']):.2e} "
+                     "| " + " | ".join(cells) + " |")  # fmt: skip
+        summary.setdefault("dp", {})[row.name] = dict(zip(("plain", "dp", "change", "noise_ratio", "epsilon"), cells,
+                                                          strict=True))  # fmt: skip
+    return [*lines, ""]
 
 
 def _plot(records: list[dict[str, Any]], out: Path) -> None:
@@ -266,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job starting at I")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dp", action="store_true", help=f"the DP grid: {DP.task} {DP.split}, noise {DP.noise}")
     args = parser.parse_args(argv)
     if args.command == "report":
         report(args.out)
@@ -274,14 +342,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no GLUE data at {DATA}: the benchmark reads ../shared/data/glue beside the project.")
     rows = ROWS if args.rows is None else [r for r in ROWS if r.name in args.rows.split(",")]
     index, count = (int(x) for x in args.shard.split("/"))
-    todo = jobs(args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.splits.split(","), rows)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.dp:
+        todo = jobs([DP.task], seeds, [DP.split], [r for r in rows if r in DP_ROWS])
+    else:
+        todo = jobs(args.tasks.split(","), seeds, args.splits.split(","), rows)
+    noise = DP.noise if args.dp else None
     for n, (task, row, split, seed) in enumerate(todo):
-        if n % count != index or not _claim(args.out, key(task, row, split, seed)):
+        if n % count != index or not _claim(args.out, key(task, row, split, seed, noise)):
             continue
         budget = QUICK if args.quick else BUDGETS[task]
         started = time.perf_counter()
-        record = run_one(task, row, split, seed, budget, args.out, args.quick)
-        print(f"[{n + 1}/{len(todo)}] {key(task, row, split, seed)}: {_final(record):.1f} "
+        dp = (DP.noise, dp_clip(row, budget, args.out)) if args.dp else None
+        record = run_one(task, row, split, seed, budget, args.out, args.quick, dp)
+        print(f"[{n + 1}/{len(todo)}] {key(task, row, split, seed, noise)}: {_final(record):.1f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
 
 
