@@ -32,7 +32,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import AdapterConfig
 from ..io import SAVE_PREFIX, read_adapter, write_adapter
 from ..tasks.data import split_eval
-from ..training.trainer import _loading
+from ..training.build import loading
 from . import stacking
 from .aggregate import aggregate, is_sent
 from .clients import ClientUpdate
@@ -68,7 +68,7 @@ class Reply:
 
 
 def load_tokenizer(fc: FederatedConfig) -> Any:
-    return _loading(fc.train.model, lambda: fc.train.kind.load_processor(fc.train))
+    return loading(fc.train.model, lambda: fc.train.kind.load_processor(fc.train))
 
 
 def client_data(fc: FederatedConfig, tokenizer: Any) -> ClientData:

@@ -16,15 +16,11 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..lean import lean_activations
-from ..loss import set_loss_chunking
 from ..methods import get_method
-from ..model import get_peft_model
-from ..pretrained import base_reference
 from ..state import adapter_payload, apply_tensors
+from ..training.build import accelerate, build_adapted, loading
 from ..training.config import TrainConfig
 from ..training.engine import Engine
-from ..training.trainer import _loading, load_base_model
 from .clients import ClientUpdate
 from .rules import Rule
 
@@ -60,25 +56,10 @@ class Participant(Engine):
             raise FederatedError("a federated party trains in one process: launch it without torchrun/accelerate.")
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.tokenizer = tokenizer or _loading(config.model, lambda: self.task.load_processor(config))
-        if model is None:
-            model = _loading(config.model, lambda: self.task.build_model(config, labels))
-        if model is None:
-            model = load_base_model(config, num_labels=self.task.head_width(labels))
-        self.task.label_model(model, labels)
-        self.task.fit_processor(self.tokenizer, model)
-        adapter = config.adapter_config()
-        if adapter.base_model_name_or_path is None and config.model is not None:
-            adapter.base_model_name_or_path = base_reference(config.model, config.gguf_file)
-        self.adapted = get_peft_model(model.to(self.acc.device), adapter)
-        for name, p in self.adapted.named_parameters():
-            if p.requires_grad and name.rsplit(".", 1)[-1] in rule.frozen:
-                p.requires_grad_(False)  # shared by every client, never trained (FFA-LoRA, NoRA frozen-a)
-            elif p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-        if config.lean_activations:
-            lean_activations(self.adapted)
-        set_loss_chunking(self.adapted, config.loss_chunk_tokens)
+        self.tokenizer = tokenizer or loading(config.model, lambda: self.task.load_processor(config))
+        # the rule's frozen factors are shared by every client, never trained (FFA-LoRA, NoRA frozen-a)
+        self.adapted = build_adapted(config, self.tokenizer, labels, model, self.acc.device, frozen=rule.frozen)
+        accelerate(self.adapted, config)
         self.model = self.adapted
         self.train_examples: list[dict[str, Any]] = []
         self.eval_examples: list[dict[str, Any]] = []

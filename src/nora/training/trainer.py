@@ -26,18 +26,17 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from ..accel import compile_model, enable_adapter_checkpointing, enable_fused_kernels
+from ..accel import compile_model
 from ..atomic import atomic_write_json
 from ..config import AdapterConfig
 from ..datafiles import content_fingerprint
 from ..io import read_adapter, write_adapter
-from ..lean import lean_activations
-from ..loss import set_loss_chunking
 from ..methods import get_method
-from ..model import AdaptedModel, get_peft_model
-from ..pretrained import base_reference, check_threads, load_model, load_tokenizer
+from ..model import AdaptedModel
+from ..pretrained import check_threads
 from ..state import adapter_payload, apply_tensors
 from ..tasks.data import Encoded, split_eval
+from .build import accelerate, adapter_config, build_adapted, load_base_model, loading
 from .checkpoint import (
     check_resumable,
     checkpoints,
@@ -72,40 +71,6 @@ class TrainResult:
     adapter_dir: Path
     summary: dict[str, Any]
     model: AdaptedModel
-
-
-def load_model_and_tokenizer(config: TrainConfig, num_labels: int | None = None) -> tuple[nn.Module, Any]:
-    """The base model (hub id or local directory, optionally a GGUF file in it) and its tokenizer."""
-    if config.model is None:
-        raise TrainingError("no model given: pass --model (a hub id or a local directory), or run `nora demo`.")
-    tokenizer = _loading(config.model, lambda: load_tokenizer(config.model, config.gguf_file))
-    return load_base_model(config, num_labels), tokenizer
-
-
-def load_base_model(config: TrainConfig, num_labels: int | None = None) -> nn.Module:
-    """The base model alone, in the run's precision where CUDA is there."""
-    dtype = None
-    if config.precision != "fp32" and torch.cuda.is_available():
-        dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-    kind = config.kind
-    return _loading(
-        config.model,
-        lambda: load_model(
-            config.model,
-            kind.model_class,
-            dtype=dtype,
-            gguf_file=config.gguf_file,
-            quantize=config.quantize,
-            **kind.pretrained_kwargs(num_labels),
-        ),  # fmt: skip
-    )
-
-
-def _loading(name: str, load):
-    try:
-        return load()
-    except (OSError, ValueError) as e:  # transformers' "cannot find", "not a valid model", missing files
-        raise TrainingError(f"cannot load model {name!r}: {str(e)[:500]}") from e
 
 
 def read_data(config: TrainConfig, source: str, train: bool = True) -> list[dict[str, Any]]:
@@ -264,7 +229,7 @@ class Run(Engine):
         eval_rows = read_data(config, config.eval_data, train=False) if config.eval_data else None
         self._start_processes()
         if tokenizer is None:  # before the model: a classifier's head size comes from the data's label set
-            tokenizer = _loading(config.model, lambda: self.task.load_processor(config))
+            tokenizer = loading(config.model, lambda: self.task.load_processor(config))
         self.tokenizer = tokenizer
         self._build_data(train_rows, eval_rows)
         self.run_dir = self._prepare_run_dir()
@@ -308,23 +273,12 @@ class Run(Engine):
 
     # ---- stage 2: model -----------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | None) -> None:
-        if model is None:  # the tokenizer is loaded already
-            model = _loading(self.config.model, lambda: self.task.build_model(self.config, self.labels))
-        if model is None:
-            model = load_base_model(self.config, num_labels=self.task.head_width(self.labels))
-        self.task.label_model(model, self.labels)
-        self.task.fit_processor(self.tokenizer, model)
-        config = self._adapter_config()
-        calibration = self._calibration_data(config)
-        if getattr(model, "hf_quantizer", None) is None:  # a bitsandbytes model sits where it was loaded
-            model = model.to(self.acc.device)
-        self.adapted = get_peft_model(model, config, calibration_data=calibration)
+        config = adapter_config(self.config)
+        self.adapted = build_adapted(self.config, self.tokenizer, self.labels, model, self.acc.device,
+                                     self._calibration_data(config))  # fmt: skip
         if self.config.loftq and not self.config.resume:
             self._loftq_init()
-        for p in self.adapted.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()  # trainable weights in fp32 under mixed precision, as PEFT does
-        self.accelerations = self._accelerate(self.config)
+        self.accelerations = accelerate(self.adapted, self.config)
         self.adapted.train()
         self._load_checkpoint_adapter()  # before any wrapping or sharding
         if self.config.fsdp:
@@ -346,28 +300,6 @@ class Run(Engine):
         if get_method(config.method).calibration(config) is None:
             return None
         return self._batches(self.train_examples[: self.config.calibration_batches * self.config.batch_size])
-
-    def _adapter_config(self) -> AdapterConfig:
-        adapter_config = self.config.adapter_config()
-        if adapter_config.base_model_name_or_path is None and self.config.model is not None:
-            adapter_config.base_model_name_or_path = base_reference(self.config.model, self.config.gguf_file)
-        return adapter_config
-
-    def _accelerate(self, config: TrainConfig) -> dict[str, str]:
-        """The accelerations applied before wrapping, each "on" or the reason it is off (summary.json records them;
-        compile comes after wrapping)."""
-        report: dict[str, str] = {}
-        if config.liger:
-            report |= enable_fused_kernels(self.adapted)
-        if config.gradient_checkpointing:
-            enable_adapter_checkpointing(self.adapted)
-            report["gradient_checkpointing"] = "on (base recomputed, adapter activations kept)"
-        if config.lean_activations:
-            changed = lean_activations(self.adapted)
-            report["lean_activations"] = "on: " + "; ".join(changed) if changed else "stock (family not recognised)"
-        # the causal-LM head in chunks (nora.loss), unless Liger's fused linear cross-entropy computes it
-        set_loss_chunking(self.adapted, 0 if report.get("liger") == "on" else config.loss_chunk_tokens)
-        return report
 
     def _load_checkpoint_adapter(self) -> None:
         """The adapter weights of the checkpoint resumed from; `resume_state` restores the rest of it later."""
