@@ -103,6 +103,25 @@ def test_flower_simulation_matches_the_inline_runtime_and_saves_ordinary_adapter
     assert [h["round"] for h in logged] == [0, 1, 2]
 
 
+def test_clients_of_lower_rank_train_their_block_and_aggregate_exactly_under_both_runtimes(tiny_classifier, data,
+                                                                                           tmp_path):  # fmt: skip
+    """Client 0 at rank 2 of the global 4: it receives and sends 2×2 cores (fewer bytes), the server widens its
+    reply into the global core, the mean stays exact, and a Flower client process builds its rank-2 model itself."""
+    ranked = {"method": "lora-xs", "rounds": 1, "client_ranks": [2, 4, 4]}
+    flower = federate(config(tiny_classifier, data, tmp_path / "flower", **ranked), "flower")
+    inline = federate(config(tiny_classifier, data, tmp_path / "inline", **ranked), "inline")
+    for a, b in zip(numbers(flower.history), numbers(inline.history), strict=True):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    even = federate(config(tiny_classifier, data, tmp_path / "even", method="lora-xs", rounds=1), "inline")
+    line, full = inline.history[1], even.history[1]
+    assert line["exact"] and line["aggregation_error"] < 1e-4
+    cores = full["bytes_up"] - line["bytes_up"]  # client 0 sent 2×2 instead of 4×4 cores: 12 floats a layer fewer
+    assert cores > 0 and cores % (12 * 4) == 0 and line["bytes_down"] == full["bytes_down"] - cores
+    config_, tensors, _ = read_adapter(inline.adapter_dir)
+    assert config_.r == 4 and all(t.shape == (4, 4) for k, t in tensors.items() if k.endswith(".core"))
+
+
 @pytest.mark.parametrize("method,rule", [("lora-xs", None), ("svfit", None), ("nora", "frozen-a"), ("lora", "ffa"),
                                          ("lora", "fedavg")])  # fmt: skip
 def test_each_rule_runs_and_reports_whether_it_was_exact(tiny_classifier, data, tmp_path, method, rule):
@@ -244,6 +263,11 @@ def federate_args(model, data, out, *extra) -> list:
         (["--method", "lora-xs", "--split", "dirichlet"], r"--split dirichlet needs --dirichlet-alpha"),
         (["--method", "lora-xs", "--dp-noise", 1.0], r"needs both --dp-noise .* and --dp-clip"),
         (["--method", "lora-xs", "--local-steps", 0], r"--local-steps 0: each client takes at least one"),
+        (["--method", "nora", "--rule", "product", "--clients", 2, "--client-ranks", "2,4"],
+         r"--client-ranks: a nora client of lower rank cannot be widened exactly"),
+        (["--method", "lora-xs", "--rank", 4, "--clients", 2, "--client-ranks", "2,8"], r"client 1 has rank 8"),
+        (["--method", "lora-xs", "--rank", 4, "--clients", 3, "--client-ranks", "2,4"], r"2 ranks for 3 clients"),
+        (["--method", "lora-xs", "--clients", 2, "--client-ranks", "2,x"], r"--client-ranks '2,x': give whole"),
     ],
 )  # fmt: skip
 def test_settings_that_cannot_run_are_refused_before_anything_loads(data, tmp_path, extra, pattern):

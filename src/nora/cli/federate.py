@@ -36,6 +36,9 @@ OWN: tuple[CliOption, ...] = (
         None,
         Opt(help="Aggregation rule: mean (LoRA-XS, SVFit), product / frozen-a (NoRA), fedavg / ffa / flora (LoRA)."),
     ),  # fmt: skip
+    CliOption(
+        "client_ranks", str, None, Opt(help="Each client's rank, comma-separated, ≤ --rank (LoRA-XS, SVFit): 4,4,8.")
+    ),
     CliOption("dp_noise", float, None, Opt(help="Central DP: Gaussian noise multiplier (with --dp-clip).")),
     CliOption("dp_clip", float, None, Opt(help="Central DP: each client's update clipped to this L2 norm.")),
     CliOption("dp_delta", float, None, Opt(help="Central DP: the δ that ε is reported at (default 1e-5).")),
@@ -62,9 +65,20 @@ def federated_config(options: dict[str, Any]):
     own = {o.name: options.get(o.name) for o in OWN if options.get(o.name) is not None}
     if own.get("client_data") and "split" not in own:
         own["split"] = FILES
+    if "client_ranks" in own:
+        own["client_ranks"] = _ranks(own["client_ranks"])
     fields = {"output_dir": own.pop("fed_output_dir", None), "alpha": own.pop("dirichlet_alpha", None)}
     fields.update({k: v for k, v in own.items() if k not in ("runtime", "workers", "flower_app")})
     return FederatedConfig(train=train, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _ranks(text: str) -> list[int]:
+    from ..federated.participant import FederatedError
+
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise FederatedError(f"--client-ranks {text!r}: give whole numbers separated by commas, e.g. 4,4,8.") from None
 
 
 def federate_command(**options: Any) -> None:

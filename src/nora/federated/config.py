@@ -11,6 +11,7 @@ from typing import Any
 from ..training.config import TrainConfig
 from .aggregate import resolve_rule
 from .participant import FederatedError, check_federable
+from .ranks import check_client_ranks
 from .rules import Rule
 from .splits import SCHEMES
 
@@ -24,7 +25,8 @@ class FederatedConfig:
     each of `client_data` is one client's data. Each round samples `clients_per_round` clients (None: all), each
     takes `local_steps` optimizer steps from the global adapter, and the server aggregates by `rule`. With
     `dp_noise` and `dp_clip`, every client's update is clipped to L2 norm `dp_clip` and Gaussian noise of
-    `dp_noise` × `dp_clip` / (clients per round) is added to the aggregate (central DP; ε at `dp_delta` reported)."""
+    `dp_noise` × `dp_clip` / (clients per round) is added to the aggregate (central DP; ε at `dp_delta` reported).
+    `client_ranks` gives client i rank client_ranks[i] ≤ the global r (LoRA-XS, SVFit: ranks.py)."""
 
     train: TrainConfig
     clients: int = 10
@@ -38,6 +40,7 @@ class FederatedConfig:
     dp_noise: float | None = None
     dp_clip: float | None = None
     dp_delta: float = 1e-5
+    client_ranks: list[int] | None = None
     output_dir: str = "runs/federated"
     resume: bool = False
     overwrite: bool = False
@@ -86,9 +89,18 @@ class FederatedConfig:
                                  "--eval-steps or --save-steps: leave those out.")  # fmt: skip
         check_federable(self.train)
         try:
-            return resolve_rule(self.train.method, self.rule)
+            rule = resolve_rule(self.train.method, self.rule)
         except Exception as e:
             raise FederatedError(str(e).replace("give rule=", "give --rule")) from e
+        if self.client_ranks is not None:
+            check_client_ranks(self.train, self.client_ranks, self.clients)
+        return rule
+
+    def rank_of(self, client: int) -> int | None:
+        """Client `client`'s own rank, where it is below the global adapter's (None: the global rank)."""
+        if self.client_ranks is None or self.client_ranks[client] == self.train.adapter_config().r:
+            return None
+        return self.client_ranks[client]
 
     @property
     def per_round(self) -> int:

@@ -31,13 +31,14 @@ import torch
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import AdapterConfig
 from ..io import SAVE_PREFIX, read_adapter, write_adapter
+from ..state import adapter_payload
 from ..tasks.data import split_eval
 from ..training.build import loading
-from . import stacking
+from . import ranks, stacking
 from .aggregate import aggregate, is_sent
 from .clients import ClientUpdate
 from .config import FILES, FederatedConfig
-from .participant import FederatedError, Participant
+from .participant import FederatedError, Participant, base_fingerprint
 from .rules import Rule
 from .splits import SplitError, check_clients, split_examples
 
@@ -165,6 +166,7 @@ class Coordinator:
         self.fingerprint = party.fingerprint
         self.start_round = 1
         self.carry: stacking.Carry | None = {} if rule.name == "flora" else None
+        self.parties: dict[int, Participant] = {}  # lower client ranks' models (--client-ranks)
         recorded = work / "federation.json"
         if fc.resume and recorded.is_file():
             self._resume(json.loads(recorded.read_text()))
@@ -240,8 +242,31 @@ class Coordinator:
         return sorted(rng.choice(self.fc.clients, self.fc.per_round, replace=False).tolist())
 
     def instructions(self, rnd: int, client: int) -> dict[str, Any]:
-        return {"round": rnd, "fingerprint": self.fingerprint, "local_steps": self.fc.local_steps,
+        return {"round": rnd, "fingerprint": self.party_for(client).fingerprint, "local_steps": self.fc.local_steps,
                 "seed": round_seed(self.fc.train.seed, rnd, client)}  # fmt: skip
+
+    def party_for(self, client: int) -> Participant:
+        """The model at client `client`'s rank: the server's own, or (--client-ranks) one built at the lower rank,
+        checked to nest in the server's basis (the inline runtime trains that client on it)."""
+        r = self.fc.rank_of(client)
+        if r is None:
+            return self.party
+        if r not in self.parties:
+            party = Participant(ranks.at_rank(self.fc.train, r), self.data.labels, self.rule,
+                                tokenizer=self.party.tokenizer)  # fmt: skip
+            ranks.check_nested(self.party, party, r)
+            self.parties[r] = party
+        return self.parties[r]
+
+    def sent_to(self, client: int) -> dict[str, torch.Tensor]:
+        """What client `client` receives: the global tensors, narrowed to its rank where it is lower."""
+        r = self.fc.rank_of(client)
+        sent = self.sent()
+        return sent if r is None else ranks.narrow(sent, self.fc.train.method, self._config, r)
+
+    @property
+    def _config(self) -> AdapterConfig:
+        return self.party.adapted.peft_config["default"]
 
     def sent(self) -> dict[str, torch.Tensor]:
         """The global tensors every sampled client receives (FLoRA: the head and the global update's factors)."""
@@ -261,6 +286,9 @@ class Coordinator:
                                  f"resumable from round {rnd - 1}.")  # fmt: skip
         replies = sorted(replies, key=lambda r: r.client)
         base = self.sent()
+        down = sum(t.numel() * t.element_size() for r in replies for t in self.sent_to(r.client).values())
+        up = sum(t.numel() * t.element_size() for r in replies for t in r.tensors.values())
+        replies = [self._widened(r, base) for r in replies]
         norms = [_update_norm(r.tensors, base) for r in replies] if self.carry is None else []  # FLoRA: fresh factors
         if self.fc.dp_clip is not None:
             for reply in replies:
@@ -297,8 +325,8 @@ class Coordinator:
             "exact": result.exact,
             "aggregation_error": math.sqrt(sum(e * e for e in result.errors.values())),
             "aggregation_error_max": max(result.errors.values(), default=0.0),
-            "bytes_up": sum(result.bytes.values()),
-            "bytes_down": len(replies) * sum(t.numel() * t.element_size() for t in base.values()),
+            "bytes_up": up,
+            "bytes_down": down,
             "train_loss": sum(w * r.train_loss for w, r in zip(weights, replies, strict=True)) / total,
             **({"update_norm": statistics.median(norms)} if norms else {}),
             **noise,
@@ -314,6 +342,19 @@ class Coordinator:
         self._save(rnd, payload)
         self._append(line)
         return line
+
+    def _widened(self, reply: Reply, base: dict[str, torch.Tensor]) -> Reply:
+        """A lower-rank client's reply as a global-rank update (ranks.widen), once its basis is checked."""
+        r = self.fc.rank_of(reply.client)
+        if r is None:
+            return reply
+        expected = self.party_for(reply.client).base_print
+        if base_fingerprint(reply.meta) != expected:
+            raise FederatedError(f"{self.data.names[reply.client]} answered with an adapter on another basis than "
+                                 f"its rank-{r} one; its reply is refused.")  # fmt: skip
+        meta = json.loads(json.dumps(adapter_payload(self.party.adapted, "default")[1]["nora"]))
+        tensors = ranks.widen(reply.tensors, base, self.fc.train.method, self._config)
+        return Reply(reply.client, tensors, meta, self._config.to_dict(), reply.num_examples, reply.train_loss)
 
     def _weights_delta(self) -> dict[str, torch.Tensor]:
         """Each adapted layer's W − W0 under the adapter the server holds now (float64)."""

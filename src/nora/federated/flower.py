@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from .config import FederatedConfig
 from .coordinator import ClientData, Coordinator, Reply, client_data, load_tokenizer, train_client
 from .participant import FederatedError, Participant
+from .ranks import at_rank
 
 PARTITION = "partition-id"
 
@@ -49,7 +50,7 @@ def make_client_app(fc: FederatedConfig | None = None) -> ClientApp:
 
     def party(context: Context) -> tuple[Participant, ClientData]:
         if "party" not in cache:
-            cache["party"] = build_party(_config(fc, context))
+            cache["party"] = build_party(_config(fc, context), int(context.node_config[PARTITION]))
         return cache["party"]
 
     @app.query()
@@ -91,7 +92,9 @@ class NoraStrategy(Strategy):
         messages = []
         for client in self.coordinator.sample(rnd):
             instructions = json.dumps(self.coordinator.instructions(rnd, client))
-            content = RecordDict({"arrays": arrays, "nora": ConfigRecord({"instructions": instructions})})
+            mine = arrays if self.coordinator.fc.rank_of(client) is None else ArrayRecord(
+                self.coordinator.sent_to(client))  # fmt: skip
+            content = RecordDict({"arrays": mine, "nora": ConfigRecord({"instructions": instructions})})
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN))
         return messages
 
@@ -174,12 +177,15 @@ def make_server_app(fc: FederatedConfig | None = None, work: Path | None = None,
     return app
 
 
-def build_party(config: FederatedConfig) -> tuple[Participant, ClientData]:
-    """One party's model and every client's data, as each process (server or client) builds them."""
+def build_party(config: FederatedConfig, client: int | None = None) -> tuple[Participant, ClientData]:
+    """One party's model (the server's, or client `client`'s at its rank) and every client's data, as each process
+    builds them."""
     rule = config.check()
     tokenizer = load_tokenizer(config)
     data = client_data(config, tokenizer)
-    return Participant(config.train, data.labels, rule, tokenizer=tokenizer), data
+    r = None if client is None else config.rank_of(client)
+    train = config.train if r is None else at_rank(config.train, r)
+    return Participant(train, data.labels, rule, tokenizer=tokenizer), data
 
 
 def build_coordinator(config: FederatedConfig, work: Path) -> Coordinator:

@@ -68,7 +68,8 @@ class Participant(Engine):
         self.fresh = self.state()  # the adapter as initialised (FLoRA starts every round from it)
         # what every party must share: the base and its bases, and the factors the rule freezes (never trained)
         meta = adapter_payload(self.adapted, "default")[1]["nora"]
-        self.fingerprint = base_fingerprint(meta) + frozen_digest(self.fresh, rule)
+        self.base_print = base_fingerprint(meta)
+        self.fingerprint = self.base_print + frozen_digest(self.fresh, rule)
         self._w0: dict[str, torch.Tensor] = {}
 
     def state(self) -> dict[str, torch.Tensor]:

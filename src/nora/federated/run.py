@@ -53,9 +53,8 @@ def _inline(fc: FederatedConfig, work: Path) -> list[dict[str, Any]]:
     coordinator = build_coordinator(fc, work)
     coordinator.evaluate_initial()
     for rnd in range(coordinator.start_round, fc.rounds + 1):
-        sent = coordinator.sent()
-        replies = [train_client(coordinator.party, coordinator.data, c, coordinator.instructions(rnd, c), sent)
-                   for c in coordinator.sample(rnd)]  # fmt: skip
+        replies = [train_client(coordinator.party_for(c), coordinator.data, c, coordinator.instructions(rnd, c),
+                                coordinator.sent_to(c)) for c in coordinator.sample(rnd)]  # fmt: skip
         coordinator.absorb(rnd, replies)
     return coordinator.history
 
