@@ -14,6 +14,7 @@ adapter after each round, an ordinary nora adapter) and adapter/ (the latest).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -352,9 +353,14 @@ class Coordinator:
         if base_fingerprint(reply.meta) != expected:
             raise FederatedError(f"{self.data.names[reply.client]} answered with an adapter on another basis than "
                                  f"its rank-{r} one; its reply is refused.")  # fmt: skip
-        meta = json.loads(json.dumps(adapter_payload(self.party.adapted, "default")[1]["nora"]))
         tensors = ranks.widen(reply.tensors, base, self.fc.train.method, self._config)
-        return Reply(reply.client, tensors, meta, self._config.to_dict(), reply.num_examples, reply.train_loss)
+        return Reply(reply.client, tensors, self._global_meta, self._config.to_dict(), reply.num_examples,
+                     reply.train_loss)  # fmt: skip
+
+    @functools.cached_property
+    def _global_meta(self) -> dict[str, Any]:
+        """The global adapter's per-layer metadata (ranks, fingerprints): fixed for a run with --client-ranks."""
+        return json.loads(json.dumps(adapter_payload(self.party.adapted, "default")[1]["nora"]))
 
     def _weights_delta(self) -> dict[str, torch.Tensor]:
         """Each adapted layer's W − W0 under the adapter the server holds now (float64)."""
