@@ -259,19 +259,18 @@ def bad_input_cells(item) -> list[tuple[str, str]]:
 
 
 class BadInputMatrix:
-    """Counts the marked tests of a run and their outcomes; prints the matrix after the run."""
+    """Counts the marked tests of a run and their outcomes; prints the matrix after the run. The cells travel in
+    each report's user_properties, so the counts are the same when pytest-xdist workers run the tests."""
 
     def __init__(self) -> None:
         self.cells: dict[str, list[tuple[str, str]]] = {}
         self.outcome: dict[str, str] = {}
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items) -> None:
-        self.cells = {item.nodeid: cells for item in items if (cells := bad_input_cells(item))}
-
     def pytest_runtest_logreport(self, report) -> None:
-        if report.nodeid not in self.cells:
+        cells = [tuple(cell) for name, value in report.user_properties if name == "bad_input" for cell in value]
+        if not cells:
             return
+        self.cells[report.nodeid] = cells
         if report.failed:
             self.outcome[report.nodeid] = "failed"
         elif report.skipped and self.outcome.get(report.nodeid) != "failed":
@@ -312,5 +311,10 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(items) -> None:
+    # The README's blocks are the longest unit (minutes, on their own two threads): started first, so the other
+    # pytest-xdist worker runs the rest beside them instead of waiting for them at the end.
+    items.sort(key=lambda item: item.path.name != "test_readme.py")
     for item in items:
-        bad_input_cells(item)  # a mark naming no cell is an error in every run, not only under --bad-input-matrix
+        # a mark naming no cell is an error in every run, not only under --bad-input-matrix
+        if cells := bad_input_cells(item):
+            item.user_properties.append(("bad_input", cells))

@@ -20,6 +20,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,9 +117,16 @@ def test_every_command_and_family_has_a_case():
 def test_the_matrix_table_counts_cases_and_clean_ones():
     from conftest import BadInputMatrix
 
+    def report(nodeid, outcome, cells):  # as a report arrives, from this process or from a pytest-xdist worker
+        props = [("bad_input", [list(c) for c in cells])] if cells else []
+        return SimpleNamespace(nodeid=nodeid, when="call", user_properties=props, passed=outcome == "passed",
+                               failed=outcome == "failed", skipped=outcome == "skipped")  # fmt: skip
+
     matrix = BadInputMatrix()
-    matrix.cells = {"a[1]": [("train", "missing")], "a[2]": [("train", "missing")], "b": [("plot", "hostile")]}
-    matrix.outcome = {"a[1]": "passed", "a[2]": "failed", "b": "passed"}
+    missing, hostile = [("train", "missing")], [("plot", "hostile")]
+    for nodeid, outcome, cells in [("a[1]", "passed", missing), ("a[2]", "failed", missing),
+                                   ("b", "passed", hostile), ("unmarked", "failed", [])]:  # fmt: skip
+        matrix.pytest_runtest_logreport(report(nodeid, outcome, cells))
     table = matrix.table()
     train = next(line for line in table if line.startswith("train"))
     total = next(line for line in table if line.startswith("total"))

@@ -21,7 +21,7 @@ import nora
 from nora.cli import app
 from nora.errors import AdapterError
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "1000"})  # one line per message: a long tmp path wraps mid-word
 LOADED = "Loading weights"  # transformers' progress line: a base model was being loaded
 
 

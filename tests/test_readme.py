@@ -5,8 +5,9 @@ folder holding the small data files the blocks name, with `HF_HUB_OFFLINE=1` and
 the README's own `nora hub-cache` block fills. Python blocks run as scripts; shell blocks through `bash -e`; a YAML
 block is saved under the name its first line's `nora train --config NAME` command gives and run by that command.
 `pip install` commands are checked to be satisfied in this environment rather than re-run, and a `pytest` line
-must be the one `.ci/run` runs (CI runs it, from a fresh venv). Blocks run in README order, two at a time (one
-thread each), so the suite's second core is used.
+must be the one `.ci/run` runs (CI runs it, from a fresh venv). Blocks run in README order, one thread each: two at
+a time when pytest runs in one process (so the second core is used), one at a time beside the other pytest-xdist
+worker (the suite's default, `-n 2`).
 
 Benchmark commands beside the tables take hours; they are inline (not blocks) and checked against their
 scripts' argument parsers.
@@ -293,7 +294,8 @@ def readme(tmp_path_factory) -> ReadmeRuns:
     folder.mkdir()
     user_files(folder)
     start = time.perf_counter()
-    results = run_blocks(BLOCKS, folder, block_env(root / "hf-home"))
+    workers = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+    results = run_blocks(BLOCKS, folder, block_env(root / "hf-home"), workers)
     timings = ", ".join(f"{k} {r.seconds:.0f} s{'' if r.ok else ' FAILED'}" for k, r in results.items())
     print(f"\nREADME blocks: {time.perf_counter() - start:.0f} s in all ({timings})")
     return ReadmeRuns(folder, results)
