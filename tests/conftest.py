@@ -311,7 +311,7 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(items) -> None:
-    # The README's blocks are the longest unit (minutes, on their own two threads): started first, so the other
+    # The README's blocks are the longest unit (about five minutes one after another): started first, so the other
     # pytest-xdist worker runs the rest beside them instead of waiting for them at the end.
     items.sort(key=lambda item: item.path.name != "test_readme.py")
     for item in items:
