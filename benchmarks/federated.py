@@ -307,6 +307,7 @@ def _plot(records: list[dict[str, Any]], out: Path) -> None:
         return
     fig, axes = plt.subplots(len(tasks), len(SPLITS), figsize=(4.2 * len(SPLITS), 3.4 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
+        metric = BUDGETS[task].plotted or BUDGETS[task].metric
         for j, split in enumerate(SPLITS):
             ax = axes[i][j]
             for row in ROWS:
@@ -315,12 +316,11 @@ def _plot(records: list[dict[str, Any]], out: Path) -> None:
                 if not runs:
                     continue
                 n = min(len(r["history"]) for r in runs)
-                metric = BUDGETS[task].plotted or BUDGETS[task].metric
                 ys = [statistics.mean(100 * r["history"][k][metric] for r in runs) for k in range(n)]
                 ax.plot(range(n), ys, marker="o", ms=3, label=row.name, ls="--" if row.central else "-")
             ax.set_title(f"{task}, {split}")
             ax.set_xlabel("round")
-            ax.set_ylabel((BUDGETS[task].plotted or BUDGETS[task].metric).removeprefix("eval_"))
+            ax.set_ylabel(metric.removeprefix("eval_"))
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "rounds.png", dpi=110)

@@ -36,7 +36,7 @@ from ..model import AdaptedModel
 from ..pretrained import check_threads
 from ..state import adapter_payload, apply_tensors
 from ..tasks.data import Encoded, split_eval
-from .build import accelerate, adapter_config, build_adapted, load_base_model, loading
+from .build import accelerate, build_adapted, load_base_model, loading
 from .checkpoint import (
     check_resumable,
     checkpoints,
@@ -273,9 +273,8 @@ class Run(Engine):
 
     # ---- stage 2: model -----------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | None) -> None:
-        config = adapter_config(self.config)
         self.adapted = build_adapted(self.config, self.tokenizer, self.labels, model, self.acc.device,
-                                     self._calibration_data(config))  # fmt: skip
+                                     self._calibration_data(self.config.adapter_config()))  # fmt: skip
         if self.config.loftq and not self.config.resume:
             self._loftq_init()
         self.accelerations = accelerate(self.adapted, self.config)
